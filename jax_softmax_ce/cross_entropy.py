@@ -1,0 +1,280 @@
+"""Public softmax cross-entropy losses: canonicalise once, dispatch to one implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+from jax_softmax_ce import _canonical, _options, _reference, _xla
+from jax_softmax_ce._options import Options
+from jax_softmax_ce.kernels._tile import accumulation_dtype
+
+Implementation = Callable[..., jax.Array]
+
+
+def _pallas_not_available(problem, options, *, integer):
+    raise NotImplementedError(
+        'implementation="pallas" is not available in this version of jax_softmax_ce; use '
+        'implementation="xla" or None'
+    )
+
+
+# Every implementation takes (problem, options, *, integer) and returns per-example losses [N] in
+# the accumulation dtype, 0 for examples that do not count. An implementation that cannot take a
+# case raises NotImplementedError with the reason; only `implementation=None` may then fall back.
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "xla": _xla.cross_entropy,
+    "reference": _reference.cross_entropy,
+    "pallas": _pallas_not_available,
+}
+
+
+def choose_implementation(problem: _canonical.Problem, options: Options) -> str:
+    """What ``implementation=None`` runs: ``"xla"`` on every platform for now."""
+    del problem, options
+    return "xla"
+
+
+def _loss(
+    logits,
+    labels,
+    axis,
+    where,
+    *,
+    integer: bool,
+    ignore_index,
+    label_smoothing,
+    class_weights,
+    z_loss,
+    logit_softcap,
+    temperature,
+    reduction,
+    implementation,
+) -> jax.Array:
+    reduction = _options.check_reduction(reduction)
+    implementation = _options.check_implementation(implementation)
+    logits = _canonical.check_logits(logits)
+    lay = _canonical.layout(logits.shape, axis)
+    if integer:
+        labels = _canonical.integer_labels(labels, logits.shape, lay, axis)
+    else:
+        labels = _canonical.probability_labels(labels, logits, lay)
+    array_temperature = _canonical.array_temperature(temperature)
+    options = _options.make_options(
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        temperature_is_array=array_temperature is not None,
+    )
+    problem = _canonical.Problem(
+        logits=lay.to_rows(logits),
+        labels=labels,
+        where=_canonical.mask(where, logits.shape, lay, axis),
+        class_weights=_canonical.class_weights(class_weights, lay, logits.dtype),
+        temperature=array_temperature,
+    )
+    if implementation is None:
+        implementation = choose_implementation(problem, options)
+    losses = IMPLEMENTATIONS[implementation](problem, options, integer=integer)
+    return _canonical.reduce_losses(
+        losses,
+        problem,
+        ignore_index=options.ignore_index,
+        integer=integer,
+        reduction=reduction,
+        batch_shape=lay.batch_shape,
+        dtype=accumulation_dtype(logits.dtype),
+    )
+
+
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float | jax.typing.ArrayLike = 1.0,
+    reduction: str = "none",
+    implementation: str | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy between logits and probability labels; a drop-in for optax's.
+
+    With ``z' = softcap(z) / T`` over the valid classes, target ``q = (1 - e) y + e / V_valid``
+    and class weights ``w``, each example's loss is
+
+    .. math::
+      \ell = \sum_k w_k q_k \left(\operatorname{lse}(z') - z'_k\right)
+        + \lambda_z \operatorname{lse}(z')^2 .
+
+    The gradient with respect to the logits is formed in a ``custom_vjp`` from the saved
+    log-sum-exp as ``(sum_k w_k q_k + 2 lambda_z lse) softmax(z') - w q`` (``softmax - labels``
+    without options), so no probabilities are kept between the passes.
+
+    Decisions where optax and the spec leave room:
+
+    - Label mass on an invalid class (``where`` False there) is dropped, as optax's
+      ``sum(where=...)`` drops it; the gradient with respect to those labels is 0.
+    - A finite, valid label mass on a class whose logit is -inf gives a loss of +inf.
+    - ``"mean"`` divides by the number of counted examples; fully masked examples do not count.
+
+    Args:
+      logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape
+        with the class axis (or axes) named by ``axis``. float16, bfloat16, float32 or float64.
+      labels: Probabilities over the classes, broadcastable to ``logits.shape``.
+      axis: The class axis, or a tuple of axes that are flattened (in the given order) into one.
+      where: Boolean mask of the valid classes, broadcast against ``logits``; a mask with the
+        rank of the batch shape masks whole examples, as in optax.
+      label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
+      class_weights: ``[num_classes]`` weights ``w_k`` of each class's term (zero gradient).
+      z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty (PaLM's z-loss).
+      logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first (Gemma 2).
+      temperature: ``T > 0``, a Python float or a differentiable scalar array.
+      reduction: ``"none"`` (per-example losses), ``"sum"`` or ``"mean"``.
+      implementation: None (the fastest available), ``"xla"``, ``"pallas"`` or ``"reference"``.
+        ``"reference"`` is plain autodiff, the one that supports forward mode (``jax.jvp``,
+        ``jax.hessian``); the others are ``custom_vjp`` functions and support reverse mode
+        (including ``grad`` of ``grad``) only.
+
+    Returns:
+      The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
+      scalar; float32 for 16-bit logits, the logits' dtype otherwise.
+
+    Raises:
+      TypeError: integer logits.
+      ValueError: shapes that do not broadcast, ``class_weights`` not ``[num_classes]``, or an
+        option out of its range.
+      NotImplementedError: an explicit ``implementation`` that cannot take this case.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> print(sce.softmax_cross_entropy(logits, labels).round(4))
+      [0.2761 2.9518]
+      >>> print(sce.softmax_cross_entropy(logits, labels, label_smoothing=0.1).round(4))
+      [0.3795 2.7908]
+
+    References:
+      Szegedy et al., `Rethinking the Inception Architecture
+      <https://arxiv.org/abs/1512.00567>`_ (label smoothing), 2016.
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_ (z-loss), 2022.
+    """
+    return _loss(
+        logits,
+        labels,
+        axis,
+        where,
+        integer=False,
+        ignore_index=None,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        temperature=temperature,
+        reduction=reduction,
+        implementation=implementation,
+    )
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float | jax.typing.ArrayLike = 1.0,
+    reduction: str = "none",
+    implementation: str | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy with integer labels; a drop-in for optax's.
+
+    With ``z' = softcap(z) / T`` over the valid classes, label ``t``, smoothing ``e`` and class
+    weights ``w``, each example's loss is
+
+    .. math::
+      \ell = (1 - e)\, w_t \left(\operatorname{lse}(z') - z'_t\right)
+        + \frac{e}{V_\text{valid}} \sum_{k \text{ valid}} w_k \left(\operatorname{lse}(z') - z'_k\right)
+        + \lambda_z \operatorname{lse}(z')^2 ,
+
+    formed as ``log(sum exp(z' - m)) - (z'_t - m)`` so that it keeps float32 relative accuracy for
+    logits of any magnitude. The gradient is ``softmax(z') - onehot(t)`` without options, formed
+    in a ``custom_vjp`` from the saved log-sum-exp.
+
+    Examples that do not count (loss 0, gradient 0): a label equal to ``ignore_index``, and an
+    example with no valid class. ``"mean"`` is PyTorch's weighted mean ``sum l_i / sum w_{t_i}``
+    over counted examples, and 0 when nothing counts. A label outside ``[0, num_classes)`` that
+    is not ``ignore_index`` gives a NaN loss (as in optax), since a value cannot raise under
+    ``jit``. A label on a class masked out by ``where`` gives +inf: an invalid class is a class
+    with logit -inf.
+
+    Args:
+      logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape
+        with the class axis (or axes) named by ``axis``. float16, bfloat16, float32 or float64.
+      labels: Integer class ids, shape ``logits.shape`` without ``axis`` (or broadcastable to
+        it). With a tuple ``axis``, a label is a flat index into the classes in that axis order.
+      axis: The class axis, or a tuple of axes that are flattened into one.
+      where: Boolean mask of the valid classes, broadcast against ``logits``; a mask with the
+        rank of the batch shape masks whole examples, as in optax.
+      ignore_index: A label value whose examples do not count (PyTorch uses -100).
+      label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
+      class_weights: ``[num_classes]`` weights ``w_k`` (zero gradient).
+      z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty.
+      logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first.
+      temperature: ``T > 0``, a Python float or a differentiable scalar array.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      implementation: None (the fastest available), ``"xla"``, ``"pallas"`` or ``"reference"``
+        (plain autodiff: the only one with forward mode, ``jax.jvp`` and ``jax.hessian``).
+
+    Returns:
+      The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
+      scalar; float32 for 16-bit logits, the logits' dtype otherwise.
+
+    Raises:
+      TypeError: integer logits, or labels that are not integers.
+      ValueError: shapes that do not broadcast, ``class_weights`` not ``[num_classes]``, or an
+        option out of its range.
+      NotImplementedError: an explicit ``implementation`` that cannot take this case.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+      >>> labels = jnp.array([0, 1])
+      >>> print(sce.softmax_cross_entropy_with_integer_labels(logits, labels).round(4))
+      [0.2761 2.9518]
+      >>> print(sce.softmax_cross_entropy_with_integer_labels(
+      ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean").round(4))
+      0.2761
+
+    References:
+      PyTorch, `CrossEntropyLoss
+      <https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html>`_.
+    """
+    return _loss(
+        logits,
+        labels,
+        axis,
+        where,
+        integer=True,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weights=class_weights,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        temperature=temperature,
+        reduction=reduction,
+        implementation=implementation,
+    )

@@ -1,0 +1,1 @@
+"""Pallas kernels and the per-block math they share, installed as ``jax_softmax_ce.kernels``."""

@@ -1,0 +1,173 @@
+"""The per-block math of softmax cross-entropy, written once.
+
+Every implementation that is not the plain reference (the XLA `custom_vjp`, each Pallas kernel, the
+fused linear loss) calls these functions on one block of logits ``z`` of shape ``[rows, cols]``.
+Per-row values are column vectors of shape ``[rows, 1]``, so that the same code broadcasts in XLA and
+in a kernel body. The XLA path is the case of a single block that spans the whole vocabulary.
+
+Notation, per row: ``z'`` the transformed and masked logits (``-inf`` on invalid classes), ``a_k`` the
+weight of class ``k`` in the loss (``w_k q_k``), ``W = sum_k a_k``, ``m`` the running max of ``z'``.
+The loss ``sum_k a_k (lse - z'_k)`` is accumulated as ``W log s - A`` with ``s = sum exp(z' - m)`` and
+``A = sum_k a_k (z'_k - m)``: both parts are sums of terms of one sign, so there is no cancellation
+of large numbers even for logits of magnitude 1e4.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -np.inf
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+    """float64 for float64 logits, float32 for everything narrower."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def transform(z: jax.Array, *, softcap: float | None, temperature) -> jax.Array:
+    """``z' = softcap(z) / T``; ``temperature`` is a Python float or a scalar array."""
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        z = z / temperature
+    return z
+
+
+def transform_vjp(z: jax.Array, g: jax.Array, *, softcap: float | None, temperature) -> jax.Array:
+    """Chain rule of `transform`: ``g * dz'/dz`` for raw logits ``z`` and ``g = dl/dz'``."""
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        g = g / temperature
+    if softcap is not None:
+        t = jnp.tanh(z / softcap)
+        g = g * (1.0 - t * t)
+    return g
+
+
+def onehot_block(labels: jax.Array, col0, cols: int) -> jax.Array:
+    """``[rows, cols]`` bool, True where the global class id ``col0 + j`` equals the row's label."""
+    ids = col0 + jax.lax.broadcasted_iota(labels.dtype, (labels.shape[0], cols), 1)
+    return ids == labels
+
+
+class Lse(NamedTuple):
+    """Running log-sum-exp of one row block: ``lse = m + log(s)``."""
+
+    m: jax.Array  # [rows, 1] max of z' seen so far; -inf when no finite valid class yet
+    s: jax.Array  # [rows, 1] sum of exp(z' - ref(m))
+
+
+class Term(NamedTuple):
+    """A running weighted sum: ``w = sum_k a_k`` and ``a = sum_k a_k (z'_k - m)``."""
+
+    w: jax.Array  # [rows, 1]
+    a: jax.Array  # [rows, 1]
+
+
+def lse_init(rows: int, dtype) -> Lse:
+    return Lse(jnp.full((rows, 1), NEG_INF, dtype), jnp.zeros((rows, 1), dtype))
+
+
+def term_init(rows: int, dtype) -> Term:
+    return Term(jnp.zeros((rows, 1), dtype), jnp.zeros((rows, 1), dtype))
+
+
+def reference_point(m: jax.Array) -> jax.Array:
+    """The max, or 0 for a row with no finite valid logit, so that ``z' - ref`` is never NaN."""
+    return jnp.where(m == NEG_INF, jnp.zeros_like(m), m)
+
+
+def lse_merge(state: Lse, z: jax.Array) -> tuple[Lse, jax.Array, jax.Array]:
+    """Online log-sum-exp update with one block ``z`` of masked, transformed logits.
+
+    Returns the new state, the new reference point ``ref`` (``[rows, 1]``) against which this
+    block's terms are formed, and ``shift``, how far the reference moved since the last block.
+    """
+    m_new = jnp.maximum(state.m, jnp.max(z, axis=-1, keepdims=True))
+    ref = reference_point(m_new)
+    s = state.s * jnp.exp(state.m - ref) + jnp.sum(jnp.exp(z - ref), axis=-1, keepdims=True)
+    shift = jnp.where(state.m == NEG_INF, jnp.zeros_like(m_new), m_new - state.m)
+    return Lse(m_new, s), ref, shift
+
+
+def dense_term(weights: jax.Array, z: jax.Array, ref: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """This block's ``(sum_k a_k, sum_k a_k (z'_k - ref))``; a zero weight contributes 0, even at
+    ``z' = -inf``."""
+    w = jnp.sum(weights, axis=-1, keepdims=True)
+    a = jnp.sum(jnp.where(weights != 0, weights * (z - ref), 0), axis=-1, keepdims=True)
+    return w, a
+
+
+def picked_term(weight: jax.Array, z_pick: jax.Array, ref: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`dense_term` for one class per row: ``weight`` and ``z_pick`` are ``[rows, 1]``."""
+    return weight, jnp.where(weight != 0, weight * (z_pick - ref), 0)
+
+
+def term_merge(term: Term, shift: jax.Array, w: jax.Array, a: jax.Array) -> Term:
+    """Adds one block's ``(w, a)`` after moving the accumulated ``a`` to the new reference."""
+    return Term(term.w + w, term.a - term.w * shift + a)
+
+
+def mix(label_smoothing: float, n_valid: jax.Array, target, smoothing):
+    """``(1 - e) target + e / V_valid * smoothing``: how smoothing mixes any per-row or per-class
+    quantity. Rows without valid classes get no smoothing mass."""
+    if label_smoothing == 0.0:
+        return target
+    share = jnp.where(n_valid > 0, label_smoothing / jnp.maximum(n_valid, 1), 0)
+    return (1.0 - label_smoothing) * target + share.astype(target.dtype) * smoothing
+
+
+def row_loss(
+    lse: Lse,
+    target: Term,
+    smoothing: Term | None,
+    n_valid: jax.Array,
+    *,
+    label_smoothing: float,
+    z_loss: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Final per-row ``(loss, lse)``, both ``[rows, 1]``.
+
+    ``loss = W log(s) - A + z_loss lse**2``; a row with no finite valid logit has ``lse = -inf``,
+    and its loss is +inf when it puts weight on one of those classes, 0 otherwise.
+    """
+    has_mass = lse.s > 0
+    log_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, lse.s, 1)), 0)
+    lse_value = jnp.where(has_mass, reference_point(lse.m) + log_s, NEG_INF)
+    w, a = target
+    if smoothing is not None:
+        w = mix(label_smoothing, n_valid, w, smoothing.w)
+        a = mix(label_smoothing, n_valid, a, smoothing.a)
+    loss = w * log_s - a
+    if z_loss:
+        loss = loss + jnp.where(has_mass, z_loss * lse_value * lse_value, 0)
+    return loss, lse_value
+
+
+def grad_block(
+    z: jax.Array, lse: jax.Array, total_weight: jax.Array, weights: jax.Array, *, z_loss: float
+) -> jax.Array:
+    """``dl/dz' = (W + 2 z_loss lse) p - a`` for one block, with ``p = exp(z' - lse)``.
+
+    ``z`` are masked, transformed logits, ``lse`` and ``total_weight`` (``W``) are ``[rows, 1]``,
+    ``weights`` (``a``) broadcast to ``z``. A row with ``lse = -inf`` has ``p = 0``.
+    """
+    finite_lse = jnp.where(lse == NEG_INF, jnp.zeros_like(lse), lse)
+    p = jnp.exp(z - jnp.where(lse == NEG_INF, np.inf, lse))
+    coef = total_weight + 2.0 * z_loss * finite_lse if z_loss else total_weight
+    return p * coef - weights
+
+
+def temperature_term(z: jax.Array, g: jax.Array, lse: jax.Array) -> jax.Array:
+    """``sum_k g_k (z'_k - lse)`` per row (``[rows, 1]``), the part of ``sum_k g_k z'_k`` that
+    needs the logits; `grad_block` makes ``sum_k g_k = 2 z_loss lse``, which gives the rest."""
+    return jnp.sum(jnp.where(g != 0, g * (z - lse), 0), axis=-1, keepdims=True)
+
+
+def label_grad_block(z: jax.Array, lse: jax.Array, valid) -> jax.Array:
+    """``lse - z'_k`` on valid classes, 0 elsewhere: ``dl/dy_k`` before ``(1 - e) w_k``."""
+    nll = lse - z
+    return nll if valid is None else jnp.where(valid, nll, 0)
