@@ -1,0 +1,663 @@
+"""Fused linear softmax cross-entropy: the loss of ``inputs @ weight (+ bias)`` without the logits.
+
+Data flow: the public function validates and canonicalises once (``inputs`` ``[N, D]``, integer
+labels ``[N]``, the ``where`` mask as ``[N, 1]``, ``[1, V]`` or ``[N, V]``), then one
+implementation returns per-example losses ``[N]``, and `_canonical.reduce_losses` reduces them.
+
+``"xla"`` is blockwise JAX with a ``custom_vjp``. The forward pass loops over row blocks and,
+inside, over vocabulary blocks (``lax.fori_loop``); each step forms one ``[block_n, block_v]`` tile
+with a matmul and merges it into a running log-sum-exp and target sum in float32 (`kernels.linear`
+tile steps, built on `kernels._tile`). Only the per-example ``lse`` (float32 ``[N]``) is saved
+beside the inputs. The backward pass loops over vocabulary blocks and, inside, over row blocks: it
+recomputes each tile, forms its gradient block, and accumulates ``d_inputs`` (``[N, D]``, float32)
+and one ``[D, block_v]`` block of ``d_weight`` (float32) before writing it out in the weight's
+dtype. Temporary memory is therefore O(block_n·block_v + N·D + D·block_v), plus a float32 ``[N, D]``
+and the ``[D, V]`` output, and never O(N·V). A ragged last block is moved back to end at the array's
+edge and ignores the rows or columns an earlier block covered, so nothing is padded or copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_softmax_ce import _canonical, _options, _reference
+from jax_softmax_ce._options import Options
+from jax_softmax_ce.kernels import _tile
+from jax_softmax_ce.kernels import linear as _kernels
+from jax_softmax_ce.kernels.linear import BlockSizes
+
+WEIGHT_LAYOUTS = ("dv", "vd")
+PALLAS_BACKENDS = ("tpu", "gpu")
+
+
+class LinearProblem(NamedTuple):
+    """Canonical operands of one fused loss call (a pytree; absent operands are None).
+
+    Attributes:
+      inputs: ``[N, D]`` floating inputs.
+      weight: ``[D, V]``, or ``[V, D]`` for the ``"vd"`` layout, in the inputs' dtype.
+      bias: None or ``[V]``.
+      labels: ``[N]`` integer labels.
+      where: None, or a boolean mask ``[N, 1]``, ``[1, V]`` or ``[N, V]``.
+      class_weights: None or ``[V]`` in the accumulation dtype.
+      temperature: None, or a scalar array (a Python temperature lives in `Options`).
+    """
+
+    inputs: jax.Array
+    weight: jax.Array
+    bias: jax.Array | None
+    labels: jax.Array
+    where: jax.Array | None
+    class_weights: jax.Array | None
+    temperature: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static configuration of the blockwise implementations (hashable, a ``jit`` cache key)."""
+
+    num_classes: int
+    vd: bool
+    block_sizes: BlockSizes
+    filter_eps: float
+    engine: str  # "xla" or "pallas"
+    pallas_backend: str | None = None
+    interpret: bool = False
+
+
+class Rows(NamedTuple):
+    """Per-row operands derived from the labels and the mask, all in the accumulation dtype."""
+
+    labels: jax.Array  # [N, 1] int32, -1 where the label is outside [0, V)
+    label_weight: jax.Array  # [N, 1] w_t; 0 for ignored rows, NaN for labels outside [0, V)
+    n_valid: jax.Array  # [N, 1] or [1, 1] number of valid classes
+    total_weight: jax.Array  # [N, 1] W = sum_k a_k after smoothing
+    counted: jax.Array  # [N] bool
+
+
+def _logits_stand_in(problem: LinearProblem, num_classes: int) -> _canonical.Problem:
+    """A `_canonical.Problem` whose ``logits`` is only a shape, for the shared row and reduction
+    helpers, which read nothing of the logits but their shape."""
+    n = problem.inputs.shape[0]
+    logits = jax.ShapeDtypeStruct((n, num_classes), problem.inputs.dtype)
+    return _canonical.Problem(
+        logits, problem.labels, problem.where, problem.class_weights, problem.temperature
+    )
+
+
+def _rows(options: Options, problem: LinearProblem, num_classes: int) -> Rows:
+    labels, where, class_weights = problem.labels, problem.where, problem.class_weights
+    n = labels.shape[0]
+    dtype = _tile.accumulation_dtype(problem.inputs.dtype)
+    weight = _canonical.label_weights(labels, class_weights, num_classes, dtype)
+    if options.ignore_index is not None:
+        weight = jnp.where(labels == options.ignore_index, jnp.zeros((), dtype), weight)
+    in_range = (labels >= 0) & (labels < num_classes)
+    labels32 = jnp.where(in_range, labels, -1).astype(jnp.int32)
+    n_valid = _canonical.valid_count(where, n, num_classes, dtype)
+    total = weight[:, None]
+    if options.label_smoothing:
+        w = jnp.ones((1, num_classes), dtype) if class_weights is None else class_weights[None]
+        if where is None:
+            smooth_total = jnp.sum(w, axis=1, keepdims=True)
+        elif where.shape[1] == 1:
+            smooth_total = jnp.where(where, jnp.sum(w, axis=1, keepdims=True), 0)
+        else:
+            smooth_total = jnp.sum(jnp.where(where, w, 0), axis=1, keepdims=True)
+        total = _tile.mix(options.label_smoothing, n_valid, total, smooth_total)
+    stand_in = _logits_stand_in(problem, num_classes)
+    counted = _canonical.counted_rows(stand_in, options.ignore_index, integer=True)
+    return Rows(
+        labels32[:, None], weight[:, None], n_valid, jnp.broadcast_to(total, (n, 1)), counted
+    )
+
+
+def _temperature(options: Options, temperature, dtype):
+    return options.temperature if temperature is None else temperature.astype(dtype)
+
+
+def _slice(x, start, size: int, axis: int):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _where_tile(where, r0, c0, bn: int, bv: int):
+    if where is None:
+        return None
+    if where.shape[0] != 1:
+        where = _slice(where, r0, bn, 0)
+    if where.shape[1] != 1:
+        where = _slice(where, c0, bv, 1)
+    return where
+
+
+def _valid(ok, where_tile):
+    return ok if where_tile is None else ok & where_tile
+
+
+def _weight_block(weight, c0, bv: int, vd: bool):
+    return _slice(weight, c0, bv, 0 if vd else 1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block_start(index, block: int, size: int):
+    """Start of block ``index``: ``index * block``, moved back so the block ends inside ``size``."""
+    return jnp.minimum(index * block, size - block)
+
+
+def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows: Rows):
+    """``RowState`` of ``[N, 1]`` accumulators, looping over row blocks, then vocabulary blocks."""
+    x, weight, bias = problem.inputs, problem.weight, problem.bias
+    n, v = x.shape[0], config.num_classes
+    bn, bv = min(config.block_sizes.block_n, n), min(config.block_sizes.block_v, v)
+    dtype = _tile.accumulation_dtype(x.dtype)
+    t = _temperature(options, problem.temperature, dtype)
+    smoothing = bool(options.label_smoothing)
+    bias2 = None if bias is None else bias[None, :]
+    cw2 = None if problem.class_weights is None else problem.class_weights[None, :]
+
+    def row_block(i, state):
+        r0 = _block_start(i, bn, n)
+        x_blk = _slice(x, r0, bn, 0)
+        labels = _slice(rows.labels, r0, bn, 0)
+        label_weight = _slice(rows.label_weight, r0, bn, 0)
+
+        def vocab_block(j, acc):
+            c0 = _block_start(j, bv, v)
+            w_blk = _weight_block(weight, c0, bv, config.vd)
+            b_blk = None if bias2 is None else _slice(bias2, c0, bv, 1)
+            z_raw = _kernels.logits_tile(x_blk, w_blk, b_blk, vd=config.vd)
+            ok = _kernels.columns_ok(c0, j * bv, bv, v)
+            valid = _valid(ok, _where_tile(problem.where, r0, c0, bn, bv))
+            z = _kernels.transformed_tile(
+                z_raw, valid, softcap=options.logit_softcap, temperature=t
+            )
+            target = _kernels.target_tile(labels, label_weight, c0, ok)
+            smooth = None
+            if smoothing:
+                cw_blk = None if cw2 is None else _slice(cw2, c0, bv, 1)
+                smooth = _kernels.smoothing_tile(valid, cw_blk, dtype)
+            return _kernels.forward_step(acc, z, target, smooth)
+
+        init = _kernels.row_state_init(bn, dtype, smoothing)
+        block = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
+        fresh = _kernels.rows_ok(r0, i * bn, bn, n)
+
+        def write(full, new):
+            old = _slice(full, r0, bn, 0)
+            return jax.lax.dynamic_update_slice_in_dim(full, jnp.where(fresh, new, old), r0, 0)
+
+        return jax.tree.map(write, state, block)
+
+    init = _kernels.row_state_init(n, dtype, smoothing)
+    return jax.lax.fori_loop(0, _cdiv(n, bn), row_block, init)
+
+
+def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
+    """``(d_inputs, d_weight, d_bias, temperature_sum)``: loops over vocabulary blocks, then row
+    blocks. ``lse`` and ``ct`` (the cotangent, 0 for rows that do not count) are ``[N, 1]``."""
+    x, weight, bias = problem.inputs, problem.weight, problem.bias
+    n, d = x.shape
+    v = config.num_classes
+    bn, bv = min(config.block_sizes.block_n, n), min(config.block_sizes.block_v, v)
+    dtype = _tile.accumulation_dtype(x.dtype)
+    t = _temperature(options, problem.temperature, dtype)
+    bias2 = None if bias is None else bias[None, :]
+    cw2 = None if problem.class_weights is None else problem.class_weights[None, :]
+    eps = config.filter_eps
+    dw_block_shape = (bv, d) if config.vd else (d, bv)
+
+    def vocab_block(j, carry):
+        dx, dw, db, t_sum = carry
+        c0 = _block_start(j, bv, v)
+        w_blk = _weight_block(weight, c0, bv, config.vd)
+        b_blk = None if bias2 is None else _slice(bias2, c0, bv, 1)
+        cw_blk = None if cw2 is None else _slice(cw2, c0, bv, 1)
+        ok = _kernels.columns_ok(c0, j * bv, bv, v)
+
+        def row_block(i, inner):
+            dx, dw_blk, db_blk, t_sum = inner
+            r0 = _block_start(i, bn, n)
+            x_blk = _slice(x, r0, bn, 0)
+            ct_blk = jnp.where(_kernels.rows_ok(r0, i * bn, bn, n), _slice(ct, r0, bn, 0), 0)
+            lse_blk = _slice(lse, r0, bn, 0)
+            z_raw = _kernels.logits_tile(x_blk, w_blk, b_blk, vd=config.vd)
+            valid = _valid(ok, _where_tile(problem.where, r0, c0, bn, bv))
+            z = _kernels.transformed_tile(
+                z_raw, valid, softcap=options.logit_softcap, temperature=t
+            )
+            target = _kernels.target_tile(
+                _slice(rows.labels, r0, bn, 0), _slice(rows.label_weight, r0, bn, 0), c0, ok
+            )
+            smooth = (
+                _kernels.smoothing_tile(valid, cw_blk, dtype) if options.label_smoothing else None
+            )
+            n_valid = (
+                rows.n_valid if rows.n_valid.shape[0] == 1 else _slice(rows.n_valid, r0, bn, 0)
+            )
+            g = _kernels.grad_tile(
+                z,
+                lse_blk,
+                _slice(rows.total_weight, r0, bn, 0),
+                target,
+                smooth,
+                n_valid,
+                label_smoothing=options.label_smoothing,
+                z_loss=options.z_loss,
+            )
+            g = jnp.where(ct_blk != 0, g, 0)
+            keep = _kernels.keep_tile(g, eps) if eps else None
+            g = g * ct_blk
+            if problem.temperature is not None:
+                t_sum = t_sum + jnp.sum(_tile.temperature_term(z, g, lse_blk))
+            dz = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=t)
+
+            def accumulate(acc):
+                dx, dw_blk, db_blk = acc
+                rows_dx = _slice(dx, r0, bn, 0) + _kernels.input_grad(dz, w_blk, vd=config.vd)
+                dx = jax.lax.dynamic_update_slice_in_dim(dx, rows_dx, r0, 0)
+                dw_blk = dw_blk + _kernels.weight_grad(x_blk, dz, vd=config.vd)
+                if db_blk is not None:
+                    db_blk = db_blk + jnp.sum(dz, axis=0, keepdims=True)
+                return dx, dw_blk, db_blk
+
+            acc = (dx, dw_blk, db_blk)
+            if eps:
+                acc = jax.lax.cond(keep, accumulate, lambda a: a, acc)
+            else:
+                acc = accumulate(acc)
+            return (*acc, t_sum)
+
+        dw_init = jnp.zeros(dw_block_shape, dtype)
+        db_init = None if bias is None else jnp.zeros((1, bv), dtype)
+        dx, dw_blk, db_blk, t_sum = jax.lax.fori_loop(
+            0, _cdiv(n, bn), row_block, (dx, dw_init, db_init, t_sum)
+        )
+        axis = 0 if config.vd else 1
+        fresh = ok.T if config.vd else ok
+        old = _slice(dw, c0, bv, axis)
+        new = jnp.where(fresh, dw_blk.astype(dw.dtype), old)
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, new, c0, axis)
+        if db is not None:
+            db = jax.lax.dynamic_update_slice_in_dim(
+                db, jnp.where(ok, db_blk, _slice(db, c0, bv, 1)), c0, 1
+            )
+        return dx, dw, db, t_sum
+
+    init = (
+        jnp.zeros((n, d), dtype),
+        jnp.zeros(weight.shape, weight.dtype),
+        None if bias is None else jnp.zeros((1, v), dtype),
+        jnp.zeros((), dtype),
+    )
+    dx, dw, db, t_sum = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
+    return dx, dw, None if db is None else db[0], t_sum
+
+
+def _forward_engine(config: Config):
+    if config.engine == "xla":
+        return _forward_xla
+    return _kernels.forward_pallas
+
+
+def _backward_engine(config: Config):
+    if config.engine == "xla":
+        return _backward_xla
+    return _kernels.backward_pallas
+
+
+def _losses(options: Options, config: Config, problem: LinearProblem):
+    """``(losses [N], lse [N])`` in the accumulation dtype."""
+    rows = _rows(options, problem, config.num_classes)
+    state = _forward_engine(config)(options, config, problem, rows)
+    loss, lse = _tile.row_loss(
+        state.lse,
+        state.target,
+        state.smoothing,
+        rows.n_valid,
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
+    )
+    loss = jnp.where(jnp.isnan(rows.label_weight), np.nan, loss)[:, 0]
+    return jnp.where(rows.counted, loss, 0), lse[:, 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(options, config, inputs, weight, bias, labels, where, class_weights, temperature):
+    problem = LinearProblem(inputs, weight, bias, labels, where, class_weights, temperature)
+    return _losses(options, config, problem)[0]
+
+
+def _fused_fwd(options, config, *operands):
+    loss, lse = _losses(options, config, LinearProblem(*operands))
+    return loss, (*operands, lse)
+
+
+def _fused_bwd(options, config, residuals, cotangent):
+    *operands, lse = residuals
+    problem = LinearProblem(*operands)
+    rows = _rows(options, problem, config.num_classes)
+    dtype = lse.dtype
+    ct = jnp.where(rows.counted, cotangent.astype(dtype), 0)[:, None]
+    dx, dw, db, t_sum = _backward_engine(config)(options, config, problem, rows, lse[:, None], ct)
+    d_temperature = None
+    if problem.temperature is not None:
+        t = problem.temperature.astype(dtype)
+        if options.z_loss:
+            finite = jnp.isfinite(lse)
+            lse2 = jnp.where(finite, lse, 0) ** 2
+            t_sum = t_sum + jnp.sum(jnp.where(finite, 2.0 * options.z_loss * ct[:, 0] * lse2, 0))
+        d_temperature = (-t_sum / t).astype(problem.temperature.dtype)
+    return (
+        dx.astype(problem.inputs.dtype),
+        dw.astype(problem.weight.dtype),
+        None if db is None else db.astype(problem.bias.dtype),
+        None,
+        None,
+        None,
+        d_temperature,
+    )
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _blockwise(problem: LinearProblem, options: Options, config: Config) -> jax.Array:
+    if problem.inputs.shape[0] == 0:
+        return jnp.zeros((0,), _tile.accumulation_dtype(problem.inputs.dtype))
+    return _fused(options, config, *problem)
+
+
+def _materialised(problem: LinearProblem, options: Options, config: Config) -> jax.Array:
+    """The ``"reference"`` implementation: the ``[N, V]`` logits, then the plain formula."""
+    if config.filter_eps:
+        raise NotImplementedError(
+            "gradient_filter_eps is a property of the blockwise backward pass; implementation="
+            '"reference" differentiates the exact formula with autodiff and cannot filter'
+        )
+    acc = _tile.accumulation_dtype(problem.inputs.dtype)
+    spec = "nd,vd->nv" if config.vd else "nd,dv->nv"
+    logits = jnp.einsum(spec, problem.inputs, problem.weight, preferred_element_type=acc)
+    if problem.bias is not None:
+        logits = logits + problem.bias.astype(acc)
+    canonical = _canonical.Problem(
+        logits, problem.labels, problem.where, problem.class_weights, problem.temperature
+    )
+    return _reference.cross_entropy(canonical, options, integer=True)
+
+
+def _pallas(problem: LinearProblem, options: Options, config: Config) -> jax.Array:
+    backend = config.pallas_backend or jax.default_backend()
+    if backend not in PALLAS_BACKENDS:
+        raise NotImplementedError(
+            f'implementation="pallas" needs a GPU or TPU (the default backend is '
+            f"{jax.default_backend()!r}); on CPU pass pallas_backend='tpu' or 'gpu' with "
+            f"interpret=True to run a schedule in interpret mode"
+        )
+    if (
+        backend == "gpu"
+        and problem.where is not None
+        and problem.where.shape
+        == (
+            problem.inputs.shape[0],
+            config.num_classes,
+        )
+    ):
+        raise NotImplementedError(
+            "the GPU schedule of the fused kernel takes a where mask per example or per class, "
+            "not a full [N, V] mask"
+        )
+    config = dataclasses.replace(config, pallas_backend=backend)
+    return _blockwise(problem, options, config)
+
+
+# Every implementation takes (problem, options, config) and returns per-example losses [N] in the
+# accumulation dtype, 0 for examples that do not count; an unsupported case raises
+# NotImplementedError with the reason.
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "xla": _blockwise,
+    "pallas": _pallas,
+    "reference": _materialised,
+}
+
+
+def _check_float(name: str, x, shape_note: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be floating point (float16, bfloat16, float32 or float64), got "
+            f"{x.dtype} with shape {x.shape}{shape_note}"
+        )
+    return x
+
+
+def _check_operands(inputs, weight, bias, labels, weight_layout):
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+    inputs = _check_float("inputs", inputs, "")
+    weight = _check_float("weight", weight, "")
+    if inputs.ndim < 1:
+        raise ValueError(f"inputs must have shape [..., D], got shape {inputs.shape}")
+    d = inputs.shape[-1]
+    expected = "[V, D]" if weight_layout == "vd" else "[D, V]"
+    if weight.ndim != 2 or weight.shape[1 if weight_layout == "vd" else 0] != d:
+        raise ValueError(
+            f"weight shape {weight.shape} does not match inputs shape {inputs.shape}: expected "
+            f"{expected} with D = {d} for weight_layout={weight_layout!r}"
+        )
+    if weight.dtype != inputs.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} (shape {weight.shape}) must equal the inputs dtype "
+            f"{inputs.dtype} (shape {inputs.shape})"
+        )
+    v = weight.shape[0 if weight_layout == "vd" else 1]
+    if v == 0:
+        raise ValueError(f"weight of shape {weight.shape} has no classes")
+    if bias is not None:
+        bias = _check_float("bias", bias, "")
+        if bias.shape != (v,):
+            raise ValueError(
+                f"bias shape {bias.shape} must be [{v}] for weight shape {weight.shape}"
+            )
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integers, got {labels.dtype} with shape {labels.shape}")
+    batch_shape = inputs.shape[:-1]
+    try:
+        broadcast = np.broadcast_shapes(labels.shape, batch_shape) == tuple(batch_shape)
+    except ValueError:
+        broadcast = False
+    if not broadcast:
+        raise ValueError(
+            f"labels shape {labels.shape} does not match inputs shape {inputs.shape} without "
+            f"the last axis (expected {batch_shape})"
+        )
+    return inputs, weight, bias, labels, v
+
+
+def _check_filter_eps(gradient_filter_eps) -> float:
+    if gradient_filter_eps is None:
+        return 0.0
+    if isinstance(gradient_filter_eps, bool) or not isinstance(gradient_filter_eps, numbers.Real):
+        raise TypeError(
+            f"gradient_filter_eps must be a Python float or None, got {gradient_filter_eps!r}"
+        )
+    if not 0.0 <= gradient_filter_eps < 1.0:
+        raise ValueError(f"gradient_filter_eps must be in [0, 1), got {gradient_filter_eps}")
+    return float(gradient_filter_eps)
+
+
+def linear_softmax_cross_entropy(
+    inputs: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    bias: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    temperature: float | jax.typing.ArrayLike = 1.0,
+    reduction: str = "none",
+    implementation: str | None = None,
+    weight_layout: str = "dv",
+    gradient_filter_eps: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    pallas_backend: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    r"""Softmax cross-entropy of the logits ``inputs @ weight + bias``, never materialised.
+
+    With ``z = x W + b`` the logits of one example, the loss is the integer-label loss of
+    `softmax_cross_entropy_with_integer_labels` on ``z``, with every one of its options:
+
+    .. math::
+      \ell = (1 - e)\, w_t \left(\operatorname{lse}(z') - z'_t\right)
+        + \frac{e}{V_\text{valid}} \sum_{k \text{ valid}} w_k
+          \left(\operatorname{lse}(z') - z'_k\right)
+        + \lambda_z \operatorname{lse}(z')^2 , \qquad z' = \operatorname{softcap}(x W + b) / T .
+
+    The default ``"xla"`` implementation works on ``[block_n, block_v]`` tiles of logits, formed by
+    a matmul and reduced at once into a float32 log-sum-exp; its ``custom_vjp`` saves only that
+    log-sum-exp (``[N]``) and recomputes the tiles in the backward pass, so neither pass holds
+    ``[N, V]`` values. Matmuls accumulate in float32 (float64 for float64 inputs); for 16-bit
+    inputs the gradient tile is rounded to the inputs' dtype before its two matmuls, and
+    ``d_inputs``, ``d_weight`` blocks and ``d_bias`` are accumulated in float32.
+
+    Decisions where the contract is silent:
+
+    - ``weight_layout="vd"`` takes the projection as ``[V, D]``, the embedding table of a model with
+      tied embeddings, and contracts it on its last axis without a transposed copy.
+    - ``inputs`` and ``weight`` must have the same dtype (``TypeError`` otherwise); ``bias`` may be
+      of any floating dtype and is added in the accumulation dtype.
+    - ``gradient_filter_eps`` (off by default), as in Cut Cross-Entropy: the backward pass skips the
+      two gradient matmuls of every tile in which all ``|dl/dz'|`` (``|p - q|`` without options,
+      before the incoming cotangent) are below it. Each skipped entry changes ``d_inputs[i]`` by at
+      most ``eps |c_i| |W[:, k]| / T`` and ``d_weight[:, k]`` by at most ``eps |c_i| |x_i| / T``
+      (``c`` the cotangent; times 1 more for the softcap's derivative, which is at most 1).
+      ``2**-12`` is Cut Cross-Entropy's choice for bfloat16. Only ``"xla"`` and ``"pallas"``
+      filter; ``"reference"`` raises ``NotImplementedError``.
+    - ``"pallas"`` runs on TPU (Mosaic) and GPU (the Triton backend); on CPU it needs
+      ``pallas_backend="tpu"`` or ``"gpu"`` and ``interpret=True``, which run that schedule in
+      interpret mode. ``implementation=None`` picks ``"xla"``.
+
+    Args:
+      inputs: Features, shape ``[..., D]`` (``[batch_size, hidden_size]`` or
+        ``[batch_size, seq_len, hidden_size]``). float16, bfloat16, float32 or float64.
+      weight: The output projection, ``[D, V]`` (``[V, D]`` with ``weight_layout="vd"``), in the
+        inputs' dtype.
+      labels: Integer class ids, shape ``inputs.shape[:-1]`` (or broadcastable to it).
+      bias: Optional ``[V]`` bias of the projection.
+      where: Boolean mask of the valid classes, broadcast against the logits
+        ``inputs.shape[:-1] + (V,)``; a mask of shape ``inputs.shape[:-1]`` masks whole examples.
+      ignore_index: A label value whose examples do not count (PyTorch uses -100).
+      label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
+      class_weights: ``[V]`` weights ``w_k`` (zero gradient).
+      z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty.
+      logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first.
+      temperature: ``T > 0``, a Python float or a differentiable scalar array.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"`` (PyTorch's weighted mean).
+      implementation: None (``"xla"``), ``"xla"``, ``"pallas"`` or ``"reference"`` (materialised
+        logits and plain autodiff: the only one with forward mode, ``jax.jvp`` and
+        ``jax.hessian``; the others support reverse mode only).
+      weight_layout: ``"dv"`` for a ``[D, V]`` weight, ``"vd"`` for a ``[V, D]`` (tied) one.
+      gradient_filter_eps: None or 0 for exact gradients, else the filter threshold in
+        ``(0, 1)``.
+      block_sizes: Tile sizes, a `jax_softmax_ce.kernels.linear.BlockSizes`; None for the
+        implementation's default.
+      pallas_backend: ``"tpu"`` or ``"gpu"``: which kernel schedule ``"pallas"`` runs; None for
+        the default backend's.
+      interpret: Run the ``"pallas"`` kernels in interpret mode (for tests on CPU).
+
+    Returns:
+      The losses, shape ``inputs.shape[:-1]`` for ``reduction="none"``, else a scalar; float32
+      for 16-bit inputs, the inputs' dtype otherwise.
+
+    Raises:
+      TypeError: non-floating inputs or weight, different dtypes, or non-integer labels.
+      ValueError: shapes that do not match, or an option out of its range.
+      NotImplementedError: an explicit ``implementation`` that cannot take this case.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> inputs = jnp.array([[1.0, 0.5], [-0.3, 0.8]])
+      >>> weight = jnp.array([[1.2, -0.8, -0.5], [0.2, 0.4, 1.6]])
+      >>> labels = jnp.array([0, 2])
+      >>> print(sce.linear_softmax_cross_entropy(inputs, weight, labels).round(4))
+      [0.417  0.4793]
+      >>> print(sce.linear_softmax_cross_entropy(
+      ...     inputs, weight.T, labels, weight_layout="vd", reduction="mean").round(4))
+      0.4481
+
+    References:
+      Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+      <https://arxiv.org/abs/2411.09009>`_, 2024.
+      Hsu et al., `Liger Kernel <https://arxiv.org/abs/2410.10989>`_ (fused linear
+      cross-entropy), 2024.
+    """
+    reduction = _options.check_reduction(reduction)
+    implementation = _options.check_implementation(implementation)
+    inputs, weight, bias, labels, v = _check_operands(inputs, weight, bias, labels, weight_layout)
+    filter_eps = _check_filter_eps(gradient_filter_eps)
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(implementation or "xla")
+    elif not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes or None, got {block_sizes!r}")
+    if pallas_backend is not None and pallas_backend not in PALLAS_BACKENDS:
+        raise ValueError(
+            f"pallas_backend must be None or one of {PALLAS_BACKENDS}, got {pallas_backend!r}"
+        )
+    logits_shape = (*inputs.shape[:-1], v)
+    lay = _canonical.layout(logits_shape, -1)
+    array_temperature = _canonical.array_temperature(temperature)
+    options = _options.make_options(
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        temperature=temperature,
+        ignore_index=ignore_index,
+        temperature_is_array=array_temperature is not None,
+    )
+    problem = LinearProblem(
+        inputs=inputs.reshape(lay.num_rows, inputs.shape[-1]),
+        weight=weight,
+        bias=bias,
+        labels=jnp.broadcast_to(labels, lay.batch_shape).reshape(lay.num_rows),
+        where=_canonical.mask(where, logits_shape, lay, -1),
+        class_weights=_canonical.class_weights(class_weights, lay, inputs.dtype),
+        temperature=array_temperature,
+    )
+    if implementation is None:
+        implementation = "xla"
+    config = Config(
+        num_classes=v,
+        vd=weight_layout == "vd",
+        block_sizes=block_sizes,
+        filter_eps=filter_eps,
+        engine="pallas" if implementation == "pallas" else "xla",
+        pallas_backend=pallas_backend,
+        interpret=bool(interpret),
+    )
+    losses = IMPLEMENTATIONS[implementation](problem, options, config)
+    return _canonical.reduce_losses(
+        losses,
+        _logits_stand_in(problem, v),
+        ignore_index=options.ignore_index,
+        integer=True,
+        reduction=reduction,
+        batch_shape=lay.batch_shape,
+        dtype=_tile.accumulation_dtype(inputs.dtype),
+    )
