@@ -5,3 +5,4 @@ from jax_softmax_ce.cross_entropy import softmax_cross_entropy as softmax_cross_
 from jax_softmax_ce.cross_entropy import (
     softmax_cross_entropy_with_integer_labels as softmax_cross_entropy_with_integer_labels,
 )
+from jax_softmax_ce.linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
