@@ -62,7 +62,7 @@ class BlockSizes:
     def get_default(cls, implementation: str = "xla") -> BlockSizes:
         """Defaults: large tiles for XLA on CPU, ``(256, 512)`` tiles for the kernels."""
         if implementation == "xla":
-            return cls(1024, 1024)
+            return cls(1024, 2048)
         return cls(256, 512)
 
 
