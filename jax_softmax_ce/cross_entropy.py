@@ -6,18 +6,11 @@ from collections.abc import Callable
 
 import jax
 
-from jax_softmax_ce import _canonical, _options, _reference, _xla
+from jax_softmax_ce import _canonical, _options, _pallas, _reference, _xla
 from jax_softmax_ce._options import Options
 from jax_softmax_ce.kernels._tile import accumulation_dtype
 
 Implementation = Callable[..., jax.Array]
-
-
-def _pallas_not_available(problem, options, *, integer):
-    raise NotImplementedError(
-        'implementation="pallas" is not available in this version of jax_softmax_ce; use '
-        'implementation="xla" or None'
-    )
 
 
 # Every implementation takes (problem, options, *, integer) and returns per-example losses [N] in
@@ -26,7 +19,7 @@ def _pallas_not_available(problem, options, *, integer):
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "xla": _xla.cross_entropy,
     "reference": _reference.cross_entropy,
-    "pallas": _pallas_not_available,
+    "pallas": _pallas.cross_entropy,
 }
 
 
