@@ -1,0 +1,338 @@
+"""Class weighting and calibration: balanced class weights, the expected calibration error, the
+data of a reliability diagram, and temperature scaling fitted with the fused ``temperature=``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_softmax_ce import _canonical
+from jax_softmax_ce.cross_entropy import (
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
+from jax_softmax_ce.kernels import _tile
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive Python int, got {value!r}")
+    return int(value)
+
+
+def _check_integer_labels(labels) -> jax.Array:
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"labels must be integer class ids, got {labels.dtype} with shape {labels.shape}"
+        )
+    return labels
+
+
+def inverse_frequency_weights(
+    labels: jax.typing.ArrayLike,
+    num_classes: int,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""Balanced class weights, inversely proportional to how often each class occurs.
+
+    With ``n_k`` the number of counted labels equal to ``k`` and ``N = sum_k n_k``,
+
+    .. math::
+      w_k = \frac{N}{V \, n_k} \quad (n_k > 0), \qquad w_k = 0 \quad (n_k = 0),
+
+    scikit-learn's ``compute_class_weight("balanced")`` for the classes that occur, and 0 for
+    classes that never occur (scikit-learn raises there). Labels outside ``[0, num_classes)``,
+    such as an ``ignore_index``, and labels where ``where`` is False are not counted. The result
+    feeds ``class_weights=`` of the cross-entropy directly; with ``reduction="mean"`` every class
+    then carries the same total weight.
+
+    Args:
+      labels: Integer class ids, any shape, e.g. ``[batch_size]``.
+      num_classes: ``V``, a positive Python int (the length of the result).
+      where: Boolean mask of the labels to count, broadcastable to ``labels.shape``.
+
+    Returns:
+      ``[num_classes]`` weights in the default floating dtype (float64 with ``jax_enable_x64``,
+      float32 otherwise).
+
+    Raises:
+      TypeError: labels that are not integers.
+      ValueError: a bad ``num_classes``, or a ``where`` that does not broadcast to the labels.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> labels = jnp.array([0, 0, 0, 1, 2, 2])
+      >>> print(sce.inverse_frequency_weights(labels, 4).round(4))
+      [0.5  1.5  0.75 0.  ]
+
+    References:
+      King and Zeng, `Logistic Regression in Rare Events Data
+      <https://gking.harvard.edu/files/0s.pdf>`_, 2001 (the "balanced" heuristic).
+    """
+    labels = _check_integer_labels(labels)
+    num_classes = _positive_int("num_classes", num_classes)
+    counted = (labels >= 0) & (labels < num_classes)
+    if where is not None:
+        where = jnp.asarray(where)
+        if not _canonical._broadcasts_to(where.shape, labels.shape):
+            raise ValueError(
+                f"where shape {where.shape} does not broadcast to labels shape {labels.shape}"
+            )
+        counted = counted & where.astype(jnp.bool_)
+    dtype = jnp.result_type(float)
+    counts = (
+        jnp.zeros((num_classes,), dtype)
+        .at[labels.reshape(-1)]
+        .add(counted.reshape(-1).astype(dtype), mode="drop")
+    )
+    total = jnp.sum(counts)
+    present = counts > 0
+    return jnp.where(present, total / (num_classes * jnp.where(present, counts, 1)), 0)
+
+
+class ReliabilityDiagram(NamedTuple):
+    """Per-bin statistics of the top-label confidence, for plotting.
+
+    Attributes:
+      bin_edges: ``[num_bins + 1]`` edges ``i / num_bins``; bin ``i`` is
+        ``(bin_edges[i], bin_edges[i + 1]]``.
+      confidence: ``[num_bins]`` mean top-label probability of the examples in each bin (0 for
+        an empty bin).
+      accuracy: ``[num_bins]`` fraction of those examples whose top label is correct (0 for an
+        empty bin).
+      count: ``[num_bins]`` number of examples in each bin.
+    """
+
+    bin_edges: jax.Array
+    confidence: jax.Array
+    accuracy: jax.Array
+    count: jax.Array
+
+
+def _bin_sums(logits, labels, num_bins, where):
+    """``(edges, count, confidence_sum, correct_sum)`` per bin of the top-label confidence."""
+    num_bins = _positive_int("num_bins", num_bins)
+    logits = _canonical.check_logits(logits)
+    labels = _check_integer_labels(labels)
+    lay = _canonical.layout(logits.shape, -1)
+    labels = _canonical.integer_labels(labels, logits.shape, lay, -1)
+    valid = _canonical.mask(where, logits.shape, lay, -1)
+    dtype = _tile.accumulation_dtype(logits.dtype)
+    z = lay.to_rows(logits).astype(dtype)
+    if valid is not None:
+        z = jnp.where(valid, z, _tile.NEG_INF)
+    m = jnp.max(z, axis=1, keepdims=True)
+    s = jnp.sum(jnp.exp(z - _tile.reference_point(m)), axis=1)
+    counted = s > 0
+    confidence = jnp.where(counted, 1.0 / jnp.where(counted, s, 1), 0)  # max_k p_k = 1 / s
+    correct = (jnp.argmax(z, axis=1) == labels) & counted
+    edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=dtype)
+    bins = jnp.clip(jnp.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
+
+    def per_bin(x):
+        return jnp.zeros((num_bins,), dtype).at[bins].add(jnp.where(counted, x, 0).astype(dtype))
+
+    return edges, per_bin(jnp.ones_like(confidence)), per_bin(confidence), per_bin(correct)
+
+
+def reliability_diagram_data(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    num_bins: int = 15,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+) -> ReliabilityDiagram:
+    r"""Per-bin confidence, accuracy and count of the top-label predictions, for a reliability
+    diagram.
+
+    The top-label confidence ``c_i = max_k softmax(z_i)_k`` falls in bin ``b`` when
+    ``c_i`` is in :math:`(b / M, (b + 1) / M]`; then, over the examples :math:`B_b` of that bin,
+
+    .. math::
+      \mathrm{conf}_b = \frac{1}{|B_b|} \sum_{i \in B_b} c_i , \qquad
+      \mathrm{acc}_b = \frac{1}{|B_b|} \sum_{i \in B_b} [\arg\max_k z_{ik} = t_i] .
+
+    An empty bin has count 0 and confidence and accuracy 0 (filter on ``count > 0`` to plot).
+    Fully masked examples are not counted.
+
+    Args:
+      logits: ``[batch_size, num_classes]`` logits (the class axis last, any batch shape).
+      labels: Integer class ids, shape ``logits.shape[:-1]``.
+      num_bins: ``M``, the number of equal-width bins, a positive Python int.
+      where: Boolean mask of the valid classes, broadcast against ``logits``; a mask of the rank
+        of the batch shape masks whole examples.
+
+    Returns:
+      A `ReliabilityDiagram` of ``[num_bins]`` arrays (and ``[num_bins + 1]`` edges).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> logits = jnp.array([[3.0, 0.0], [0.2, 0.0], [0.0, 2.0], [1.0, 0.0]])
+      >>> diagram = sce.reliability_diagram_data(logits, jnp.array([0, 1, 1, 1]), num_bins=4)
+      >>> print(diagram.count, diagram.accuracy, diagram.confidence.round(4))
+      [0. 0. 2. 2.] [0. 0. 0. 1.] [0.     0.     0.6404 0.9167]
+
+    References:
+      Guo et al., `On Calibration of Modern Neural Networks
+      <https://arxiv.org/abs/1706.04599>`_, 2017.
+    """
+    edges, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where)
+    nonempty = count > 0
+    denominator = jnp.where(nonempty, count, 1)
+    return ReliabilityDiagram(
+        bin_edges=edges,
+        confidence=jnp.where(nonempty, confidence_sum / denominator, 0),
+        accuracy=jnp.where(nonempty, correct_sum / denominator, 0),
+        count=count,
+    )
+
+
+def expected_calibration_error(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    num_bins: int = 15,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""Top-label expected calibration error (ECE) with equal-width bins.
+
+    With the bins of `reliability_diagram_data` and ``N`` counted examples,
+
+    .. math::
+      \mathrm{ECE} = \sum_{b=1}^{M} \frac{|B_b|}{N}
+        \left| \mathrm{acc}_b - \mathrm{conf}_b \right| ,
+
+    computed from per-bin sums, so empty bins contribute 0 and never a NaN. It is 0 when no example
+    counts. The gradient with respect to the logits flows through the confidences.
+
+    Args:
+      logits: ``[batch_size, num_classes]`` logits (the class axis last, any batch shape).
+      labels: Integer class ids, shape ``logits.shape[:-1]``.
+      num_bins: ``M``, the number of equal-width bins ``(i / M, (i + 1) / M]``.
+      where: Boolean mask of the valid classes, broadcast against ``logits``; a mask of the rank
+        of the batch shape masks whole examples.
+
+    Returns:
+      A scalar in ``[0, 1]``, float32 for 16-bit and float32 logits, float64 for float64 logits.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> logits = jnp.array([[3.0, 0.0], [0.2, 0.0], [0.0, 2.0], [1.0, 0.0]])
+      >>> labels = jnp.array([0, 1, 1, 1])
+      >>> print(sce.expected_calibration_error(logits, labels, num_bins=4).round(4))
+      0.3619
+
+    References:
+      Naeini et al., `Obtaining Well Calibrated Probabilities Using Bayesian Binning
+      <https://ojs.aaai.org/index.php/AAAI/article/view/9602>`_, 2015.
+      Guo et al., `On Calibration of Modern Neural Networks
+      <https://arxiv.org/abs/1706.04599>`_, 2017.
+    """
+    _, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where)
+    total = jnp.sum(count)
+    gap = jnp.sum(jnp.abs(correct_sum - confidence_sum))
+    return jnp.where(total > 0, gap / jnp.where(total > 0, total, 1), 0)
+
+
+_MAX_NEWTON_STEPS = 50
+_LOG_T_BOUND = 10.0
+
+
+def fit_temperature(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""The temperature ``T > 0`` that minimises the mean negative log-likelihood of ``z / T``.
+
+    .. math::
+      T^\star = \arg\min_{T > 0} \frac{1}{N} \sum_i \ell_\mathrm{CE}(z_i / T, t_i) ,
+
+    found by safeguarded Newton steps on ``u = log T`` (each step at most a factor ``e`` in ``T``,
+    a gradient step where the curvature is not positive), to a step below ``sqrt(eps)``; the
+    loss is our cross-entropy with the fused ``temperature=`` option and an array temperature,
+    whose gradient is exact, and the curvature is its grad-of-grad (forward mode is not
+    available through the ``custom_vjp``). ``T`` is kept in ``[e^-10, e^10]``: when every
+    counted example is already classified correctly the NLL keeps falling as ``T -> 0``, and
+    the lower bound is returned.
+
+    The gradient of ``T*`` with respect to the logits is the implicit-function gradient
+    ``-(d^2 L / du dz) / (d^2 L / du^2)``, obtained from one last Newton step whose curvature is
+    held constant; the iterations themselves are not differentiated.
+
+    Args:
+      logits: ``[batch_size, num_classes]`` logits (the class axis last, any batch shape).
+      labels: Integer class ids of shape ``logits.shape[:-1]``, or probabilities of the shape
+        of ``logits``.
+      where: Boolean mask of the valid classes, broadcast against ``logits``; a mask of the rank
+        of the batch shape leaves whole examples out.
+
+    Returns:
+      The scalar temperature, float32 for 16-bit and float32 logits, float64 for float64 logits.
+      Divide the logits by it (or pass it as ``temperature=``) to calibrate them.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> logits = 3.0 * jnp.array([
+      ...     [2.0, 0.0, -1.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.5], [1.0, -1.0, 0.0], [0.0, 2.0, 0.5]
+      ... ])
+      >>> labels = jnp.array([0, 2, 2, 1, 1])
+      >>> temperature = sce.fit_temperature(logits, labels)
+      >>> print(f"{temperature:.4f}")
+      4.6300
+
+    References:
+      Guo et al., `On Calibration of Modern Neural Networks
+      <https://arxiv.org/abs/1706.04599>`_, 2017.
+    """
+    logits = _canonical.check_logits(logits)
+    labels = jnp.asarray(labels)
+    loss = (
+        softmax_cross_entropy_with_integer_labels
+        if jnp.issubdtype(labels.dtype, jnp.integer)
+        else softmax_cross_entropy
+    )
+    dtype = _tile.accumulation_dtype(logits.dtype)
+
+    def mean_nll(log_t, logits, labels):
+        return loss(logits, labels, where=where, temperature=jnp.exp(log_t), reduction="mean")
+
+    slope = jax.grad(mean_nll)
+    slope_and_curvature = jax.value_and_grad(slope)
+    fixed = (jax.lax.stop_gradient(logits), jax.lax.stop_gradient(labels))
+    tolerance = float(np.sqrt(np.finfo(dtype).eps))
+
+    def newton_step(log_t):
+        g, h = slope_and_curvature(log_t, *fixed)
+        step = jnp.where(h > 0, -g / jnp.where(h > 0, h, 1), -jnp.sign(g))
+        step = jnp.clip(step, -1.0, 1.0)
+        return jnp.clip(log_t + step, -_LOG_T_BOUND, _LOG_T_BOUND), step
+
+    def not_converged(state):
+        i, _, step = state
+        return (i < _MAX_NEWTON_STEPS) & (jnp.abs(step) > tolerance)
+
+    def body(state):
+        i, log_t, _ = state
+        return (i + 1, *newton_step(log_t))
+
+    start = (0, jnp.zeros((), dtype), jnp.full((), np.inf, dtype))
+    _, log_t, _ = jax.lax.while_loop(not_converged, body, start)
+    log_t = jax.lax.stop_gradient(log_t)
+    # The last Newton step, with the curvature held constant: exact in value (the slope is ~0)
+    # and carrying the implicit-function gradient to the logits and probability labels.
+    curvature = jax.lax.stop_gradient(slope_and_curvature(log_t, *fixed)[1])
+    interior = (curvature > 0) & (jnp.abs(log_t) < _LOG_T_BOUND)
+    step = -slope(log_t, logits, labels) / jnp.where(interior, curvature, 1)
+    return jnp.exp(log_t + jnp.where(interior, step, 0)).astype(dtype)

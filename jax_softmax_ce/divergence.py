@@ -1,0 +1,140 @@
+"""Kullback-Leibler divergences between a predicted and a target distribution, as in optax, on the
+canonical ``[N, V]`` layout (plain jnp, autodiff only)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax_ce import _canonical
+from jax_softmax_ce.binary import _weighted
+from jax_softmax_ce.kernels._tile import accumulation_dtype
+
+
+def _check_floating(name: str, x) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got {x.dtype} with shape {x.shape}")
+    return x
+
+
+def _rows(log_predictions, targets, axis, where, target_name: str):
+    """``(log_p, t, valid, layout)`` on ``[N, V]``, masked entries replaced by 0."""
+    log_predictions = _check_floating("log_predictions", log_predictions)
+    targets = _check_floating(target_name, targets)
+    if axis is None:
+        axis = tuple(range(log_predictions.ndim))
+    lay = _canonical.layout(log_predictions.shape, axis)
+    dtype = accumulation_dtype(log_predictions.dtype)
+    log_p = lay.to_rows(log_predictions).astype(dtype)
+    t = _canonical.probability_labels(targets, log_predictions, lay).astype(dtype)
+    valid = _canonical.mask(where, log_predictions.shape, lay, axis)
+    if valid is not None:
+        log_p = jnp.where(valid, log_p, 0)
+        t = jnp.where(valid, t, 0)
+    return log_p, t, valid, lay
+
+
+def _sum_valid(terms: jax.Array, valid: jax.Array | None, lay: _canonical.Layout) -> jax.Array:
+    if valid is not None:
+        terms = jnp.where(valid, terms, 0)
+    return jnp.sum(terms, axis=1).reshape(lay.batch_shape)
+
+
+def kl_divergence(
+    log_predictions: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""Kullback-Leibler divergence of the predictions from the targets; a drop-in for optax's.
+
+    .. math::
+      D_\mathrm{KL}(q \,\|\, p) = \sum_k q_k \left(\log q_k - \log p_k\right),
+
+    summed over the valid classes (``where`` True). A class with ``q_k = 0`` contributes 0, even
+    where ``log p_k = -inf``; a class with ``q_k > 0`` and ``log p_k = -inf`` gives +inf.
+
+    Decisions where optax leaves room: the gradient with respect to ``targets`` is finite at
+    ``q_k = 0`` (``-log p_k``, the derivative of ``q log q`` taken as 0 there); a ``where`` of the
+    rank of the batch shape masks whole examples, as in this library's cross-entropy; the result
+    is float32 for 16-bit inputs.
+
+    Args:
+      log_predictions: Log-probabilities ``log p``, shape ``[batch_size, num_classes]`` or any
+        shape with the class axis (or axes) named by ``axis``. Floating.
+      targets: Probabilities ``q``, broadcastable to ``log_predictions.shape``. Floating.
+      axis: The class axis, a tuple of axes, or None for all axes.
+      where: Boolean mask of the classes to include, broadcast against ``log_predictions``.
+
+    Returns:
+      The divergences, shape ``log_predictions.shape`` without ``axis``; float32 for 16-bit
+      inputs, the inputs' dtype otherwise.
+
+    Raises:
+      TypeError: inputs that are not floating point.
+      ValueError: shapes that do not broadcast, or a bad ``axis``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> log_p = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+      >>> q = jnp.array([[0.25, 0.25, 0.5], [0.0, 0.5, 0.5]])
+      >>> print(sce.kl_divergence(log_p, q).round(4))
+      [0.1733 0.5697]
+
+    References:
+      Kullback and Leibler, `On Information and Sufficiency
+      <https://www.jstor.org/stable/2236703>`_, 1951.
+    """
+    log_p, q, valid, lay = _rows(log_predictions, targets, axis, where, "targets")
+    entropy_term = q * jnp.log(jnp.where(q == 0, 1, q))
+    return _sum_valid(entropy_term - _weighted(q, log_p), valid, lay)
+
+
+def kl_divergence_with_log_targets(
+    log_predictions: jax.typing.ArrayLike,
+    log_targets: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""Kullback-Leibler divergence with targets given as log-probabilities; a drop-in for optax's.
+
+    .. math::
+      D_\mathrm{KL}(q \,\|\, p) = \sum_k e^{\log q_k} \left(\log q_k - \log p_k\right),
+
+    summed over the valid classes (``where`` True). A class with ``log q_k = -inf`` contributes
+    0 (and gradient 0), even where ``log p_k = -inf`` too.
+
+    Args:
+      log_predictions: Log-probabilities ``log p``, shape ``[batch_size, num_classes]`` or any
+        shape with the class axis (or axes) named by ``axis``. Floating.
+      log_targets: Log-probabilities ``log q``, broadcastable to ``log_predictions.shape``.
+      axis: The class axis, a tuple of axes, or None for all axes.
+      where: Boolean mask of the classes to include, broadcast against ``log_predictions``.
+
+    Returns:
+      The divergences, shape ``log_predictions.shape`` without ``axis``; float32 for 16-bit
+      inputs, the inputs' dtype otherwise.
+
+    Raises:
+      TypeError: inputs that are not floating point.
+      ValueError: shapes that do not broadcast, or a bad ``axis``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> log_p = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+      >>> log_q = jnp.log(jnp.array([[0.25, 0.25, 0.5], [0.0, 0.5, 0.5]]))
+      >>> print(sce.kl_divergence_with_log_targets(log_p, log_q).round(4))
+      [0.1733 0.5697]
+
+    References:
+      Kullback and Leibler, `On Information and Sufficiency
+      <https://www.jstor.org/stable/2236703>`_, 1951.
+    """
+    log_p, log_q, valid, lay = _rows(log_predictions, log_targets, axis, where, "log_targets")
+    absent = log_q == -jnp.inf
+    log_q = jnp.where(absent, 0, log_q)
+    log_p = jnp.where(absent, 0, log_p)
+    return _sum_valid(jnp.where(absent, 0, jnp.exp(log_q) * (log_q - log_p)), valid, lay)

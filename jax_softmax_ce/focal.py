@@ -1,0 +1,190 @@
+"""The multi-class (softmax) focal loss, on the canonical ``[N, V]`` layout, in log space."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax_ce import _canonical, _options
+from jax_softmax_ce.binary import _weighted
+from jax_softmax_ce.cross_entropy import (
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
+from jax_softmax_ce.kernels import _tile
+
+
+def _log_softmax_and_complement(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(log p, log(1 - p))`` of masked logits ``z`` (``[N, V]``, -inf on invalid classes).
+
+    Every class but the row's top one has ``p_k <= 1/2``, so ``log1p(-p_k)`` is accurate there;
+    for the top class ``1 - p`` is the mass of the other classes, summed directly rather than
+    formed as the difference ``1 - p``, which keeps it exact (and its gradient finite) as
+    ``p -> 1``. A row without any finite logit gets ``log p = -inf`` everywhere.
+    """
+    ref = _tile.reference_point(jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True)))
+    shifted = z - ref
+    e = jnp.exp(shifted)
+    s = jnp.sum(e, axis=1, keepdims=True)
+    log_s = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1)), 0)
+    log_p = shifted - log_s
+    is_top = jnp.arange(z.shape[1]) == jnp.argmax(z, axis=1, keepdims=True)
+    rest = jnp.sum(jnp.where(is_top, 0, e), axis=1, keepdims=True)
+    log_rest = jnp.where(rest > 0, jnp.log(jnp.where(rest > 0, rest, 1)) - log_s, -jnp.inf)
+    p_other = jnp.where(is_top, 0, jnp.exp(log_p))
+    return log_p, jnp.where(is_top, log_rest, jnp.log1p(-p_other))
+
+
+def _focal_rows(problem: _canonical.Problem, gamma: float, ignore_index, integer: bool):
+    """Per-example focal losses ``[N]`` in the accumulation dtype, 0 where an example does not
+    count."""
+    logits, labels, where, alpha, _ = problem
+    n, v = logits.shape
+    dtype = _tile.accumulation_dtype(logits.dtype)
+    z = logits.astype(dtype)
+    if where is not None:
+        z = jnp.where(where, z, _tile.NEG_INF)
+    log_p, log_not_p = _log_softmax_and_complement(z)
+    modulation = jnp.exp(gamma * log_not_p)
+    if integer:
+        target = _tile.onehot_block(labels[:, None], 0, v).astype(dtype)
+        row_weight = _canonical.label_weights(labels, alpha, v, dtype)
+        if ignore_index is not None:
+            row_weight = jnp.where(labels == ignore_index, 0, row_weight)
+    else:
+        target = labels.astype(dtype)
+        if alpha is not None:
+            target = target * alpha
+        if where is not None:
+            target = jnp.where(where, target, 0)
+        row_weight = jnp.ones((n,), dtype)
+    losses = row_weight * jnp.sum(_weighted(target * modulation, -log_p), axis=1)
+    counted = _canonical.counted_rows(problem, ignore_index, integer)
+    return jnp.where(counted, losses, 0)
+
+
+def softmax_focal_loss(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    gamma: float = 2.0,
+    alpha: jax.typing.ArrayLike | None = None,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "none",
+) -> jax.Array:
+    r"""Multi-class focal loss: cross-entropy scaled down on the classes already predicted well.
+
+    With ``p = softmax(z)`` over the valid classes and per-class weights ``alpha``, an integer
+    label ``t`` gives
+
+    .. math::
+      \ell = -\alpha_t (1 - p_t)^\gamma \log p_t ,
+
+    and probability labels ``y`` give :math:`\ell = -\sum_k \alpha_k y_k (1 - p_k)^\gamma \log p_k`.
+    ``log p`` and ``log(1 - p)`` are formed in log space (``1 - p_t`` as the mass of the other
+    classes), so the loss and its gradient stay finite and accurate as ``p_t -> 1``, for logits of
+    any magnitude.
+
+    ``gamma=0`` is exactly `softmax_cross_entropy_with_integer_labels` (or
+    `softmax_cross_entropy` for probability labels) with ``class_weights=alpha``: it calls them.
+    Everything else about examples follows the cross-entropy: ``ignore_index`` and fully masked
+    examples have loss 0 and gradient 0, a label outside ``[0, num_classes)`` gives NaN, and
+    ``"mean"`` is PyTorch's weighted mean ``sum l_i / sum alpha_{t_i}`` over counted examples for
+    integer labels (the plain mean for probability labels), 0 when nothing counts. ``alpha`` gets
+    a zero gradient.
+
+    For ``gamma > 0`` this is plain autodiff (forward mode and Hessians work); ``gamma=0`` runs the
+    cross-entropy's ``custom_vjp`` (reverse mode only).
+
+    Args:
+      logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape
+        with the class axis (or axes) named by ``axis``. Floating.
+      labels: Integer class ids of shape ``logits.shape`` without ``axis``, or probabilities
+        broadcastable to ``logits.shape`` (any floating dtype).
+      gamma: Focusing exponent, a Python number ``>= 0`` (static).
+      alpha: ``[num_classes]`` per-class weights, or None.
+      axis: The class axis, or a tuple of axes that are flattened into one.
+      where: Boolean mask of the valid classes, broadcast against ``logits``; a mask with the rank
+        of the batch shape masks whole examples.
+      ignore_index: A label value whose examples do not count (integer labels only).
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+
+    Returns:
+      The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a scalar;
+      float32 for 16-bit logits, the logits' dtype otherwise.
+
+    Raises:
+      TypeError: integer logits, or a ``gamma`` that is not a number.
+      ValueError: shapes that do not broadcast, ``alpha`` not ``[num_classes]``, a negative
+        ``gamma``, ``ignore_index`` with probability labels, or an unknown ``reduction``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jax_softmax_ce as sce
+      >>> logits = jnp.array([[1.0, 0.5, -1.0], [0.2, 0.1, 1.5]])
+      >>> labels = jnp.array([0, 1])
+      >>> print(sce.softmax_focal_loss(logits, labels).round(4))
+      [0.1007 1.2758]
+      >>> print(sce.softmax_focal_loss(logits, labels, gamma=0.0).round(4))
+      [0.555  1.8181]
+
+    References:
+      Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_,
+      2017.
+    """
+    gamma = _options._python_float("gamma", gamma)
+    if not gamma >= 0.0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    reduction = _options.check_reduction(reduction)
+    logits = _canonical.check_logits(logits)
+    lay = _canonical.layout(logits.shape, axis)
+    labels = jnp.asarray(labels)
+    integer = bool(jnp.issubdtype(labels.dtype, jnp.integer))
+    if ignore_index is not None and not integer:
+        raise ValueError(
+            f"ignore_index applies to integer labels only, got labels of dtype {labels.dtype} "
+            f"and shape {labels.shape}"
+        )
+    if alpha is not None and jnp.shape(alpha) != (lay.num_classes,):
+        raise ValueError(
+            f"alpha shape {jnp.shape(alpha)} must be [{lay.num_classes}], the number of classes "
+            f"of logits of shape {logits.shape} along axis {axis}"
+        )
+    if gamma == 0.0:
+        if integer:
+            return softmax_cross_entropy_with_integer_labels(
+                logits,
+                labels,
+                axis,
+                where,
+                ignore_index=ignore_index,
+                class_weights=alpha,
+                reduction=reduction,
+            )
+        return softmax_cross_entropy(
+            logits, labels, axis, where, class_weights=alpha, reduction=reduction
+        )
+    ignore_index = _options.make_options(ignore_index=ignore_index).ignore_index
+    if integer:
+        labels = _canonical.integer_labels(labels, logits.shape, lay, axis)
+    else:
+        labels = _canonical.probability_labels(labels, logits, lay)
+    problem = _canonical.Problem(
+        logits=lay.to_rows(logits),
+        labels=labels,
+        where=_canonical.mask(where, logits.shape, lay, axis),
+        class_weights=_canonical.class_weights(alpha, lay, logits.dtype),
+        temperature=None,
+    )
+    losses = _focal_rows(problem, gamma, ignore_index, integer)
+    return _canonical.reduce_losses(
+        losses,
+        problem,
+        ignore_index=ignore_index,
+        integer=integer,
+        reduction=reduction,
+        batch_shape=lay.batch_shape,
+        dtype=_tile.accumulation_dtype(logits.dtype),
+    )
