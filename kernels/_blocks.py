@@ -185,8 +185,9 @@ def forward_step(
     if config.integer:
         hit = _tile.onehot_block(labels, col0, z.shape[1]) & in_bounds
         z_pick = jnp.sum(jnp.where(hit, z, jnp.zeros((), dtype)), axis=-1, keepdims=True)
-        found = jnp.any(hit, axis=-1, keepdims=True)
-        weight = jnp.where(found, label_weight, jnp.zeros((), dtype))
+        # The label's weight where its class is in this block, else 0 (no boolean reduction:
+        # Triton has none).
+        weight = jnp.sum(jnp.where(hit, label_weight, jnp.zeros((), dtype)), -1, keepdims=True)
         term = _tile.picked_term(weight, z_pick, ref)
     else:
         a = target_block(config, col0, in_bounds, valid, labels, None, class_weights, dtype)
