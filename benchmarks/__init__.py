@@ -1,0 +1,1 @@
+"""Benchmarks of jax_softmax_ce against optax, PyTorch, Liger and cut cross-entropy."""

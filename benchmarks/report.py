@@ -1,0 +1,155 @@
+"""Markdown tables and PNG plots from one harness record (the JSON that `run` writes)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+PASS_NAMES = {"forward": "forward", "forward_backward": "forward+backward"}
+
+
+def _header(record: dict[str, Any]) -> list[str]:
+    grid = record["grid"]
+    shape = f"N={grid['n']}" + (f", D={grid['d']}" if "d" in grid else "")
+    copy = record["calibration"]["copy"]["bytes_per_s"]
+    matmul = ", ".join(
+        f"{name} {m['flop_per_s'] / 1e9:.0f} GFLOP/s"
+        for name, m in record["calibration"]["matmul"].items()
+    )
+    lines = [
+        f"# {record['suite']} on {record['platform']} ({record['device_kind']}, "
+        f"{record['host']['cpu']})",
+        "",
+        f"{record['date']}; jax {record['versions']['jax']}"
+        + (f", torch {record['versions']['torch']}" if "torch" in record["versions"] else "")
+        + f"; {shape}; median of {record['repeats']} after {record['warmup']} warm-up calls.",
+        f"Measured copy bandwidth {copy / 1e9:.1f} GB/s; measured matmul {matmul}.",
+        f"Command: `{record['command']}`",
+    ]
+    if "note" in record:
+        lines += ["", f"Note: {record['note']}"]
+    return [*lines, ""]
+
+
+def _cell_time(row) -> str:
+    return f"{1e3 * row['time']['median_s']:.2f}"
+
+
+def _cell_memory(row) -> str:
+    memory = row["memory"]
+    temp = memory.get("temp_bytes")
+    peak = memory.get("device_peak_bytes")
+    parts = []
+    if temp is not None:
+        parts.append(f"{temp / 2**20:.1f}")
+    if peak is not None:
+        parts.append(f"peak {peak / 2**20:.0f}")
+    return " / ".join(parts) or "-"
+
+
+def _cell_throughput(row) -> str:
+    t = row["throughput"]
+    if "fraction_of_copy" in t:
+        return f"{t['bytes_per_s'] / 1e9:.1f} GB/s ({100 * t['fraction_of_copy']:.0f}% of copy)"
+    return f"{t['flop_per_s'] / 1e9:.1f} GFLOP/s ({100 * t['fraction_of_matmul']:.0f}% of matmul)"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """One table per dtype and pass: rows are implementations, one line per V."""
+    lines = _header(record)
+    results = record["results"]
+    skipped: dict[str, str] = {}
+    for dtype in dict.fromkeys(r["dtype"] for r in results):
+        for pass_ in dict.fromkeys(r["pass"] for r in results):
+            rows = [r for r in results if r["dtype"] == dtype and r["pass"] == pass_]
+            lines += [
+                f"## {dtype}, {PASS_NAMES[pass_]}",
+                "",
+                "| implementation | V | median ms | vs optax | temp MiB | throughput "
+                "| loss max rel err |",
+                "|---|---:|---:|---:|---:|---|---:|",
+            ]
+            optax_time = {
+                r["v"]: r["time"]["median_s"]
+                for r in rows
+                if r["implementation"].startswith("optax") and r["status"] == "ok"
+            }
+            for r in rows:
+                if r["status"] != "ok":
+                    skipped.setdefault(r["implementation"], f"{r['status']}: {r['reason']}")
+                    continue
+                ratio = (
+                    f"{r['time']['median_s'] / optax_time[r['v']]:.2f}x"
+                    if r["v"] in optax_time
+                    else "-"
+                )
+                lines.append(
+                    f"| {r['implementation']} | {r['v']} | {_cell_time(r)} | {ratio} "
+                    f"| {_cell_memory(r)} | {_cell_throughput(r)} "
+                    f"| {r['errors']['loss_max_rel_error']:.1e} |"
+                )
+            lines.append("")
+    if skipped:
+        lines += ["## Not measured", ""]
+        lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(record: dict[str, Any], stem: pathlib.Path) -> list[pathlib.Path]:
+    """``<stem>_time.png`` and ``<stem>_memory.png``: against V, one line per implementation,
+    one panel per dtype and pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in record["results"] if r["status"] == "ok"]
+    if not results:
+        return []
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results))
+    passes = list(dict.fromkeys(r["pass"] for r in results))
+    metrics = {
+        "time": ("median time (ms)", lambda r: 1e3 * r["time"]["median_s"]),
+        "memory": ("JAX temp / torch peak (MiB)", lambda r: _memory_mib(r)),
+    }
+    written = []
+    for metric, (label, value) in metrics.items():
+        fig, axes = plt.subplots(
+            len(passes), len(dtypes), figsize=(5 * len(dtypes), 3.6 * len(passes)), squeeze=False
+        )
+        for i, pass_ in enumerate(passes):
+            for j, dtype in enumerate(dtypes):
+                ax = axes[i][j]
+                rows = [r for r in results if r["dtype"] == dtype and r["pass"] == pass_]
+                for name in dict.fromkeys(r["implementation"] for r in rows):
+                    points = [
+                        (r["v"], value(r))
+                        for r in rows
+                        if r["implementation"] == name and value(r) is not None
+                    ]
+                    if points:
+                        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("V (classes)")
+                ax.set_ylabel(label)
+                ax.set_title(f"{record['suite']}, {dtype}, {PASS_NAMES[pass_]}")
+                ax.grid(True, alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.suptitle(
+            f"{record['platform']} ({record['device_kind']}), {record['date'][:10]}", fontsize=9
+        )
+        fig.tight_layout()
+        path = stem.with_name(f"{stem.name}_{metric}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _memory_mib(row) -> float | None:
+    memory = row["memory"]
+    value = memory.get("temp_bytes")
+    if value is None:
+        value = memory.get("device_peak_bytes")
+    return None if value is None else value / 2**20

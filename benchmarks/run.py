@@ -1,0 +1,248 @@
+"""The benchmark harness: ours against optax, PyTorch, Liger and cut cross-entropy, in one run.
+
+    python -m benchmarks.run --suite ce|linear|all --device cpu|gpu [--quick]
+
+Writes raw JSON (every repeat), a Markdown table and PNG plots to ``benchmarks/results/``. A peer
+that is not installed, or one of ours that is absent or raises ``NotImplementedError``, is
+recorded as skipped with the reason; any other error is recorded as failed and the run goes on.
+See ``benchmarks/README.md`` for how to read the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# JAX must not take most of the GPU up front: PyTorch measures in the same process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks import peers, report
+from jax_softmax_ce import _benchmark
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+PASSES = ("forward", "forward_backward")
+NOTE_CPU = (
+    "CPU timings were taken on a shared 2-core machine while other test runs were active: they "
+    "are noisy; compare implementations within one run only. Memory numbers are exact."
+)
+
+# Problem grids. ce: logits [n, v]; linear: inputs [n, d] @ weight [d, v].
+GRIDS = {
+    ("ce", "cpu"): {"n": 2048, "v": [4096, 8192, 16384, 32768]},
+    ("ce", "gpu"): {"n": 8192, "v": [32000, 128256, 256000]},
+    ("linear", "cpu"): {"n": 512, "d": 256, "v": [4096, 8192, 16384, 32768]},
+    ("linear", "gpu"): {"n": 8192, "d": 4096, "v": [32000, 128256, 256000]},
+}
+QUICK = {"ce": {"n": 256, "v": [1024, 4096]}, "linear": {"n": 128, "d": 64, "v": [1024, 4096]}}
+
+
+def _parse(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--suite", choices=("ce", "linear", "all"), default="all")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="a small grid, a few repeats")
+    parser.add_argument("--n", type=int, help="override the grid's rows")
+    parser.add_argument("--d", type=int, help="override the linear grid's hidden size")
+    parser.add_argument("--v", type=int, nargs="+", help="override the grid's vocabulary sizes")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument("--repeats", type=int, help="timed repeats (default 10, quick 3)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", nargs="+", help="run only implementations with these names")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 10
+    return args
+
+
+def _grid(suite: str, args: argparse.Namespace) -> dict[str, Any]:
+    grid = dict(QUICK[suite] if args.quick else GRIDS[(suite, args.device)])
+    for key in ("n", "d", "v"):
+        if getattr(args, key) is not None and (key != "d" or suite == "linear"):
+            grid[key] = getattr(args, key)
+    return grid
+
+
+def _cases(suite: str, grid: dict[str, Any], args) -> Iterator[dict[str, Any]]:
+    for dtype in args.dtypes:
+        for v in grid["v"]:
+            for pass_ in args.passes:
+                case = {"suite": suite, "n": grid["n"], "v": v, "dtype": dtype, "pass": pass_}
+                if suite == "linear":
+                    case["d"] = grid["d"]
+                yield case
+
+
+def _jax_inputs(case) -> list[tuple]:
+    """Input copies to rotate among, generated on the device."""
+    dtype = DTYPES[case["dtype"]]
+    n, v = case["n"], case["v"]
+    itemsize = jnp.dtype(dtype).itemsize
+    if case["suite"] == "ce":
+        keys = jax.random.split(jax.random.key(0), _benchmark.copies_for(n * v * itemsize))
+        return [_benchmark.random_problem(k, n, v, dtype) for k in keys]
+    d = case["d"]
+    nbytes = (n * d + d * v) * itemsize
+    sets = []
+    for k in jax.random.split(jax.random.key(0), _benchmark.copies_for(nbytes)):
+        k_x, k_w, k_y = jax.random.split(k, 3)
+        x = jax.random.normal(k_x, (n, d), jnp.float32).astype(dtype)
+        w = (jax.random.normal(k_w, (d, v), jnp.float32) * (4.0 / d**0.5)).astype(dtype)
+        sets.append((x, w, jax.random.randint(k_y, (n,), 0, v, jnp.int32)))
+    return sets
+
+
+def _throughput(case, median_s: float, copy_bw: float, matmul: dict[str, float]) -> dict:
+    """Achieved bandwidth (ce) or FLOP/s (linear) against the measured copy and matmul.
+
+    ce moves at least the logits once forward, and reads them again and writes the gradient
+    backward: ``N V b`` and ``3 N V b`` bytes. linear does ``2 N D V`` FLOPs forward and
+    ``6 N D V`` forward and backward (the logits, and the gradients of inputs and weight).
+    """
+    n, v = case["n"], case["v"]
+    if case["suite"] == "ce":
+        nbytes = n * v * jnp.dtype(DTYPES[case["dtype"]]).itemsize
+        nbytes *= 1 if case["pass"] == "forward" else 3
+        achieved = nbytes / median_s
+        return {
+            "bytes_floor": nbytes,
+            "bytes_per_s": achieved,
+            "fraction_of_copy": achieved / copy_bw,
+        }
+    flops = 2 * n * case["d"] * v * (1 if case["pass"] == "forward" else 3)
+    achieved = flops / median_s
+    return {
+        "flops": flops,
+        "flop_per_s": achieved,
+        "fraction_of_matmul": achieved / matmul[case["dtype"]],
+    }
+
+
+def _measure_one(impl: peers.Implementation, case, inputs, args) -> dict[str, Any]:
+    try:
+        runner = impl.build(case)
+    except peers.Skip as e:
+        return {"status": "skipped", "reason": str(e)}
+    except NotImplementedError as e:
+        return {"status": "skipped", "reason": f"NotImplementedError: {e}"}
+    try:
+        return {"status": "ok", **runner(inputs, warmup=args.warmup, repeats=args.repeats)}
+    except NotImplementedError as e:
+        return {"status": "skipped", "reason": f"NotImplementedError: {e}"}
+    except Exception as e:  # one failing peer must not end the run
+        return {
+            "status": "failed",
+            "reason": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(limit=5),
+        }
+
+
+def run_suite(suite: str, args, calibration, progress) -> dict[str, Any]:
+    grid = _grid(suite, args)
+    implementations = peers.implementations(suite, args.device)
+    if args.only:
+        implementations = [i for i in implementations if i.name in args.only]
+    results = []
+    for case in _cases(suite, grid, args):
+        inputs = _jax_inputs(case)
+        for impl in implementations:
+            progress.set_description(f"{suite} {case['dtype']} V={case['v']} {impl.name}")
+            result = _measure_one(impl, case, inputs, args)
+            if result["status"] == "ok":
+                result["throughput"] = _throughput(
+                    case,
+                    result["time"]["median_s"],
+                    calibration["copy"]["bytes_per_s"],
+                    {k: m["flop_per_s"] for k, m in calibration["matmul"].items()},
+                )
+            results.append({"implementation": impl.name, **case, **result})
+            progress.update()
+        del inputs
+    return {"grid": grid, "results": results}
+
+
+def _calibrate(args) -> dict[str, Any]:
+    gpu = args.device == "gpu"
+    size = 512 if args.quick else (8192 if gpu else 2048)
+    mib = 64 if args.quick else (1024 if gpu else 256)
+    return {
+        "copy": _benchmark.copy_bandwidth(nbytes=mib * 2**20, repeats=args.repeats),
+        "matmul": {
+            name: _benchmark.matmul_flops(size=size, dtype=dtype, repeats=args.repeats)
+            for name, dtype in DTYPES.items()
+            if name in args.dtypes
+        },
+    }
+
+
+def _count(suite, args) -> int:
+    grid = _grid(suite, args)
+    impls = peers.implementations(suite, args.device)
+    if args.only:
+        impls = [i for i in impls if i.name in args.only]
+    return len(list(_cases(suite, grid, args))) * len(impls)
+
+
+def main(argv=None) -> list[pathlib.Path]:
+    args = _parse(argv)
+    platform = jax.devices()[0].platform
+    if (args.device == "gpu") != (platform == "gpu"):
+        raise SystemExit(f"--device {args.device} asked, but JAX's default device is {platform}")
+    suites = ("ce", "linear") if args.suite == "all" else (args.suite,)
+    peers.import_peers(args.device)
+    calibration = _calibrate(args)
+    env = _benchmark.environment()
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    total = sum(_count(s, args) for s in suites)
+    with tqdm(total=total, unit="case") as progress:
+        for suite in suites:
+            measured = run_suite(suite, args, calibration, progress)
+            stem = f"{suite}_{args.device}" + ("_quick" if args.quick else "")
+            record = {
+                **env,
+                "suite": suite,
+                "device_arg": args.device,
+                "quick": args.quick,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "calibration": calibration,
+                **measured,
+            }
+            if args.device == "cpu":
+                record["note"] = NOTE_CPU
+            json_path = args.out / f"{stem}.json"
+            json_path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+            md_path = args.out / f"{stem}.md"
+            md_path.write_text(report.markdown(record))
+            written += [json_path, md_path]
+            if not args.no_plots:
+                written += report.plots(record, args.out / stem)
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+Runner = Callable[..., dict[str, Any]]
+
+if __name__ == "__main__":
+    main()
