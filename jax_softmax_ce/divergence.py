@@ -24,8 +24,18 @@ def _rows(log_predictions, targets, axis, where, target_name: str):
     targets = _check_floating(target_name, targets)
     if axis is None:
         axis = tuple(range(log_predictions.ndim))
-    lay = _canonical.layout(log_predictions.shape, axis)
+    if not _canonical._broadcasts_to(targets.shape, log_predictions.shape):
+        raise ValueError(
+            f"{target_name} shape {targets.shape} does not broadcast to log_predictions shape "
+            f"{log_predictions.shape}"
+        )
+    # An empty class axis sums to 0, as in optax; the layout itself needs at least one class.
+    shape = log_predictions.shape
+    lay = _canonical.layout(tuple(max(n, 1) for n in shape), axis)
     dtype = accumulation_dtype(log_predictions.dtype)
+    if any(shape[a] == 0 for a in lay.class_axes):
+        empty = jnp.zeros((0,) * 2, dtype)
+        return empty, empty, None, lay._replace(batch_shape=tuple(shape[a] for a in lay.batch_axes))
     log_p = lay.to_rows(log_predictions).astype(dtype)
     t = _canonical.probability_labels(targets, log_predictions, lay).astype(dtype)
     valid = _canonical.mask(where, log_predictions.shape, lay, axis)
@@ -36,6 +46,8 @@ def _rows(log_predictions, targets, axis, where, target_name: str):
 
 
 def _sum_valid(terms: jax.Array, valid: jax.Array | None, lay: _canonical.Layout) -> jax.Array:
+    if terms.size == 0:
+        return jnp.zeros(lay.batch_shape, terms.dtype)
     if valid is not None:
         terms = jnp.where(valid, terms, 0)
     return jnp.sum(terms, axis=1).reshape(lay.batch_shape)
