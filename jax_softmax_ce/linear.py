@@ -157,14 +157,14 @@ def _block_start(index, block: int, size: int):
 
 def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows: Rows):
     """``RowState`` of ``[N, 1]`` accumulators, looping over row blocks, then vocabulary blocks."""
-    x, weight, bias = problem.inputs, problem.weight, problem.bias
+    x, weight = problem.inputs, problem.weight
     n, v = x.shape[0], config.num_classes
     bn, bv = min(config.block_sizes.block_n, n), min(config.block_sizes.block_v, v)
     dtype = _tile.accumulation_dtype(x.dtype)
     t = _temperature(options, problem.temperature, dtype)
     smoothing = bool(options.label_smoothing)
-    bias2 = None if bias is None else bias[None, :]
-    cw2 = None if problem.class_weights is None else problem.class_weights[None, :]
+    bias = None if problem.bias is None else problem.bias[None, :]
+    cw = None if problem.class_weights is None else problem.class_weights[None, :]
 
     def row_block(i, state):
         r0 = _block_start(i, bn, n)
@@ -174,20 +174,22 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
 
         def vocab_block(j, acc):
             c0 = _block_start(j, bv, v)
-            w_blk = _weight_block(weight, c0, bv, config.vd)
-            b_blk = None if bias2 is None else _slice(bias2, c0, bv, 1)
-            z_raw = _kernels.logits_tile(x_blk, w_blk, b_blk, vd=config.vd)
-            ok = _kernels.columns_ok(c0, j * bv, bv, v)
-            valid = _valid(ok, _where_tile(problem.where, r0, c0, bn, bv))
-            z = _kernels.transformed_tile(
-                z_raw, valid, softcap=options.logit_softcap, temperature=t
+            return _kernels.forward_tile(
+                acc,
+                x_blk,
+                _weight_block(weight, c0, bv, config.vd),
+                None if bias is None else _slice(bias, c0, bv, 1),
+                labels,
+                label_weight,
+                _where_tile(problem.where, r0, c0, bn, bv),
+                None if cw is None else _slice(cw, c0, bv, 1),
+                t,
+                col0=c0,
+                lo=j * bv,
+                num_classes=v,
+                vd=config.vd,
+                options=options,
             )
-            target = _kernels.target_tile(labels, label_weight, c0, ok)
-            smooth = None
-            if smoothing:
-                cw_blk = None if cw2 is None else _slice(cw2, c0, bv, 1)
-                smooth = _kernels.smoothing_tile(valid, cw_blk, dtype)
-            return _kernels.forward_step(acc, z, target, smooth)
 
         init = _kernels.row_state_init(bn, dtype, smoothing)
         block = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
@@ -206,92 +208,82 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
 def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
     """``(d_inputs, d_weight, d_bias, temperature_sum)``: loops over vocabulary blocks, then row
     blocks. ``lse`` and ``ct`` (the cotangent, 0 for rows that do not count) are ``[N, 1]``."""
-    x, weight, bias = problem.inputs, problem.weight, problem.bias
+    x, weight = problem.inputs, problem.weight
     n, d = x.shape
     v = config.num_classes
     bn, bv = min(config.block_sizes.block_n, n), min(config.block_sizes.block_v, v)
     dtype = _tile.accumulation_dtype(x.dtype)
     t = _temperature(options, problem.temperature, dtype)
-    bias2 = None if bias is None else bias[None, :]
-    cw2 = None if problem.class_weights is None else problem.class_weights[None, :]
-    eps = config.filter_eps
-    dw_block_shape = (bv, d) if config.vd else (d, bv)
+    bias = None if problem.bias is None else problem.bias[None, :]
+    cw = None if problem.class_weights is None else problem.class_weights[None, :]
+    n_valid = jnp.broadcast_to(rows.n_valid, (n, 1))
 
     def vocab_block(j, carry):
         dx, dw, db, t_sum = carry
         c0 = _block_start(j, bv, v)
         w_blk = _weight_block(weight, c0, bv, config.vd)
-        b_blk = None if bias2 is None else _slice(bias2, c0, bv, 1)
-        cw_blk = None if cw2 is None else _slice(cw2, c0, bv, 1)
-        ok = _kernels.columns_ok(c0, j * bv, bv, v)
+        b_blk = None if bias is None else _slice(bias, c0, bv, 1)
+        cw_blk = None if cw is None else _slice(cw, c0, bv, 1)
 
         def row_block(i, inner):
             dx, dw_blk, db_blk, t_sum = inner
             r0 = _block_start(i, bn, n)
             x_blk = _slice(x, r0, bn, 0)
-            ct_blk = jnp.where(_kernels.rows_ok(r0, i * bn, bn, n), _slice(ct, r0, bn, 0), 0)
-            lse_blk = _slice(lse, r0, bn, 0)
-            z_raw = _kernels.logits_tile(x_blk, w_blk, b_blk, vd=config.vd)
-            valid = _valid(ok, _where_tile(problem.where, r0, c0, bn, bv))
-            z = _kernels.transformed_tile(
-                z_raw, valid, softcap=options.logit_softcap, temperature=t
-            )
-            target = _kernels.target_tile(
-                _slice(rows.labels, r0, bn, 0), _slice(rows.label_weight, r0, bn, 0), c0, ok
-            )
-            smooth = (
-                _kernels.smoothing_tile(valid, cw_blk, dtype) if options.label_smoothing else None
-            )
-            n_valid = (
-                rows.n_valid if rows.n_valid.shape[0] == 1 else _slice(rows.n_valid, r0, bn, 0)
-            )
-            g = _kernels.grad_tile(
-                z,
-                lse_blk,
+            fresh = _kernels.rows_ok(r0, i * bn, bn, n)
+            tile = _kernels.backward_tile(
+                x_blk,
+                w_blk,
+                b_blk,
+                _slice(rows.labels, r0, bn, 0),
+                _slice(rows.label_weight, r0, bn, 0),
+                _slice(n_valid, r0, bn, 0),
                 _slice(rows.total_weight, r0, bn, 0),
-                target,
-                smooth,
-                n_valid,
-                label_smoothing=options.label_smoothing,
-                z_loss=options.z_loss,
+                _slice(lse, r0, bn, 0),
+                jnp.where(fresh, _slice(ct, r0, bn, 0), 0),
+                _where_tile(problem.where, r0, c0, bn, bv),
+                cw_blk,
+                t,
+                col0=c0,
+                lo=j * bv,
+                num_classes=v,
+                vd=config.vd,
+                options=options,
+                filter_eps=config.filter_eps,
+                array_temperature=problem.temperature is not None,
             )
-            g = jnp.where(ct_blk != 0, g, 0)
-            keep = _kernels.keep_tile(g, eps) if eps else None
-            g = g * ct_blk
-            if problem.temperature is not None:
-                t_sum = t_sum + jnp.sum(_tile.temperature_term(z, g, lse_blk))
-            dz = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=t)
+            if tile.temperature_row is not None:
+                t_sum = t_sum + jnp.sum(tile.temperature_row)
 
             def accumulate(acc):
                 dx, dw_blk, db_blk = acc
-                rows_dx = _slice(dx, r0, bn, 0) + _kernels.input_grad(dz, w_blk, vd=config.vd)
+                rows_dx = _slice(dx, r0, bn, 0) + _kernels.input_grad(tile.dz, w_blk, vd=config.vd)
                 dx = jax.lax.dynamic_update_slice_in_dim(dx, rows_dx, r0, 0)
-                dw_blk = dw_blk + _kernels.weight_grad(x_blk, dz, vd=config.vd)
+                dw_blk = dw_blk + _kernels.weight_grad(x_blk, tile.dz, vd=config.vd)
                 if db_blk is not None:
-                    db_blk = db_blk + jnp.sum(dz, axis=0, keepdims=True)
+                    db_blk = db_blk + jnp.sum(tile.dz, axis=0, keepdims=True)
                 return dx, dw_blk, db_blk
 
             acc = (dx, dw_blk, db_blk)
-            if eps:
-                acc = jax.lax.cond(keep, accumulate, lambda a: a, acc)
-            else:
+            if tile.keep is None:
                 acc = accumulate(acc)
+            else:
+                acc = jax.lax.cond(tile.keep, accumulate, lambda a: a, acc)
             return (*acc, t_sum)
 
-        dw_init = jnp.zeros(dw_block_shape, dtype)
+        dw_init = jnp.zeros((bv, d) if config.vd else (d, bv), dtype)
         db_init = None if bias is None else jnp.zeros((1, bv), dtype)
         dx, dw_blk, db_blk, t_sum = jax.lax.fori_loop(
             0, _cdiv(n, bn), row_block, (dx, dw_init, db_init, t_sum)
         )
+        ok = _kernels.columns_ok(c0, j * bv, bv, v)
         axis = 0 if config.vd else 1
-        fresh = ok.T if config.vd else ok
-        old = _slice(dw, c0, bv, axis)
-        new = jnp.where(fresh, dw_blk.astype(dw.dtype), old)
+        new = jnp.where(
+            ok.T if config.vd else ok, dw_blk.astype(dw.dtype), _slice(dw, c0, bv, axis)
+        )
         dw = jax.lax.dynamic_update_slice_in_dim(dw, new, c0, axis)
         if db is not None:
-            db = jax.lax.dynamic_update_slice_in_dim(
-                db, jnp.where(ok, db_blk, _slice(db, c0, bv, 1)), c0, 1
-            )
+            new = jnp.where(ok, db_blk, _slice(db, c0, bv, 1))
+            db = jax.lax.dynamic_update_slice_in_dim(db, new, c0, 1)
         return dx, dw, db, t_sum
 
     init = (
@@ -404,18 +396,11 @@ def _pallas(problem: LinearProblem, options: Options, config: Config) -> jax.Arr
             f"{jax.default_backend()!r}); on CPU pass pallas_backend='tpu' or 'gpu' with "
             f"interpret=True to run a schedule in interpret mode"
         )
-    if (
-        backend == "gpu"
-        and problem.where is not None
-        and problem.where.shape
-        == (
-            problem.inputs.shape[0],
-            config.num_classes,
-        )
-    ):
+    if not config.interpret and backend != jax.default_backend():
         raise NotImplementedError(
-            "the GPU schedule of the fused kernel takes a where mask per example or per class, "
-            "not a full [N, V] mask"
+            f"the {backend!r} schedule of the fused kernel compiles only on a {backend!r} backend "
+            f"(the default backend is {jax.default_backend()!r}); pass interpret=True to run it "
+            f"in interpret mode"
         )
     config = dataclasses.replace(config, pallas_backend=backend)
     return _blockwise(problem, options, config)
