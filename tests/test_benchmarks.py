@@ -1,0 +1,86 @@
+"""Smoke tests of the main job and the benchmark harness on one tiny case each.
+
+They run the real commands in subprocesses (the harness must not inherit this suite's x64 and
+warning settings) and check the JSON they write. Nothing is asserted about time.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from jax_softmax_ce import _benchmark
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_main_job_self_check_and_table(tmp_path):
+    out = tmp_path / "main.json"
+    result = _run(
+        "-m", "jax_softmax_ce", "--n", "32", "--v", "300", "--dtype", "float32",
+        "--repeats", "2", "--json", str(out),
+    )  # fmt: skip
+    assert "Self-check passed." in result.stdout
+    assert "| optax |" in result.stdout
+    record = json.loads(out.read_text())
+    for field in ("date", "command", "platform", "device_kind", "versions", "rows"):
+        assert field in record
+    assert record["self_check_failures"] == []
+    rows = {row["name"]: row for row in record["rows"]}
+    xla = rows["jax_softmax_ce:xla"]
+    assert xla["status"] == "ok"
+    assert len(xla["time"]["repeats_s"]) == 2
+    assert xla["memory"]["temp_bytes"] >= 0
+    assert xla["errors"]["loss_max_rel_error"] < 1e-5
+
+
+def test_harness_tiny_case(tmp_path):
+    _run(
+        "-m", "benchmarks.run", "--suite", "all", "--device", "cpu", "--quick",
+        "--n", "16", "--d", "8", "--v", "64", "--dtypes", "float32",
+        "--passes", "forward_backward", "--repeats", "2", "--warmup", "1", "--out", str(tmp_path),
+        "--only", "optax", "jax_softmax_ce:xla", "jax_softmax_ce:pallas", "torch:F.cross_entropy",
+        "liger:LigerCrossEntropyLoss", "optax:x@w", "jax_softmax_ce.linear:xla",
+        "jax_softmax_ce.linear:pallas", "cce:linear_cross_entropy",
+    )  # fmt: skip
+    for suite in ("ce", "linear"):
+        record = json.loads((tmp_path / f"{suite}_cpu_quick.json").read_text())
+        for field in ("date", "command", "device_kind", "versions", "calibration", "results"):
+            assert field in record
+        assert record["versions"]["jax"]
+        assert record["calibration"]["copy"]["bytes_per_s"] > 0
+        assert (tmp_path / f"{suite}_cpu_quick.md").read_text().startswith("# ")
+        assert (tmp_path / f"{suite}_cpu_quick_time.png").stat().st_size > 0
+        by_name = {r["implementation"]: r for r in record["results"]}
+        for result in by_name.values():
+            assert result["status"] in ("ok", "skipped", "failed")
+            if result["status"] != "ok":
+                assert result["reason"]
+        assert not [r for r in by_name.values() if r["status"] == "failed"]
+        ours = by_name["jax_softmax_ce:xla" if suite == "ce" else "jax_softmax_ce.linear:xla"]
+        assert ours["status"] == "ok"
+        assert len(ours["time"]["repeats_s"]) == 2
+        assert ours["memory"]["temp_bytes"] >= 0
+        assert "throughput" in ours
+
+
+def test_reference_cross_entropy_matches_a_direct_formula():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 7))
+    labels = np.array([0, 6, 3, 3, -100])
+    loss, grad = _benchmark.reference_cross_entropy(logits, labels, ignore_index=-100)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = -np.log(p[np.arange(4), labels[:4]])
+    np.testing.assert_allclose(loss[:4], expected, rtol=1e-12)
+    assert loss[4] == 0 and not grad[4].any()
+    np.testing.assert_allclose(grad[:4].sum(1), 0, atol=1e-12)
