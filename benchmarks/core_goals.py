@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     out.write_text(json.dumps(result, indent=1) + "\n")
     for name, goal in result["goals"].items():
         verdict = "PASS" if goal["pass"] else "FAIL"
-        print(f"{verdict}  {name}: {goal['value']:.4g} (goal <= {goal['goal']:g})")
+        print(f"{verdict}  {name}: {goal['value']:.6g} (goal <= {goal['goal']:g})")
     print(f"wrote {out}")
 
 

@@ -86,7 +86,7 @@ def markdown(record: dict[str, Any]) -> str:
                 lines.append(
                     f"| {r['implementation']} | {r['v']} | {_cell_time(r)} | {ratio} "
                     f"| {_cell_memory(r)} | {_cell_throughput(r)} "
-                    f"| {r['errors']['loss_max_rel_error']:.1e} |"
+                    f"| {r['errors'].get('loss_max_rel_error', float('nan')):.1e} |"
                 )
             lines.append("")
     if skipped:
