@@ -24,13 +24,16 @@ def _log_softmax_and_complement(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     ref = _tile.reference_point(jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True)))
     shifted = z - ref
-    e = jnp.exp(shifted)
-    s = jnp.sum(e, axis=1, keepdims=True)
+    s = jnp.sum(jnp.exp(shifted), axis=1, keepdims=True)
     log_s = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1)), 0)
     log_p = shifted - log_s
     is_top = jnp.arange(z.shape[1]) == jnp.argmax(z, axis=1, keepdims=True)
-    rest = jnp.sum(jnp.where(is_top, 0, e), axis=1, keepdims=True)
-    log_rest = jnp.where(rest > 0, jnp.log(jnp.where(rest > 0, rest, 1)) - log_s, -jnp.inf)
+    # A log-sum-exp of the others (shifted by their own max inside), not log(sum(e)): the sum
+    # can underflow, and the second derivative of its log would overflow 1 / rest**2.
+    rest = jnp.where(is_top, _tile.NEG_INF, shifted)
+    has_rest = jnp.any(rest > _tile.NEG_INF, axis=1, keepdims=True)
+    rest_lse = jax.nn.logsumexp(jnp.where(has_rest, rest, 0), axis=1, keepdims=True)
+    log_rest = jnp.where(has_rest, rest_lse - log_s, _tile.NEG_INF)
     p_other = jnp.where(is_top, 0, jnp.exp(log_p))
     return log_p, jnp.where(is_top, log_rest, jnp.log1p(-p_other))
 
