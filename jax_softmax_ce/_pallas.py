@@ -169,6 +169,11 @@ def _check(problem, integer: bool, platform: str, blocks: BlockSizes, interpret:
     reason = _blocks.block_error(blocks, platform, row_dtypes)
     if reason is not None:
         raise NotImplementedError(f'implementation="pallas": {reason}')
+    if any(_explicitly_sharded(x) for x in problem if x is not None):
+        raise NotImplementedError(
+            'implementation="pallas" does not take arrays with an explicit sharding under jit; '
+            'call it inside shard_map (per-shard kernels) or use implementation="xla"'
+        )
     backend = jax.default_backend()
     if not interpret:
         if backend == "cpu":
@@ -184,6 +189,11 @@ def _check(problem, integer: bool, platform: str, blocks: BlockSizes, interpret:
             raise NotImplementedError(
                 f'implementation="pallas": the TPU has no float64 (logits {logits.dtype})'
             )
+
+
+def _explicitly_sharded(x) -> bool:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(axis is not None for axis in spec)
 
 
 def _inputs(call: _Call, logits, labels, where, class_weights, temperature) -> _blocks.Inputs:

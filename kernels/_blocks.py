@@ -52,9 +52,25 @@ class BlockSizes:
             rows = 32 * -(-min(n, 128) // 32)
             return cls(block_n=rows, block_v=min(2048, 128 * -(-v // 128)))
         if platform == "gpu":
-            block_v = min(pow2_ceil(v), 4096 // np.dtype(dtype).itemsize * 2)
+            # About 16 KiB of logits per block: 4 rows of 2048 16-bit or 1024 32-bit values.
+            block_v = min(pow2_ceil(v), 4096 // np.dtype(dtype).itemsize)
             return cls(block_n=min(4, pow2_ceil(n)), block_v=block_v)
         raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+
+
+def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """A kernel output's shape and dtype, varying over the same ``shard_map`` axes as ``like``
+    (the logits), which a ``pallas_call`` inside ``shard_map`` needs. jax 0.10 names this
+    ``manual_axis_type``, earlier versions ``vma``; with neither, none is given."""
+    aval = jax.typeof(like)
+    for name in ("manual_axis_type", "vma"):
+        value = getattr(aval, name, None)
+        if value is not None:
+            try:
+                return jax.ShapeDtypeStruct(shape, dtype, **{name: value})
+            except TypeError:
+                continue
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def pow2_ceil(x: int) -> int:

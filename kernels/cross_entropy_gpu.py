@@ -150,7 +150,7 @@ def forward(
     bn, bv = blocks.block_n, blocks.block_v
     dtype = _tile.accumulation_dtype(inputs.logits.dtype)
     leaves, in_tree = jax.tree.flatten(inputs)
-    out_shape = jax.ShapeDtypeStruct((n, 1), dtype)
+    out_shape = _blocks.out_struct((n, 1), dtype, inputs.logits)
     kernel = functools.partial(
         _forward_kernel, config=config, in_tree=in_tree, bn=bn, bv=bv, n=n, v=v, dtype=dtype
     )
@@ -210,11 +210,11 @@ def backward(
     num_v = pl.cdiv(v, bv)
     dtype = _tile.accumulation_dtype(inputs.logits.dtype)
     leaves, in_tree = jax.tree.flatten((inputs, residuals))
-    out_shape = [jax.ShapeDtypeStruct((n, v), inputs.logits.dtype)]
+    out_shape = [_blocks.out_struct((n, v), inputs.logits.dtype, inputs.logits)]
     if not config.integer:
-        out_shape.append(jax.ShapeDtypeStruct((n, v), inputs.labels.dtype))
+        out_shape.append(_blocks.out_struct((n, v), inputs.labels.dtype, inputs.logits))
     if config.temperature is None:
-        out_shape.append(jax.ShapeDtypeStruct((n, num_v), dtype))
+        out_shape.append(_blocks.out_struct((n, num_v), dtype, inputs.logits))
     kernel = functools.partial(
         _backward_kernel, config=config, in_tree=in_tree, bn=bn, bv=bv, n=n, v=v, dtype=dtype
     )

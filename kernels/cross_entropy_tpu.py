@@ -148,7 +148,7 @@ def forward(
     state = _blocks.forward_init(config, bn, dtype)
     state_leaves, state_tree = jax.tree.flatten(state)
     row_out = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
-    out_shape = jax.ShapeDtypeStruct((n, 1), dtype)
+    out_shape = _blocks.out_struct((n, 1), dtype, inputs.logits)
     kernel = functools.partial(
         _forward_kernel,
         config=config,
@@ -219,13 +219,13 @@ def backward(
     dense = pl.BlockSpec((bn, bv), lambda i, j: (i, j))
     in_specs = [*jax.tree.leaves(_specs(config, inputs, blocks)), row, row, row]
     out_specs = [dense]
-    out_shape = [jax.ShapeDtypeStruct((n, v), inputs.logits.dtype)]
+    out_shape = [_blocks.out_struct((n, v), inputs.logits.dtype, inputs.logits)]
     if not config.integer:
         out_specs.append(dense)
-        out_shape.append(jax.ShapeDtypeStruct((n, v), inputs.labels.dtype))
+        out_shape.append(_blocks.out_struct((n, v), inputs.labels.dtype, inputs.logits))
     if config.temperature is None:
         out_specs.append(pl.BlockSpec((pl.Squeezed(), bn, 1), lambda i, j: (j, i, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((num_v, n, 1), dtype))
+        out_shape.append(_blocks.out_struct((num_v, n, 1), dtype, inputs.logits))
     kernel = functools.partial(
         _backward_kernel, config=config, in_tree=in_tree, n=n, v=v, dtype=dtype
     )

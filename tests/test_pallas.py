@@ -321,6 +321,14 @@ def test_bfloat16(schedule, integer, name):
     check_against_reference(schedule, logits, labels, integer=integer, where=where, cw=cw, **opts)
 
 
+@pytest.mark.skipif(jax.default_backend() == "tpu", reason="the TPU has no float64")
+def test_float64(schedule):
+    v, spec = INTEGER_CASES["full_mask_everything"]
+    logits, labels = make_case(v, jnp.float64, integer=True)
+    labels, where, cw, opts = build(v, spec, labels)
+    check_against_reference(schedule, logits, labels, integer=True, where=where, cw=cw, **opts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Examples that do not count, bad labels, infinite logits.
 
@@ -538,3 +546,54 @@ def test_kernels_lower_for_their_backend(schedule):
             bwd = jax.jit(functools.partial(module.backward, config, blocks=blocks))
             fwd.trace(inputs).lower(lowering_platforms=(platform,))
             bwd.trace(inputs, residuals).lower(lowering_platforms=(platform,))
+
+
+def test_inside_shard_map(schedule):
+    if schedule == "gpu" and native_platform() != "gpu":
+        pytest.skip(
+            "Pallas' generic interpreter pads refs with an unvarying value, which shard_map's "
+            "varying-axes check rejects (jax 0.10.2); the compiled Triton path does not pad"
+        )
+    mesh = jax.make_mesh((4,), ("d",))
+    rng = np.random.default_rng(8)
+    logits = jnp.asarray(rng.normal(size=(16, SMALL_V)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, SMALL_V, 16), jnp.int32)
+    spec = jax.sharding.PartitionSpec("d")
+
+    def per_shard(impl, x, y):
+        def total(x):
+            return sce.softmax_cross_entropy_with_integer_labels(
+                x, y, label_smoothing=0.1, reduction="sum", implementation=impl
+            )
+
+        loss, grad = jax.value_and_grad(total)(x)
+        return jax.lax.psum(loss, "d"), grad
+
+    def sharded(impl):
+        fn = jax.shard_map(
+            functools.partial(per_shard, impl),
+            mesh=mesh,
+            in_specs=(spec, spec),
+            out_specs=(jax.sharding.PartitionSpec(), spec),
+        )
+        put = functools.partial(jax.device_put, device=jax.NamedSharding(mesh, spec))
+        return jax.jit(fn)(put(logits), put(labels))
+
+    with pallas(schedule, jnp.float32):
+        got = sharded("pallas")
+    want = sharded("xla")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
+
+
+def test_explicitly_sharded_inputs_raise(schedule):
+    mesh = jax.make_mesh((4,), ("d",))
+    logits, labels = make_case(SMALL_V, jnp.float32, integer=True)
+    logits = jax.device_put(logits[:16], jax.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    fn = jax.jit(
+        lambda x: sce.softmax_cross_entropy_with_integer_labels(
+            x, labels[:16], implementation="pallas"
+        )
+    )
+    with pallas(schedule, jnp.float32), pytest.raises(NotImplementedError, match="shard_map"):
+        fn(logits)
