@@ -3,6 +3,7 @@ data of a reliability diagram, and temperature scaling fitted with the fused ``t
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple
 
@@ -137,9 +138,10 @@ def _bin_sums(logits, labels, num_bins, where):
     bins = jnp.clip(jnp.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
 
     def per_bin(x):
-        return jnp.zeros((num_bins,), dtype).at[bins].add(jnp.where(counted, x, 0).astype(dtype))
+        return jnp.zeros((num_bins,), dtype).at[bins].add(jnp.where(counted, x, 0))
 
-    return edges, per_bin(jnp.ones_like(confidence)), per_bin(confidence), per_bin(correct)
+    ones = jnp.ones_like(confidence)
+    return edges, per_bin(ones), per_bin(confidence), per_bin(correct.astype(dtype))
 
 
 def reliability_diagram_data(
@@ -262,9 +264,10 @@ def fit_temperature(
     a gradient step where the curvature is not positive), to a step below ``sqrt(eps)``; the
     loss is our cross-entropy with the fused ``temperature=`` option and an array temperature,
     whose gradient is exact, and the curvature is its grad-of-grad (forward mode is not
-    available through the ``custom_vjp``). ``T`` is kept in ``[e^-10, e^10]``: when every
-    counted example is already classified correctly the NLL keeps falling as ``T -> 0``, and
-    the lower bound is returned.
+    available through the ``custom_vjp``). ``T`` is kept in ``[e^-10, e^10]``. When no
+    minimiser exists (every counted example already classified correctly, so the NLL keeps
+    falling as ``T -> 0``), the result is a small ``T`` at which the NLL and its slope are 0 to
+    working precision.
 
     The gradient of ``T*`` with respect to the logits is the implicit-function gradient
     ``-(d^2 L / du dz) / (d^2 L / du^2)``, obtained from one last Newton step whose curvature is
@@ -298,11 +301,14 @@ def fit_temperature(
     """
     logits = _canonical.check_logits(logits)
     labels = jnp.asarray(labels)
-    loss = (
-        softmax_cross_entropy_with_integer_labels
-        if jnp.issubdtype(labels.dtype, jnp.integer)
-        else softmax_cross_entropy
+    return _fit_temperature(
+        logits, labels, where, integer=bool(jnp.issubdtype(labels.dtype, jnp.integer))
     )
+
+
+@functools.partial(jax.jit, static_argnames=("integer",))
+def _fit_temperature(logits, labels, where, *, integer: bool) -> jax.Array:
+    loss = softmax_cross_entropy_with_integer_labels if integer else softmax_cross_entropy
     dtype = _tile.accumulation_dtype(logits.dtype)
 
     def mean_nll(log_t, logits, labels):

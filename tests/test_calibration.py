@@ -1,0 +1,229 @@
+"""inverse_frequency_weights against scikit-learn, expected_calibration_error and
+reliability_diagram_data against a NumPy loop, fit_temperature against SciPy's scalar minimiser
+on a float64 NLL (value and implicit gradient), and temperature scaling lowering the ECE."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize, special
+from sklearn.utils.class_weight import compute_class_weight
+
+import jax_softmax_ce as sce
+
+# --- inverse_frequency_weights -------------------------------------------------------------------
+
+
+def test_weights_match_sklearn_and_zero_for_absent_classes():
+    labels = np.random.default_rng(0).choice(
+        [0, 1, 2, 4, 6], size=200, p=[0.5, 0.2, 0.15, 0.1, 0.05]
+    )
+    weights = sce.inverse_frequency_weights(labels, 7)
+    assert weights.shape == (7,) and weights.dtype == jnp.float64
+    present = np.unique(labels)
+    np.testing.assert_array_equal(np.asarray(weights)[[3, 5]], [0.0, 0.0])
+    # sklearn's "balanced" uses the number of classes it is given; ours divides by num_classes.
+    expected = compute_class_weight("balanced", classes=present, y=labels) * len(present) / 7
+    np.testing.assert_allclose(np.asarray(weights)[present], expected, rtol=1e-12)
+
+
+def test_weights_where_and_out_of_range_labels():
+    labels = np.array([[0, 0, 1, -100], [2, 2, 2, 5]])
+    where = np.array([[True, True, True, True], [True, False, True, True]])
+    weights = jax.jit(sce.inverse_frequency_weights, static_argnums=1)(labels, 3, where=where)
+    kept = np.array([0, 0, 1, 2, 2])  # -100 and 5 are outside [0, 3); one 2 is masked
+    np.testing.assert_allclose(
+        weights, compute_class_weight("balanced", classes=np.arange(3), y=kept)
+    )
+
+
+def test_weights_feed_class_weights():
+    rng = np.random.default_rng(1)
+    labels = rng.choice(4, size=64, p=[0.7, 0.2, 0.1, 0.0])
+    weights = sce.inverse_frequency_weights(labels, 4)
+    logits = rng.standard_normal((64, 4))
+    per_example = sce.softmax_cross_entropy_with_integer_labels(
+        logits, labels, class_weights=weights
+    )
+    # Every class that occurs carries the same total weight N / V.
+    totals = np.bincount(labels, weights=np.asarray(weights)[labels], minlength=4)
+    np.testing.assert_allclose(totals[:3], 64 / 4)
+    mean = sce.softmax_cross_entropy_with_integer_labels(
+        logits, labels, class_weights=weights, reduction="mean"
+    )
+    np.testing.assert_allclose(mean, np.sum(per_example) / np.sum(totals), rtol=1e-12)
+
+
+def test_weights_errors():
+    with pytest.raises(TypeError, match="labels must be integer"):
+        sce.inverse_frequency_weights(jnp.zeros(3), 2)
+    with pytest.raises(ValueError, match="num_classes must be a positive"):
+        sce.inverse_frequency_weights(jnp.zeros(3, jnp.int32), 0)
+
+
+# --- expected_calibration_error and reliability_diagram_data --------------------------------------
+
+
+def bins_reference(logits, labels, num_bins, keep=None):
+    """Per-bin (count, mean confidence, accuracy) and the ECE, with an explicit loop."""
+    p = special.softmax(np.asarray(logits, np.float64), axis=-1)
+    conf, pred = p.max(-1), p.argmax(-1)
+    keep = np.ones(len(conf), bool) if keep is None else keep
+    count, confidence, accuracy = np.zeros((3, num_bins))
+    ece = 0.0
+    for b in range(num_bins):
+        in_bin = keep & (conf > b / num_bins) & (conf <= (b + 1) / num_bins)
+        count[b] = in_bin.sum()
+        if count[b]:
+            confidence[b] = conf[in_bin].mean()
+            accuracy[b] = (pred[in_bin] == labels[in_bin]).mean()
+            ece += count[b] / keep.sum() * abs(accuracy[b] - confidence[b])
+    return count, confidence, accuracy, ece
+
+
+def overconfident(n=2000, v=5, scale=3.0, seed=0):
+    """Calibrated logits (labels drawn from their softmax), then sharpened by ``scale``."""
+    rng = np.random.default_rng(seed)
+    logits = 1.5 * rng.standard_normal((n, v))
+    u = rng.uniform(size=(n, 1))
+    labels = (u > np.cumsum(special.softmax(logits, -1), -1)).sum(-1)
+    return scale * logits, labels
+
+
+@pytest.mark.parametrize("num_bins", [1, 10, 15])
+def test_ece_and_diagram_match_reference(num_bins):
+    logits, labels = overconfident(n=500, v=6)
+    diagram = sce.reliability_diagram_data(logits, labels, num_bins)
+    count, confidence, accuracy, ece = bins_reference(logits, labels, num_bins)
+    np.testing.assert_array_equal(diagram.count, count)
+    np.testing.assert_allclose(diagram.confidence, confidence, rtol=1e-12)
+    np.testing.assert_allclose(diagram.accuracy, accuracy, rtol=1e-12)
+    np.testing.assert_allclose(diagram.bin_edges, np.linspace(0, 1, num_bins + 1))
+    np.testing.assert_allclose(sce.expected_calibration_error(logits, labels, num_bins), ece)
+
+
+def test_empty_bins_edges_and_masks():
+    # Confidences 0.5 (a bin edge: it belongs to the bin below), 1/3, and ~1; most bins empty.
+    logits = np.array([[0.0, 0.0, -np.inf], [1.0, 1.0, 1.0], [40.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = np.array([1, 2, 0, 0])
+    diagram = sce.reliability_diagram_data(logits, labels, 10)
+    np.testing.assert_array_equal(diagram.count, [0, 0, 0, 2, 1, 0, 0, 0, 0, 1])
+    np.testing.assert_allclose(np.asarray(diagram.confidence)[[3, 4, 9]], [1 / 3, 0.5, 1.0])
+    np.testing.assert_allclose(np.asarray(diagram.accuracy)[[3, 4, 9]], [0.5, 0.0, 1.0])
+    assert np.all(diagram.confidence[diagram.count == 0] == 0)
+    ece = sce.expected_calibration_error(logits, labels, 10)
+    np.testing.assert_allclose(ece, (2 * abs(0.5 - 1 / 3) + 0.5 + 0.0) / 4)
+    # Whole examples masked out; nothing counted gives 0, not NaN.
+    keep = np.array([True, False, True, False])
+    masked = sce.expected_calibration_error(logits, labels, 10, where=keep)
+    np.testing.assert_allclose(masked, bins_reference(logits, labels, 10, keep)[3])
+    assert sce.expected_calibration_error(logits, labels, 10, where=np.zeros(4, bool)) == 0
+
+
+def test_ece_transformations_and_dtypes():
+    logits, labels = overconfident(n=300, v=4, seed=1)
+    stacked, stacked_labels = logits.reshape(3, 100, 4), labels.reshape(3, 100)
+    ece = jax.jit(jax.vmap(lambda z, t: sce.expected_calibration_error(z, t, 8)))(
+        stacked, stacked_labels
+    )
+    expected = [bins_reference(z, t, 8)[3] for z, t in zip(stacked, stacked_labels, strict=True)]
+    np.testing.assert_allclose(ece, expected, rtol=1e-12)
+    out = sce.expected_calibration_error(jnp.asarray(logits, jnp.bfloat16), labels)
+    assert out.dtype == jnp.float32
+    # d ECE / d logits flows through the confidences: sign(conf_b - acc_b) / N * d max_k p_k.
+    grad = jax.grad(lambda z: sce.expected_calibration_error(z, labels, 15))(logits)
+    p = special.softmax(logits, -1)
+    _, confidence, accuracy, _ = bins_reference(logits, labels, 15)
+    conf = p.max(-1)
+    b = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+    sign = np.sign(confidence[b] - accuracy[b])
+    top = np.eye(4)[p.argmax(-1)]
+    expected = (sign * conf)[:, None] * (top - p) / len(labels)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-15)
+
+
+def test_ece_errors():
+    with pytest.raises(ValueError, match="num_bins"):
+        sce.expected_calibration_error(jnp.zeros((2, 3)), jnp.array([0, 1]), 0)
+    with pytest.raises(TypeError, match="labels must be integer"):
+        sce.reliability_diagram_data(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+
+
+# --- fit_temperature -----------------------------------------------------------------------------
+
+
+def temperature_reference(logits, labels, keep=None):
+    """The root in ``u = log T`` of the NLL's slope ``-mean(E_p[z / T] - E_y[z / T])``, by
+    Brent's root finder (a minimiser of the flat NLL would only reach sqrt(eps))."""
+    z = np.asarray(logits, np.float64)
+    y = np.eye(z.shape[-1])[labels] if np.asarray(labels).dtype.kind == "i" else labels
+    keep = np.ones(len(z), bool) if keep is None else keep
+
+    def slope(u):
+        p = special.softmax(z * np.exp(-u), axis=-1)
+        return -np.mean(((p - y) * z).sum(-1)[keep])
+
+    return np.exp(optimize.brentq(slope, -8.0, 8.0, xtol=1e-15, rtol=1e-15))
+
+
+@pytest.mark.parametrize("scale", [0.3, 1.0, 3.0, 20.0])
+def test_fit_temperature_matches_scipy(scale):
+    logits, labels = overconfident(n=400, v=6, scale=scale, seed=2)
+    t = sce.fit_temperature(logits, labels)
+    assert t.shape == () and t.dtype == jnp.float64
+    np.testing.assert_allclose(t, temperature_reference(logits, labels), rtol=1e-6)
+
+
+def test_fit_temperature_float32_probability_labels_and_where():
+    logits, labels = overconfident(n=400, v=6, scale=4.0, seed=3)
+    t32 = sce.fit_temperature(jnp.asarray(logits, jnp.float32), labels)
+    assert t32.dtype == jnp.float32
+    np.testing.assert_allclose(t32, temperature_reference(logits, labels), rtol=1e-4)
+    soft = 0.9 * np.eye(6)[labels] + 0.1 / 6
+    np.testing.assert_allclose(
+        sce.fit_temperature(logits, soft), temperature_reference(logits, soft), rtol=1e-6
+    )
+    keep = np.arange(400) % 3 != 0
+    np.testing.assert_allclose(
+        sce.fit_temperature(logits, labels, where=keep),
+        temperature_reference(logits, labels, keep),
+        rtol=1e-6,
+    )
+
+
+def test_temperature_scaling_lowers_ece_of_overconfident_logits():
+    logits, labels = overconfident(n=4000, v=5, scale=3.0, seed=4)
+    t = sce.fit_temperature(logits, labels)
+    np.testing.assert_allclose(t, 3.0, rtol=0.1)  # the sharpening it undoes
+    before = sce.expected_calibration_error(logits, labels)
+    after = sce.expected_calibration_error(logits / t, labels)
+    fused = sce.expected_calibration_error(logits / 3.0, labels)
+    assert before > 0.1 and after < 0.03 and after < before / 4
+    np.testing.assert_allclose(after, fused, atol=0.02)
+
+
+def test_fit_temperature_implicit_gradient_jit_and_vmap():
+    logits, labels = overconfident(n=60, v=4, scale=2.0, seed=5)
+    direction = np.random.default_rng(6).standard_normal(logits.shape)
+    grad = jax.jit(jax.grad(lambda z: sce.fit_temperature(z, labels)))(logits)
+    h = 1e-5
+    numeric = (
+        temperature_reference(logits + h * direction, labels)
+        - temperature_reference(logits - h * direction, labels)
+    ) / (2 * h)
+    np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=1e-5)
+    stacked = np.stack([logits, 2.0 * logits])
+    ts = jax.vmap(sce.fit_temperature, in_axes=(0, None))(stacked, labels)
+    np.testing.assert_allclose(ts, [temperature_reference(z, labels) for z in stacked], rtol=1e-6)
+
+
+def test_fit_temperature_without_minimiser_stays_bounded():
+    # Every example already correct: the NLL keeps falling as T -> 0.
+    logits = np.array([[2.0, 0.0], [0.0, 1.0]])
+    labels = np.array([0, 1])
+    t = sce.fit_temperature(logits, labels)
+    assert np.isfinite(t) and np.exp(-10.0) <= t < 0.05
+    nll = sce.softmax_cross_entropy_with_integer_labels(logits, labels, temperature=t)
+    assert np.all(nll < 1e-12)
