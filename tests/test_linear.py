@@ -1,0 +1,430 @@
+"""Tests of `linear_softmax_cross_entropy` against an independent float64 NumPy reference.
+
+The reference below is the spec's formulas written out with dense ``[N, V]`` float64 arrays and
+the analytic gradient (no JAX), so every implementation is compared with something other than
+itself. Shapes are ragged (V prime, N and D not multiples of any block size), and the Pallas
+schedules run in interpret mode on tiny shapes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax_softmax_ce.kernels.linear import BlockSizes
+
+import jax_softmax_ce as sce
+
+N, D, V = 37, 13, 53
+SMALL_BLOCKS = BlockSizes(8, 16)
+
+
+def numpy_linear_ce(
+    x,
+    w,
+    labels,
+    *,
+    bias=None,
+    where=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    logit_softcap=None,
+    temperature=1.0,
+    reduction="sum",
+):
+    """``(value, losses, dx, dw, db, dT)`` in float64 for ``w`` ``[D, V]``."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    labels = np.asarray(labels)
+    n, v = x.shape[0], w.shape[1]
+    u = x @ w + (0 if bias is None else np.asarray(bias, np.float64))
+    t = float(temperature)
+    s = u if logit_softcap is None else logit_softcap * np.tanh(u / logit_softcap)
+    zp = s / t
+    valid = np.ones((n, v), bool) if where is None else np.broadcast_to(where, (n, v))
+    cw = np.ones(v) if class_weights is None else np.asarray(class_weights, np.float64)
+    zm = np.where(valid, zp, -np.inf)
+    has_valid = valid.any(1)
+    m = np.where(has_valid, zm.max(1), 0.0)[:, None]
+    # A fully masked example does not count; its lse is set to 0 to keep the arrays finite.
+    lse = np.where(has_valid, m[:, 0] + np.log(np.exp(zm - m).sum(1) + ~has_valid), 0.0)
+    p = np.where(valid, np.exp(zm - lse[:, None]), 0.0)
+    ignored = np.zeros(n, bool) if ignore_index is None else labels == ignore_index
+    counted = ~ignored & has_valid
+    q = np.zeros((n, v))
+    q[np.arange(n)[~ignored], labels[~ignored]] = 1.0
+    n_valid = valid.sum(1, keepdims=True)
+    if label_smoothing:
+        q = (1 - label_smoothing) * q + np.where(valid, label_smoothing / np.maximum(n_valid, 1), 0)
+    a = cw * q
+    nll = np.where(valid, lse[:, None] - zp, 0.0)
+    losses = (a * nll).sum(1) + z_loss * lse**2
+    losses = np.where(counted, losses, 0.0)
+    if reduction == "mean":
+        denom = np.where(counted, cw[np.where(ignored, 0, labels)], 0).sum()
+        ct = np.full(n, 1.0 / denom)
+    else:
+        ct = np.ones(n)
+    ct = np.where(counted, ct, 0.0)
+    value = (losses * ct).sum()
+    g = (a.sum(1, keepdims=True) + 2 * z_loss * lse[:, None]) * p - a  # dl/dz'
+    g = g * ct[:, None]
+    d_t = -(g * np.where(valid, zp, 0)).sum() / t
+    dz = g / t
+    if logit_softcap is not None:
+        dz = dz * (1 - np.tanh(u / logit_softcap) ** 2)
+    return value, losses, dz @ w.T, x.T @ dz, dz.sum(0), d_t
+
+
+def _data(seed=0, n=N, d=D, v=V, scale=1.0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * scale
+    w = rng.normal(size=(d, v)) / np.sqrt(d)
+    b = rng.normal(size=(v,)) * 0.1
+    y = rng.integers(0, v, size=(n,))
+    return x, w, b, y
+
+
+def _where_full(y, seed=1, n=N, v=V):
+    mask = np.random.default_rng(seed).uniform(size=(n, v)) > 0.3
+    mask[np.arange(n), y] = True
+    mask[3] = False  # a fully masked example: loss 0, gradient 0
+    return mask
+
+
+OPTIONS = {
+    "plain": {},
+    "smoothing_weights": {
+        "label_smoothing": 0.1,
+        "class_weights": np.random.default_rng(5).uniform(0.5, 2.0, size=V),
+    },
+    "zloss_softcap_temperature": {"z_loss": 1e-2, "logit_softcap": 2.0, "temperature": 1.7},
+    "ignore_index": {"ignore_index": -100},
+    "where_full": {"where": "full", "label_smoothing": 0.2},
+    "where_classes": {"where": "classes", "label_smoothing": 0.1},
+    "where_rows": {"where": "rows"},
+}
+
+
+def _resolve(options, y):
+    options = dict(options)
+    y = np.array(y)
+    if options.get("ignore_index") is not None:
+        y[::4] = options["ignore_index"]
+    where = options.get("where")
+    if where == "full":
+        options["where"] = _where_full(y)
+    elif where == "classes":
+        mask = np.ones((1, V), bool)
+        mask[0, 1::5] = False
+        y = np.where(np.isin(y, np.arange(1, V, 5)), 0, y)
+        options["where"] = mask
+    elif where == "rows":
+        options["where"] = np.arange(N) % 3 != 1
+    return options, y
+
+
+def _jax_options(options):
+    out = dict(options)
+    for key in ("where", "class_weights"):
+        if out.get(key) is not None:
+            out[key] = jnp.asarray(out[key])
+    return out
+
+
+def _numpy_options(options):
+    out = dict(options)
+    if out.get("where") is not None and np.ndim(out["where"]) == 1:
+        out["where"] = np.asarray(out["where"])[:, None]
+    return out
+
+
+def _value_and_grads(implementation, x, w, b, y, *, layout="dv", reduction="sum", **kwargs):
+    def loss(x, w, b):
+        return sce.linear_softmax_cross_entropy(
+            x,
+            w if layout == "dv" else w.T,
+            y,
+            bias=b,
+            implementation=implementation,
+            weight_layout=layout,
+            reduction=reduction,
+            **kwargs,
+        )
+
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_values_and_gradients_match_numpy(name, implementation, layout):
+    x, w, b, y = _data()
+    options, y = _resolve(OPTIONS[name], y)
+    reduction = "mean" if name in ("ignore_index", "smoothing_weights") else "sum"
+    expected = numpy_linear_ce(x, w, y, bias=b, reduction=reduction, **_numpy_options(options))
+    value, (dx, dw, db) = _value_and_grads(
+        implementation,
+        jnp.asarray(x),
+        jnp.asarray(w),
+        jnp.asarray(b),
+        jnp.asarray(y),
+        layout=layout,
+        reduction=reduction,
+        block_sizes=SMALL_BLOCKS,
+        **_jax_options(options),
+    )
+    assert value.dtype == jnp.float64 and dx.shape == (N, D) and dw.shape == (D, V)
+    np.testing.assert_allclose(value, expected[0], rtol=1e-10)
+    np.testing.assert_allclose(dx, expected[2], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dw, expected[3], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(db, expected[4], rtol=1e-9, atol=1e-12)
+    losses = sce.linear_softmax_cross_entropy(
+        jnp.asarray(x),
+        jnp.asarray(w),
+        jnp.asarray(y),
+        bias=jnp.asarray(b),
+        implementation=implementation,
+        block_sizes=SMALL_BLOCKS,
+        **_jax_options(options),
+    )
+    np.testing.assert_allclose(losses, expected[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_array_temperature_gradient(implementation):
+    x, w, b, y = _data()
+    expected = numpy_linear_ce(x, w, y, bias=b, temperature=1.3, z_loss=0.05, label_smoothing=0.1)
+
+    def loss(t):
+        return sce.linear_softmax_cross_entropy(
+            jnp.asarray(x),
+            jnp.asarray(w),
+            jnp.asarray(y),
+            bias=jnp.asarray(b),
+            temperature=t,
+            z_loss=0.05,
+            label_smoothing=0.1,
+            reduction="sum",
+            implementation=implementation,
+            block_sizes=SMALL_BLOCKS,
+        )
+
+    value, d_t = jax.value_and_grad(loss)(jnp.asarray(1.3))
+    np.testing.assert_allclose(value, expected[0], rtol=1e-10)
+    np.testing.assert_allclose(d_t, expected[5], rtol=1e-9)
+
+
+@pytest.mark.parametrize("blocks", [BlockSizes(1, 1), BlockSizes(5, 7), BlockSizes(64, 64)])
+def test_block_sizes_do_not_change_the_result(blocks):
+    x, w, b, y = _data(n=23, d=6, v=31)
+    expected = numpy_linear_ce(x, w, y, bias=b)
+    x, w, b, y = (jnp.asarray(a) for a in (x, w, b, y))
+    value, (dx, dw, db) = _value_and_grads("xla", x, w, b, y, block_sizes=blocks)
+    np.testing.assert_allclose(value, expected[0], rtol=1e-10)
+    np.testing.assert_allclose(dx, expected[2], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dw, expected[3], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(db, expected[4], rtol=1e-9, atol=1e-12)
+
+
+PALLAS_CASES = {
+    "plain": {},
+    "options": {"label_smoothing": 0.1, "z_loss": 1e-2, "logit_softcap": 3.0, "ignore_index": -1},
+    "where_full": {"where": "full"},
+    "where_classes": {"where": "classes", "temperature": 1.5},
+}
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+@pytest.mark.parametrize("name", list(PALLAS_CASES))
+def test_pallas_interpret_matches_numpy(name, schedule, layout):
+    d = 16 if schedule == "gpu" else D  # the Triton schedule needs a power-of-two hidden size
+    x, w, b, y = _data(n=N, d=d, v=V)
+    options, y = _resolve(PALLAS_CASES[name], y)
+    expected = numpy_linear_ce(x, w, y, bias=b, **_numpy_options(options))
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, w, b)]
+    value, (dx, dw, db) = _value_and_grads(
+        "pallas",
+        *f32,
+        jnp.asarray(y, jnp.int32),
+        layout=layout,
+        block_sizes=SMALL_BLOCKS,
+        pallas_backend=schedule,
+        interpret=True,
+        **_jax_options(options),
+    )
+    assert value.dtype == jnp.float32 and dx.dtype == jnp.float32
+    np.testing.assert_allclose(value, expected[0], rtol=2e-5)
+    np.testing.assert_allclose(dx, expected[2], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(dw, expected[3], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(db, expected[4], rtol=2e-4, atol=2e-5)
+
+
+def test_pallas_on_cpu_without_interpret_raises():
+    x, w, _, y = _data()
+    with pytest.raises(NotImplementedError, match="GPU or TPU"):
+        sce.linear_softmax_cross_entropy(x, w, y, implementation="pallas")
+
+
+def test_three_dimensional_inputs_and_vmap():
+    x, w, b, y = _data(n=24)
+    x3, y3 = x.reshape(2, 3, 4, D), y.reshape(2, 3, 4)
+    expected = numpy_linear_ce(x, w, y, bias=b)[1]
+    out = sce.linear_softmax_cross_entropy(
+        jnp.asarray(x3), jnp.asarray(w), jnp.asarray(y3), bias=jnp.asarray(b)
+    )
+    assert out.shape == (2, 3, 4)
+    np.testing.assert_allclose(out.reshape(-1), expected, rtol=1e-10)
+
+    def per_batch(xb, yb):
+        return sce.linear_softmax_cross_entropy(
+            xb, jnp.asarray(w), yb, bias=jnp.asarray(b), block_sizes=SMALL_BLOCKS
+        )
+
+    batched = jax.vmap(per_batch)(jnp.asarray(x3), jnp.asarray(y3))
+    np.testing.assert_allclose(batched.reshape(-1), expected, rtol=1e-10)
+    grads = jax.vmap(jax.grad(lambda xb, yb: per_batch(xb, yb).sum()))(
+        jnp.asarray(x3), jnp.asarray(y3)
+    )
+    np.testing.assert_allclose(
+        grads.reshape(-1, D), numpy_linear_ce(x, w, y, bias=b)[2], rtol=1e-9, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_bfloat16_inputs_accumulate_in_float32(layout):
+    x, w, b, y = _data(n=64, d=32, v=97)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    expected = numpy_linear_ce(
+        np.asarray(xb, np.float64), np.asarray(wb, np.float64), y, bias=b, reduction="mean"
+    )
+    value, (dx, dw, db) = _value_and_grads(
+        "xla",
+        xb,
+        wb,
+        jnp.asarray(b, jnp.float32),
+        jnp.asarray(y),
+        layout=layout,
+        reduction="mean",
+        block_sizes=SMALL_BLOCKS,
+    )
+    assert value.dtype == jnp.float32
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16 and db.dtype == jnp.float32
+    np.testing.assert_allclose(value, expected[0], rtol=1e-5)
+    # The gradient tile is rounded to bfloat16 before its two matmuls (like Cut Cross-Entropy).
+    np.testing.assert_allclose(np.asarray(dx, np.float64), expected[2], rtol=2e-2, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), expected[3], rtol=2e-2, atol=2e-4)
+    np.testing.assert_allclose(db, expected[4], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_filter_error_is_bounded():
+    x, w, b, y = _data(n=64, d=16, v=211, scale=4.0)  # sharp softmax: most |p - q| are tiny
+    eps = 1e-3
+    blocks = BlockSizes(4, 8)
+    args = [jnp.asarray(a) for a in (x, w, b, y)]
+    exact = _value_and_grads("xla", *args, block_sizes=blocks)
+    filtered = _value_and_grads("xla", *args, block_sizes=blocks, gradient_filter_eps=eps)
+    np.testing.assert_allclose(filtered[0], exact[0], rtol=1e-12)  # the forward is exact
+    dx_err = np.abs(np.asarray(filtered[1][0] - exact[1][0]))
+    dw_err = np.abs(np.asarray(filtered[1][1] - exact[1][1]))
+    # Each skipped |dl/dz| < eps (cotangent 1): the bounds of the docstring.
+    assert np.all(dx_err <= eps * np.abs(w).sum(1)[None, :] + 1e-12)
+    assert np.all(dw_err <= eps * np.abs(x).sum(0)[:, None] + 1e-12)
+    assert dx_err.max() > 0  # some tiles were skipped
+    for name in ("tpu", "gpu"):
+        d = 16
+        out = _value_and_grads(
+            "pallas",
+            *[a.astype(jnp.float32) if a.dtype == jnp.float64 else a for a in args],
+            block_sizes=blocks,
+            gradient_filter_eps=eps,
+            pallas_backend=name,
+            interpret=True,
+        )
+        assert x.shape[1] == d
+        err = np.abs(np.asarray(out[1][0], np.float64) - np.asarray(exact[1][0]))
+        assert np.all(err <= eps * np.abs(w).sum(1)[None, :] + 1e-4)
+
+
+def test_reference_implementation_supports_forward_mode_but_not_filtering():
+    x, w, b, y = _data()
+    args = [jnp.asarray(a) for a in (x, w, b)]
+
+    def loss(x):
+        return sce.linear_softmax_cross_entropy(
+            x, args[1], jnp.asarray(y), bias=args[2], implementation="reference", reduction="sum"
+        )
+
+    _, tangent = jax.jvp(loss, (args[0],), (jnp.ones_like(args[0]),))
+    expected = numpy_linear_ce(x, w, y, bias=b)[2].sum()
+    np.testing.assert_allclose(tangent, expected, rtol=1e-9)
+    with pytest.raises(NotImplementedError, match="gradient_filter_eps"):
+        sce.linear_softmax_cross_entropy(
+            x, w, y, implementation="reference", gradient_filter_eps=1e-3
+        )
+
+
+def test_out_of_range_label_gives_nan_and_masked_label_gives_inf():
+    x, w, _, y = _data()
+    y = np.array(y)
+    y[0] = V
+    out = sce.linear_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(w), jnp.asarray(y))
+    assert np.isnan(out[0]) and np.all(np.isfinite(out[1:]))
+    where = np.ones((1, V), bool)
+    where[0, y[1]] = False
+    out = sce.linear_softmax_cross_entropy(x, w, y, where=where)
+    assert np.isposinf(out[1])
+
+
+def test_compiled_temporary_memory_does_not_grow_with_logits():
+    n, d, v = 4096, 64, 8192  # f32 logits: 128 MiB
+    blocks = BlockSizes(256, 512)
+    x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    y = jnp.zeros((n,), jnp.int32)
+
+    def loss(x, w):
+        return sce.linear_softmax_cross_entropy(x, w, y, reduction="mean", block_sizes=blocks)
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    tile = blocks.block_n * blocks.block_v * 4
+    bound = 16 * tile + 4 * (n * d + d * blocks.block_v + n) * 4
+    logits = n * v * 4
+    assert bound < logits / 4
+    assert temp <= bound, (temp, bound, logits)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"weight": np.zeros((D + 1, V))}, ValueError, r"weight shape \(14, 53\).*inputs shape"),
+        ({"weight_layout": "vd"}, ValueError, r"expected \[V, D\]"),
+        ({"labels": np.zeros(N + 1, int)}, ValueError, r"labels shape \(38,\)"),
+        ({"labels": np.zeros(N)}, TypeError, "labels must be integers"),
+        ({"bias": np.zeros(V + 1)}, ValueError, r"bias shape \(54,\) must be \[53\]"),
+        ({"class_weights": np.ones(V - 1)}, ValueError, "class_weights shape"),
+        ({"where": np.ones((N, V + 1), bool)}, ValueError, "where shape"),
+        ({"inputs": np.zeros((N, D), int)}, TypeError, "inputs must be floating"),
+        ({"weight": np.zeros((D, V), np.float32)}, TypeError, "weight dtype float32"),
+        ({"gradient_filter_eps": -1.0}, ValueError, "gradient_filter_eps"),
+        ({"weight_layout": "dd"}, ValueError, "weight_layout"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"implementation": "cuda"}, ValueError, "implementation"),
+        ({"label_smoothing": 1.0}, ValueError, "label_smoothing"),
+    ],
+)
+def test_errors_name_the_argument_and_shapes(kwargs, error, match):
+    args = {
+        "inputs": np.zeros((N, D)),
+        "weight": np.zeros((D, V)),
+        "labels": np.zeros(N, int),
+    }
+    args.update(kwargs)
+    inputs, weight, labels = args.pop("inputs"), args.pop("weight"), args.pop("labels")
+    with pytest.raises(error, match=match):
+        sce.linear_softmax_cross_entropy(inputs, weight, labels, **args)
