@@ -17,13 +17,16 @@ Kernels (``implementation="pallas"``), two schedules of the same tile steps:
   matmul is ``jax.lax.dot_general`` (``jnp.dot``) with float32 accumulation.
 - GPU: the Triton backend, chosen explicitly with ``pallas.triton.CompilerParams``. Mosaic GPU, the
   default GPU backend from jax 0.11, lowers no ``dot_general``: a matmul there has to be an
-  ``plgpu.wgmma`` over shared-memory references fed by a TMA pipeline, which is a different
-  kernel, and one that cannot run in interpret mode on a CPU and so could not be tested by this
-  project without an H100. Triton lowers ``jnp.dot`` to ``tl.dot`` (tensor cores), is available
-  in jax 0.10 and, deprecated but present, in 0.11. The GPU schedule cannot revisit output blocks
-  across a grid axis (grid programs run in parallel), so each program loops over the reduction
-  axis itself: one program per row block for the forward and ``d_inputs``, one per vocabulary
-  block for ``d_weight``. The GPU schedule is verified in interpret mode only.
+  ``plgpu.wgmma`` over shared-memory references fed by a TMA pipeline, which is a different kernel,
+  and one that cannot run in interpret mode on a CPU, so it could not be written and tested in a
+  session without a GPU. Triton lowers ``jnp.dot`` to ``tl.dot`` (tensor cores), and is available in
+  jax 0.10 and, deprecated but present, in 0.11. The GPU schedule cannot revisit output blocks
+  across a grid axis (grid programs run in parallel), so each program loops over the reduction axis
+  itself: one program per row block for the forward and ``d_inputs``, one per vocabulary block for
+  ``d_weight``. Triton needs power-of-two block shapes, so this schedule rounds the block sizes down
+  to powers of two and raises ``NotImplementedError`` for a hidden size ``D`` that is not one. Both
+  schedules are verified in interpret mode only: neither has been compiled for, or timed on, a real
+  TPU or GPU.
 
 Gradient filtering (Cut Cross-Entropy): with ``filter_eps > 0`` the backward skips the two
 gradient matmuls of every tile in which all ``|dl/dz'|`` (before the cotangent) are below
@@ -293,7 +296,7 @@ def _axes(name: str, shape, num_rows: int, num_classes: int, vd: bool):
     return None, None  # temperature [1, 1]
 
 
-def _operands(problem, rows, num_classes: int, lse=None, cotangent=None) -> dict:
+def _operands(problem, rows, lse=None, cotangent=None) -> dict:
     """The kernel operands of a problem: 2-D arrays, ``where`` as int8, absent ones left out."""
     n = problem.inputs.shape[0]
     ops = {"x": problem.inputs, "w": problem.weight}
@@ -313,7 +316,6 @@ def _operands(problem, rows, num_classes: int, lse=None, cotangent=None) -> dict
     if problem.temperature is not None:
         dtype = _tile.accumulation_dtype(problem.inputs.dtype)
         ops["temperature"] = problem.temperature.astype(dtype).reshape(1, 1)
-    del num_classes
     return ops
 
 
@@ -719,7 +721,7 @@ def forward_pallas(options, config, problem, rows) -> RowState:
     bn, bv = _geometry(config, problem)
     dtype = _tile.accumulation_dtype(problem.inputs.dtype)
     smoothing = bool(options.label_smoothing)
-    ops = _operands(problem, rows, v)
+    ops = _operands(problem, rows)
     treedef = _state_treedef(dtype, smoothing)
     n_out = treedef.num_leaves
     out_shape = [jax.ShapeDtypeStruct((n, 1), dtype)] * n_out
@@ -770,7 +772,7 @@ def backward_pallas(options, config, problem, rows, lse, cotangent):
     v = config.num_classes
     bn, bv = _geometry(config, problem)
     dtype = _tile.accumulation_dtype(problem.inputs.dtype)
-    ops = _operands(problem, rows, v, lse=lse, cotangent=cotangent)
+    ops = _operands(problem, rows, lse=lse, cotangent=cotangent)
     array_t = problem.temperature is not None
     has_bias = problem.bias is not None
     statics = dict(

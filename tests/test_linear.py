@@ -340,7 +340,7 @@ def test_gradient_filter_error_is_bounded():
         out = _value_and_grads(
             "pallas",
             *[a.astype(jnp.float32) if a.dtype == jnp.float64 else a for a in args],
-            block_sizes=blocks,
+            block_sizes=BlockSizes(16, 64),
             gradient_filter_eps=eps,
             pallas_backend=name,
             interpret=True,
