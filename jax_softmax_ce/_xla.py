@@ -43,7 +43,8 @@ def _target_weights(options: Options, integer, labels, where, class_weights, sha
     """The per-class weights ``a`` of the labels before smoothing, as ``(w_row, a)``.
 
     Integer labels: ``w_row`` is ``[N, 1]`` (0 for ignored examples, NaN for labels out of range)
-    and ``a`` is None (the caller picks one class). Probability labels: ``a = w y`` on valid classes.
+    and ``a`` is None (the caller picks one class). Probability labels: ``a = w y`` on valid
+    classes.
     """
     if integer:
         w = _canonical.label_weights(labels, class_weights, shape[1], dtype)
@@ -64,21 +65,60 @@ def _smoothing_weights(where, class_weights, shape, dtype):
     return w if where is None else jnp.where(where, w, 0)
 
 
+def _masked_raw(logits, where):
+    """The logits in their own dtype with invalid classes at -inf."""
+    return logits if where is None else jnp.where(where, logits, jnp.array(-jnp.inf, logits.dtype))
+
+
+def _transform_rows(options: Options, rows, temperature):
+    """`_tile.transform` of a ``[N, 1]`` value picked from the raw logits."""
+    dtype = _tile.accumulation_dtype(rows.dtype)
+    t = options.temperature if temperature is None else temperature.astype(dtype)
+    return _tile.transform(rows.astype(dtype), softcap=options.logit_softcap, temperature=t)
+
+
+def _vocabulary_is_sharded(x) -> bool:
+    """Whether ``x``'s type carries an explicit sharding of its class axis."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and len(spec) > 1 and spec[1] is not None
+
+
+def _pick(raw, labels):
+    """``raw[i, labels[i]]`` as ``[N, 1]``, behind a barrier so that it reads the raw logits.
+
+    A gather, except on an explicitly vocabulary-sharded type, where a gather cannot partition
+    and a masked max (one finite candidate per row) picks the same value.
+    """
+    raw = jax.lax.optimization_barrier(raw)
+    v = raw.shape[1]
+    if _vocabulary_is_sharded(raw):
+        onehot = _tile.onehot_block(labels[:, None], 0, v)
+        return jnp.max(jnp.where(onehot, raw, jnp.array(-jnp.inf, raw.dtype)), 1, keepdims=True)
+    return jnp.take_along_axis(raw, jnp.clip(labels, 0, v - 1)[:, None], axis=1)
+
+
 def _forward(options, integer, logits, labels, where, class_weights, temperature):
+    # The row max and the target logit are read from the raw logits (the transform is monotone
+    # and exact on one value per row), so that no float32 copy of 16-bit logits is shared by
+    # several reductions: XLA would materialise it as an [N, V] temporary.
     n, v = logits.shape
+    raw = _masked_raw(logits, where)
     _, z = _transformed(options, logits, where, temperature)
     dtype = z.dtype
-    lse, ref, _ = _tile.lse_merge(_tile.lse_init(n, dtype), z)
+    z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), temperature)
+    lse, ref, _ = _tile.lse_merge(_tile.lse_init(n, dtype), z, z_max)
     n_valid = _canonical.valid_count(where, n, v, dtype)
     w_row, a = _target_weights(options, integer, labels, where, class_weights, logits.shape, dtype)
     if integer:
-        z_pick = jnp.take_along_axis(z, jnp.clip(labels, 0, v - 1)[:, None], axis=1)
+        z_pick = _transform_rows(options, _pick(raw, labels), temperature)
         target = _tile.Term(*_tile.picked_term(w_row, z_pick, ref))
     else:
         target = _tile.Term(*_tile.dense_term(a, z, ref))
     smoothing = None
     if options.label_smoothing:
-        weights = jnp.broadcast_to(_smoothing_weights(where, class_weights, z.shape, dtype), z.shape)
+        weights = jnp.broadcast_to(
+            _smoothing_weights(where, class_weights, z.shape, dtype), z.shape
+        )
         smoothing = _tile.Term(*_tile.dense_term(weights, z, ref))
     loss, lse_value = _tile.row_loss(
         lse,
@@ -101,6 +141,9 @@ def _fwd(options, integer, logits, labels, where, class_weights, temperature):
 def _bwd(options, integer, residuals, cotangent):
     logits, labels, where, class_weights, temperature, lse = residuals
     n, v = logits.shape
+    if logits.dtype != _tile.accumulation_dtype(logits.dtype):
+        # Keeps XLA from merging this upcast with the forward's into one [N, V] float32 buffer.
+        logits = jax.lax.optimization_barrier(logits)
     z_raw, z = _transformed(options, logits, where, temperature)
     dtype = z.dtype
     n_valid = _canonical.valid_count(where, n, v, dtype)
@@ -135,7 +178,9 @@ def _bwd(options, integer, residuals, cotangent):
         row = _tile.temperature_term(z, g, lse)
         if options.z_loss:
             finite = jnp.isfinite(lse)
-            row = row + jnp.where(finite, 2.0 * options.z_loss * ct * jnp.where(finite, lse, 0) ** 2, 0)
+            row = row + jnp.where(
+                finite, 2.0 * options.z_loss * ct * jnp.where(finite, lse, 0) ** 2, 0
+            )
         d_temperature = (-jnp.sum(row) / t).astype(temperature.dtype)
     return d_logits.astype(logits.dtype), d_labels, None, None, d_temperature
 

@@ -2,14 +2,14 @@
 
 Every implementation that is not the plain reference (the XLA `custom_vjp`, each Pallas kernel, the
 fused linear loss) calls these functions on one block of logits ``z`` of shape ``[rows, cols]``.
-Per-row values are column vectors of shape ``[rows, 1]``, so that the same code broadcasts in XLA and
-in a kernel body. The XLA path is the case of a single block that spans the whole vocabulary.
+Per-row values are column vectors of shape ``[rows, 1]``, so that the same code broadcasts in XLA
+and in a kernel body. The XLA path is the case of a single block that spans the whole vocabulary.
 
-Notation, per row: ``z'`` the transformed and masked logits (``-inf`` on invalid classes), ``a_k`` the
-weight of class ``k`` in the loss (``w_k q_k``), ``W = sum_k a_k``, ``m`` the running max of ``z'``.
-The loss ``sum_k a_k (lse - z'_k)`` is accumulated as ``W log s - A`` with ``s = sum exp(z' - m)`` and
-``A = sum_k a_k (z'_k - m)``: both parts are sums of terms of one sign, so there is no cancellation
-of large numbers even for logits of magnitude 1e4.
+Notation, per row: ``z'`` the transformed and masked logits (``-inf`` on invalid classes),
+``a_k`` the weight of class ``k`` in the loss (``w_k q_k``), ``W = sum_k a_k``, ``m`` the running
+max of ``z'``. The loss ``sum_k a_k (lse - z'_k)`` is accumulated as ``W log s - A`` with
+``s = sum exp(z' - m)`` and ``A = sum_k a_k (z'_k - m)``: both parts are sums of terms of one
+sign, so there is no cancellation of large numbers even for logits of magnitude 1e4.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def transform_vjp(z: jax.Array, g: jax.Array, *, softcap: float | None, temperat
     if not (isinstance(temperature, float) and temperature == 1.0):
         g = g / temperature
     if softcap is not None:
-        t = jnp.tanh(z / softcap)
-        g = g * (1.0 - t * t)
+        sech = 1.0 / jnp.cosh(z / softcap)  # 1 - tanh**2 without cancellation when it saturates
+        g = g * (sech * sech)
     return g
 
 
@@ -80,13 +80,19 @@ def reference_point(m: jax.Array) -> jax.Array:
     return jnp.where(m == NEG_INF, jnp.zeros_like(m), m)
 
 
-def lse_merge(state: Lse, z: jax.Array) -> tuple[Lse, jax.Array, jax.Array]:
+def lse_merge(
+    state: Lse, z: jax.Array, z_max: jax.Array | None = None
+) -> tuple[Lse, jax.Array, jax.Array]:
     """Online log-sum-exp update with one block ``z`` of masked, transformed logits.
 
-    Returns the new state, the new reference point ``ref`` (``[rows, 1]``) against which this
-    block's terms are formed, and ``shift``, how far the reference moved since the last block.
+    ``z_max`` is the block's row max when the caller already has it (the transform is monotone,
+    so it may come from the raw logits). Returns the new state, the new reference point ``ref``
+    (``[rows, 1]``) against which this block's terms are formed, and ``shift``, how far the
+    reference moved since the last block.
     """
-    m_new = jnp.maximum(state.m, jnp.max(z, axis=-1, keepdims=True))
+    if z_max is None:
+        z_max = jnp.max(z, axis=-1, keepdims=True)
+    m_new = jnp.maximum(state.m, z_max)
     ref = reference_point(m_new)
     s = state.s * jnp.exp(state.m - ref) + jnp.sum(jnp.exp(z - ref), axis=-1, keepdims=True)
     shift = jnp.where(state.m == NEG_INF, jnp.zeros_like(m_new), m_new - state.m)
@@ -101,7 +107,9 @@ def dense_term(weights: jax.Array, z: jax.Array, ref: jax.Array) -> tuple[jax.Ar
     return w, a
 
 
-def picked_term(weight: jax.Array, z_pick: jax.Array, ref: jax.Array) -> tuple[jax.Array, jax.Array]:
+def picked_term(
+    weight: jax.Array, z_pick: jax.Array, ref: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """`dense_term` for one class per row: ``weight`` and ``z_pick`` are ``[rows, 1]``."""
     return weight, jnp.where(weight != 0, weight * (z_pick - ref), 0)
 
