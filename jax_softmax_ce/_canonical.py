@@ -73,8 +73,10 @@ def layout(shape: tuple[int, ...], axis) -> Layout:
     ndim = len(shape)
     if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
         axes = (int(axis),)
-    elif isinstance(axis, tuple) and axis and all(
-        isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis
+    elif (
+        isinstance(axis, tuple)
+        and axis
+        and all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis)
     ):
         axes = tuple(int(a) for a in axis)
     else:

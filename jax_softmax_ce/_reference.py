@@ -46,11 +46,15 @@ def cross_entropy(problem: _canonical.Problem, options: Options, *, integer: boo
         e = options.label_smoothing
         q = (1 - e) * q + jnp.where(valid, e / jnp.maximum(n_valid, 1), 0)
     wq = q if class_weights is None else q * class_weights
-    # A zero weight contributes 0 even at an infinite nll; the derivative in q stays exact.
-    finite_nll = jnp.where(jnp.isinf(nll), 0, nll)
-    loss = jnp.sum(jnp.where(wq != 0, wq * nll, wq * finite_nll), axis=1)
+    # A zero weight contributes 0 even at an infinite nll, and no branch multiplies 0 by inf. The
+    # derivative in q is exact wherever nll is finite; at a -inf logit it is 0 here (it is +inf
+    # in the custom_vjp implementations).
+    nll = jnp.where(wq != 0, nll, jnp.where(jnp.isinf(nll), 0, nll))
+    loss = jnp.sum(wq * nll, axis=1)
     if options.z_loss:
-        loss = loss + jnp.where(has_mass[:, 0], options.z_loss * jnp.where(has_mass, lse, 0)[:, 0] ** 2, 0)
+        loss = loss + jnp.where(
+            has_mass[:, 0], options.z_loss * jnp.where(has_mass, lse, 0)[:, 0] ** 2, 0
+        )
 
     if integer:
         in_range = (labels >= 0) & (labels < v)

@@ -1,0 +1,116 @@
+"""An independent float64 NumPy reference of the spec (values and analytic gradients).
+
+It shares no code with the package: it is the spec's formulas, row by row, in float64, with the
+gradient written out from SPEC.md section 6 and 7 and the chain rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Result:
+    loss: np.ndarray  # [N]
+    counted: np.ndarray  # [N] bool
+    dlogits: np.ndarray  # [N, V], for the cotangent given
+    dlabels: np.ndarray | None  # [N, V] for probability labels
+    dtemperature: float
+
+
+def cross_entropy(
+    logits,
+    labels,
+    *,
+    integer: bool,
+    where=None,
+    label_smoothing=0.0,
+    class_weights=None,
+    z_loss=0.0,
+    logit_softcap=None,
+    temperature=1.0,
+    ignore_index=None,
+    cotangent=None,
+) -> Result:
+    """Per-example loss and gradients of ``sum_i cotangent_i * loss_i`` for ``[N, V]`` logits."""
+    u = np.asarray(logits, np.float64)
+    n, v = u.shape
+    valid = np.ones((n, v), bool) if where is None else np.broadcast_to(np.asarray(where), (n, v))
+    weights = np.ones(v) if class_weights is None else np.asarray(class_weights, np.float64)
+    ct = np.ones(n) if cotangent is None else np.asarray(cotangent, np.float64)
+    temperature = float(temperature)
+    e = label_smoothing
+
+    loss = np.zeros(n)
+    counted = np.zeros(n, bool)
+    dlogits = np.zeros((n, v))
+    dlabels = None if integer else np.zeros((n, v))
+    dtemperature = 0.0
+    with np.errstate(all="ignore"):
+        capped = u if logit_softcap is None else logit_softcap * np.tanh(u / logit_softcap)
+        z_all = capped / temperature
+        dcap = np.ones_like(u) if logit_softcap is None else 1.0 - np.tanh(u / logit_softcap) ** 2
+    for i in range(n):
+        ok = valid[i]
+        if not ok.any():
+            continue
+        if integer:
+            t = int(labels[i])
+            if ignore_index is not None and t == ignore_index:
+                continue
+            counted[i] = True
+            if not 0 <= t < v:
+                loss[i] = np.nan
+                dlogits[i] = np.nan
+                continue
+            q = np.zeros(v)
+            q[t] = 1.0
+        else:
+            counted[i] = True
+            q = np.where(ok, np.asarray(labels[i], np.float64), 0.0)
+        n_valid = ok.sum()
+        q = (1 - e) * q + np.where(ok, e / n_valid, 0.0)
+        a = weights * q
+        z = np.where(ok, z_all[i], -np.inf)
+        with np.errstate(all="ignore"):
+            m = z.max()
+            lse = m + np.log(np.sum(np.exp(z - m)))
+            nll = lse - z
+            loss[i] = np.sum(np.where(a != 0, a * nll, 0.0)) + z_loss * lse**2
+            p = np.where(ok, np.exp(z - lse), 0.0)
+            g = a.sum() * p - a + 2 * z_loss * lse * p
+            dlogits[i] = ct[i] * g * dcap[i] / temperature
+            dtemperature += ct[i] * np.sum(np.where(g != 0, g * -z / temperature, 0.0))
+            if dlabels is not None:
+                dlabels[i] = np.where(ok, ct[i] * (1 - e) * weights * nll, 0.0)
+    return Result(loss, counted, dlogits, dlabels, dtemperature)
+
+
+def reduce(result: Result, labels, *, integer: bool, class_weights, reduction: str):
+    """The spec's reductions over counted examples (PyTorch's weighted mean)."""
+    if reduction == "none":
+        return result.loss
+    total = result.loss[result.counted].sum()
+    if reduction == "sum":
+        return total
+    if integer and class_weights is not None:
+        w = np.asarray(class_weights, np.float64)
+        denominator = sum(w[int(t)] for t in np.asarray(labels)[result.counted])
+    else:
+        denominator = result.counted.sum()
+    return total / denominator if denominator else 0.0
+
+
+def reduction_cotangent(result: Result, labels, *, integer: bool, class_weights, reduction):
+    """``d reduce / d loss_i``: the cotangent that a reduction sends to each example."""
+    n = result.loss.shape[0]
+    if reduction in ("none", "sum"):
+        return np.ones(n)
+    if integer and class_weights is not None:
+        w = np.asarray(class_weights, np.float64)
+        denominator = sum(w[int(t)] for t in np.asarray(labels)[result.counted])
+    else:
+        denominator = result.counted.sum()
+    return np.full(n, 1.0 / denominator if denominator else 0.0)
