@@ -74,7 +74,13 @@ def _transform_rows(options: Options, rows, temperature):
     """`_tile.transform` of a ``[N, 1]`` value picked from the raw logits."""
     dtype = _tile.accumulation_dtype(rows.dtype)
     t = options.temperature if temperature is None else temperature.astype(dtype)
-    return _tile.transform(rows.astype(dtype), softcap=options.logit_softcap, temperature=t)
+    rows = rows.astype(dtype)
+    if options.logit_softcap is not None:  # finite at -inf, and so are its derivatives
+        return _tile.transform(rows, softcap=options.logit_softcap, temperature=t)
+    # -inf / T would carry an infinite derivative in T into grad of grad.
+    low = rows == _tile.NEG_INF
+    z = _tile.transform(jnp.where(low, 0, rows), softcap=None, temperature=t)
+    return jnp.where(low, _tile.NEG_INF, z)
 
 
 def _vocabulary_is_sharded(x) -> bool:
@@ -83,18 +89,32 @@ def _vocabulary_is_sharded(x) -> bool:
     return spec is not None and len(spec) > 1 and spec[1] is not None
 
 
-def _pick(raw, labels):
-    """``raw[i, labels[i]]`` as ``[N, 1]``, behind a barrier so that it reads the raw logits.
+def _pick(x, labels, lowest):
+    """``x[i, labels[i]]`` as ``[N, 1]``.
 
     A gather, except on an explicitly vocabulary-sharded type, where a gather cannot partition
-    and a masked max (one finite candidate per row) picks the same value.
+    and a max over the label's column (``lowest`` elsewhere) picks the same value.
     """
-    raw = jax.lax.optimization_barrier(raw)
-    v = raw.shape[1]
-    if _vocabulary_is_sharded(raw):
+    v = x.shape[1]
+    if _vocabulary_is_sharded(x):
         onehot = _tile.onehot_block(labels[:, None], 0, v)
-        return jnp.max(jnp.where(onehot, raw, jnp.array(-jnp.inf, raw.dtype)), 1, keepdims=True)
-    return jnp.take_along_axis(raw, jnp.clip(labels, 0, v - 1)[:, None], axis=1)
+        return jnp.max(jnp.where(onehot, x, jnp.array(lowest, x.dtype)), 1, keepdims=True)
+    return jnp.take_along_axis(x, jnp.clip(labels, 0, v - 1)[:, None], axis=1)
+
+
+def _target_logit(options: Options, logits, labels, where, temperature):
+    """``z'_t`` per row, ``[N, 1]``: -inf where the target class is invalid.
+
+    Picked from the raw logits behind a barrier (so that XLA does not share an upcast copy), then
+    transformed, then masked: the softcap maps a -inf logit to ``-c``, but an invalid class
+    stays at -inf.
+    """
+    raw = jax.lax.optimization_barrier(logits)
+    z_pick = _transform_rows(options, _pick(raw, labels, -jnp.inf), temperature)
+    if where is not None and where.shape[1] > 1:
+        valid = _pick(jnp.broadcast_to(where, logits.shape), labels, False)
+        z_pick = jnp.where(valid, z_pick, _tile.NEG_INF)
+    return z_pick
 
 
 def _forward(options, integer, logits, labels, where, class_weights, temperature):
@@ -110,7 +130,7 @@ def _forward(options, integer, logits, labels, where, class_weights, temperature
     n_valid = _canonical.valid_count(where, n, v, dtype)
     w_row, a = _target_weights(options, integer, labels, where, class_weights, logits.shape, dtype)
     if integer:
-        z_pick = _transform_rows(options, _pick(raw, labels), temperature)
+        z_pick = _target_logit(options, logits, labels, where, temperature)
         target = _tile.Term(*_tile.picked_term(w_row, z_pick, ref))
     else:
         target = _tile.Term(*_tile.dense_term(a, z, ref))

@@ -250,9 +250,10 @@ def softmax_cross_entropy_with_integer_labels(
       >>> labels = jnp.array([0, 1])
       >>> with jnp.printoptions(precision=4):
       ...     print(sce.softmax_cross_entropy_with_integer_labels(logits, labels))
-      ...     print(sce.softmax_cross_entropy_with_integer_labels(
-      ...         logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean"))
       [0.2761 2.9518]
+      >>> mean = sce.softmax_cross_entropy_with_integer_labels(
+      ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean")
+      >>> print(round(float(mean), 4))
       0.2761
 
     References:

@@ -42,8 +42,10 @@ def transform_vjp(z: jax.Array, g: jax.Array, *, softcap: float | None, temperat
     if not (isinstance(temperature, float) and temperature == 1.0):
         g = g / temperature
     if softcap is not None:
-        sech = 1.0 / jnp.cosh(z / softcap)  # 1 - tanh**2 without cancellation when it saturates
-        g = g * (sech * sech)
+        # 1 - tanh(x)**2 = 4 e / (1 + e)**2 with e = exp(-2 |x|): no cancellation where the cap
+        # saturates, and only exp, which every Pallas backend lowers.
+        e = jnp.exp(-2.0 * jnp.abs(z / softcap))
+        g = g * (4.0 * e / ((1.0 + e) * (1.0 + e)))
     return g
 
 
