@@ -4,33 +4,23 @@ shapes, large logits, options, errors and transformations."""
 
 from __future__ import annotations
 
-import types
-from unittest import mock
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax_port
 import pytest
 from optax.losses import _classification_test as optax_tests
 from scipy import special
 
 import jax_softmax_ce as sce
 
-OURS = types.SimpleNamespace(
+_AgainstOurs = optax_port.against_ours(
     sigmoid_binary_cross_entropy=sce.sigmoid_binary_cross_entropy,
     sigmoid_focal_loss=sce.sigmoid_focal_loss,
     kl_divergence=sce.kl_divergence,
     kl_divergence_with_log_targets=sce.kl_divergence_with_log_targets,
 )
-
-
-class _AgainstOurs:
-    """Runs an optax test class with its module's `_classification` replaced by our functions."""
-
-    def setUp(self):
-        super().setUp()
-        self.enter_context(mock.patch.object(optax_tests, "_classification", OURS))
 
 
 class TestOptaxSigmoidCrossEntropy(_AgainstOurs, optax_tests.SigmoidCrossEntropyTest):

@@ -4,31 +4,21 @@ infinities, dtypes, errors and transformations."""
 
 from __future__ import annotations
 
-import types
-from unittest import mock
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax_port
 import pytest
 from optax.losses import _classification_test as optax_tests
 from scipy import special
 
 import jax_softmax_ce as sce
 
-OURS = types.SimpleNamespace(
+_AgainstOurs = optax_port.against_ours(
     kl_divergence=sce.kl_divergence,
     kl_divergence_with_log_targets=sce.kl_divergence_with_log_targets,
 )
-
-
-class _AgainstOurs:
-    """Runs an optax test class with its module's `_classification` replaced by our functions."""
-
-    def setUp(self):
-        super().setUp()
-        self.enter_context(mock.patch.object(optax_tests, "_classification", OURS))
 
 
 class TestOptaxKLDivergence(_AgainstOurs, optax_tests.KLDivergenceTest):
