@@ -433,6 +433,30 @@ def _tpu_call(kernel, ops, in_specs, out_shape, out_specs, grid, *, name, interp
     )(*ops.values())
 
 
+def _tpu_tiles(blocks, options, *, i, j, bn, bv, num_rows, num_classes, vd) -> _Tiles:
+    """The tiles at grid position (row block ``i``, vocabulary block ``j``)."""
+    geometry = dict(bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd)
+    return _Tiles(blocks, options, row0=i * bn, col0=j * bv, **geometry)
+
+
+def _tpu_backward(blocks, options, *, i, j, bn, bv, num_rows, num_classes, vd, eps, array_t):
+    """The tiles and their backward block at grid position ``(i, j)``."""
+    tiles = _tpu_tiles(
+        blocks, options, i=i, j=j, bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd
+    )
+    tile = _backward_block(
+        tiles,
+        col0=j * bv,
+        lo=j * bv,
+        num_classes=num_classes,
+        vd=vd,
+        options=options,
+        filter_eps=eps,
+        array_t=array_t,
+    )
+    return tiles, tile
+
+
 def _forward_tpu_kernel(*refs, names, treedef, options, bn, bv, num_rows, num_classes, vd):
     blocks = {k: r[...] for k, r in zip(names, refs, strict=False)}
     out_refs = refs[len(names) :]
@@ -444,16 +468,8 @@ def _forward_tpu_kernel(*refs, names, treedef, options, bn, bv, num_rows, num_cl
         for ref, value in zip(out_refs, jax.tree.leaves(init), strict=True):
             ref[...] = value
 
-    tiles = _Tiles(
-        blocks,
-        options,
-        row0=i * bn,
-        col0=j * bv,
-        bn=bn,
-        bv=bv,
-        num_rows=num_rows,
-        num_classes=num_classes,
-        vd=vd,
+    tiles = _tpu_tiles(
+        blocks, options, i=i, j=j, bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd
     )
     state = jax.tree.unflatten(treedef, [r[...] for r in out_refs])
     state = _forward_block(
@@ -475,25 +491,17 @@ def _inputs_grad_tpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes
         for ref in t_ref:
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    tiles = _Tiles(
+    tiles, tile = _tpu_backward(
         blocks,
         options,
-        row0=i * bn,
-        col0=j * bv,
+        i=i,
+        j=j,
         bn=bn,
         bv=bv,
         num_rows=num_rows,
         num_classes=num_classes,
         vd=vd,
-    )
-    tile = _backward_block(
-        tiles,
-        col0=j * bv,
-        lo=j * bv,
-        num_classes=num_classes,
-        vd=vd,
-        options=options,
-        filter_eps=eps,
+        eps=eps,
         array_t=bool(t_ref),
     )
     for ref in t_ref:
@@ -519,25 +527,17 @@ def _weight_grad_tpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes
         for ref in (dw_ref, *db_ref):
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    tiles = _Tiles(
+    tiles, tile = _tpu_backward(
         blocks,
         options,
-        row0=i * bn,
-        col0=j * bv,
+        i=i,
+        j=j,
         bn=bn,
         bv=bv,
         num_rows=num_rows,
         num_classes=num_classes,
         vd=vd,
-    )
-    tile = _backward_block(
-        tiles,
-        col0=j * bv,
-        lo=j * bv,
-        num_classes=num_classes,
-        vd=vd,
-        options=options,
-        filter_eps=eps,
+        eps=eps,
         array_t=False,
     )
 
