@@ -33,8 +33,8 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 PASSES = ("forward", "forward_backward")
 NOTE_CPU = (
-    "CPU timings were taken on a shared 2-core machine while other test runs were active: they "
-    "are noisy; compare implementations within one run only. Memory numbers are exact."
+    "CPU timings on a small machine are noisy: compare implementations within one run only. "
+    "Memory numbers are exact."
 )
 
 # Problem grids. ce: logits [n, v]; linear: inputs [n, d] @ weight [d, v].
