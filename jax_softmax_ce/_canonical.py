@@ -58,14 +58,19 @@ class Layout(NamedTuple):
         return x.reshape(self.num_rows, self.num_classes)
 
 
-def check_logits(logits) -> jax.Array:
-    logits = jnp.asarray(logits)
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
+def check_floating(name: str, x) -> jax.Array:
+    """``x`` as an array; a TypeError naming ``name``, the dtype and the shape unless floating."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
-            f"logits must be floating point (float16, bfloat16, float32 or float64), got "
-            f"{logits.dtype} with shape {logits.shape}"
+            f"{name} must be floating point (float16, bfloat16, float32 or float64), got "
+            f"{x.dtype} with shape {x.shape}"
         )
-    return logits
+    return x
+
+
+def check_logits(logits) -> jax.Array:
+    return check_floating("logits", logits)
 
 
 def layout(shape: tuple[int, ...], axis) -> Layout:

@@ -11,17 +11,10 @@ from jax_softmax_ce.binary import _weighted
 from jax_softmax_ce.kernels._tile import accumulation_dtype
 
 
-def _check_floating(name: str, x) -> jax.Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {x.dtype} with shape {x.shape}")
-    return x
-
-
 def _rows(log_predictions, targets, axis, where, target_name: str):
     """``(log_p, t, valid, layout)`` on ``[N, V]``, masked entries replaced by 0."""
-    log_predictions = _check_floating("log_predictions", log_predictions)
-    targets = _check_floating(target_name, targets)
+    log_predictions = _canonical.check_floating("log_predictions", log_predictions)
+    targets = _canonical.check_floating(target_name, targets)
     if axis is None:
         axis = tuple(range(log_predictions.ndim))
     if not _canonical._broadcasts_to(targets.shape, log_predictions.shape):

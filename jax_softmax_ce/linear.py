@@ -416,21 +416,11 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def _check_float(name: str, x, shape_note: str) -> jax.Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"{name} must be floating point (float16, bfloat16, float32 or float64), got "
-            f"{x.dtype} with shape {x.shape}{shape_note}"
-        )
-    return x
-
-
 def _check_operands(inputs, weight, bias, labels, weight_layout):
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
-    inputs = _check_float("inputs", inputs, "")
-    weight = _check_float("weight", weight, "")
+    inputs = _canonical.check_floating("inputs", inputs)
+    weight = _canonical.check_floating("weight", weight)
     if inputs.ndim < 1:
         raise ValueError(f"inputs must have shape [..., D], got shape {inputs.shape}")
     d = inputs.shape[-1]
@@ -449,7 +439,7 @@ def _check_operands(inputs, weight, bias, labels, weight_layout):
     if v == 0:
         raise ValueError(f"weight of shape {weight.shape} has no classes")
     if bias is not None:
-        bias = _check_float("bias", bias, "")
+        bias = _canonical.check_floating("bias", bias)
         if bias.shape != (v,):
             raise ValueError(
                 f"bias shape {bias.shape} must be [{v}] for weight shape {weight.shape}"
