@@ -116,6 +116,10 @@ def softmax_cross_entropy(
       ``sum(where=...)`` drops it; the gradient with respect to those labels is 0.
     - A finite, valid label mass on a class whose logit is -inf gives a loss of +inf.
     - ``"mean"`` divides by the number of counted examples; fully masked examples do not count.
+    - With ``logit_softcap=c`` a -inf logit is capped to ``-c`` like any other logit; use
+      ``where`` to exclude a class.
+    - The label gradient at a -inf logit is +inf; ``implementation="reference"`` (plain autodiff)
+      gives 0 there for a class without label mass.
 
     Args:
       logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape
@@ -213,7 +217,8 @@ def softmax_cross_entropy_with_integer_labels(
     over counted examples, and 0 when nothing counts. A label outside ``[0, num_classes)`` that
     is not ``ignore_index`` gives a NaN loss (as in optax), since a value cannot raise under
     ``jit``. A label on a class masked out by ``where`` gives +inf: an invalid class is a class
-    with logit -inf.
+    with logit -inf. With ``logit_softcap=c`` a -inf logit is capped to ``-c`` like any other
+    logit; ``where`` is the way to exclude a class.
 
     Args:
       logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape
