@@ -16,12 +16,22 @@ with ``jnp.where`` before any reduction. Triton needs power-of-two block shapes;
 Why Triton and not Mosaic GPU. The kernel is a bandwidth-bound streaming reduction with no
 matrix multiply: it needs masked, coalesced loads and a row reduction, which Triton gives from
 plain ``jnp`` code on any CUDA GPU, while Mosaic GPU's advantages (TMA, WGMMA, warpgroup
-specialisation) do not apply and its ``pallas_call`` entry point is itself deprecated in favour
-of ``plgpu.kernel`` with warpgroup-level code. Triton kernels also run, unchanged, in Pallas'
-CPU interpreter, which is how this module is tested; Mosaic GPU kernels in practice cannot be.
-The cost of the choice: on jax 0.11 the Triton backend is deprecated (still present) and is
-selected here explicitly through ``plgpu.CompilerParams``, since Mosaic GPU became the default;
-when Triton is removed this schedule must move to Mosaic GPU.
+specialisation) do not apply. What jax 0.11.2 does (read in its source and run on CPU here):
+
+- ``pallas_call`` on CUDA still lowers through Triton; with no compiler parameters it picks
+  Triton itself. Every such lowering warns, once per compilation, with the
+  ``jax-pallas-triton`` ``DeprecationWarning`` ("will be removed in a future JAX version").
+  Nothing else changed for this kernel: the test suite passes unchanged on jax 0.11.2 (CPU,
+  interpret mode), and the kernels still lower for CUDA from a CPU-only host when an abstract
+  H100 is named (``tests/test_pallas.py::test_kernels_lower_for_their_backend``).
+- Mosaic GPU is reached through ``plgpu.kernel`` (warpgroup-level code over shared-memory refs),
+  not through ``pallas_call``, and its lowering needs the CUDA plugin, so a Mosaic GPU kernel
+  cannot even be lowered on the CPU-only CI machine; only its interpreter runs there.
+
+So Triton is the schedule that CI can check end to end (interpret mode, and lowering for CUDA)
+on both jax 0.10 and 0.11, and it is selected explicitly through ``plgpu.CompilerParams``. The
+cost: the deprecation warning on jax 0.11 (the test suite ignores exactly that message), and a
+port to ``plgpu.kernel`` once Triton is removed from Pallas.
 
 Status: validated on CPU in interpret mode only. Not yet compiled, run or timed on a GPU.
 """

@@ -18,9 +18,11 @@ Kernels (``implementation="pallas"``), two schedules of the same tile steps:
 - GPU: the Triton backend, chosen explicitly with ``pallas.triton.CompilerParams``. Mosaic GPU, the
   default GPU backend from jax 0.11, lowers no ``dot_general``: a matmul there has to be an
   ``plgpu.wgmma`` over shared-memory references fed by a TMA pipeline, which is a different kernel,
-  and one that cannot run in interpret mode on a CPU, so it could not be written and tested in a
-  session without a GPU. Triton lowers ``jnp.dot`` to ``tl.dot`` (tensor cores), and is available in
-  jax 0.10 and, deprecated but present, in 0.11. The GPU schedule cannot revisit output blocks
+  and one that cannot even be lowered on a CPU-only host (its lowering needs the CUDA plugin), so
+  it could not be written and checked in a session without a GPU. Triton lowers ``jnp.dot`` to
+  ``tl.dot`` (tensor cores), and is available in jax 0.10 and, deprecated but present (a
+  ``DeprecationWarning`` at each lowering), in 0.11; the reasons are spelled out in
+  `kernels.cross_entropy_gpu`. The GPU schedule cannot revisit output blocks
   across a grid axis (grid programs run in parallel), so each program loops over the reduction axis
   itself: one program per row block for the forward and ``d_inputs``, one per vocabulary block for
   ``d_weight``. Triton needs power-of-two block shapes, so this schedule rounds the block sizes down

@@ -15,4 +15,9 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 def _warnings_are_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # jax >= 0.11 deprecates Pallas' Triton backend, which the GPU schedules use on purpose
+        # (see kernels/cross_entropy_gpu.py); every other warning stays an error.
+        warnings.filterwarnings(
+            "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
+        )
         yield
