@@ -15,10 +15,22 @@ warm-up call, then ``--repeats`` calls with ``block_until_ready``; the JSON keep
 the median. Labels are drawn uniformly, or from a Zipf law (``--labels zipf``), which is closer to
 text and is where gradient filtering can skip tiles.
 
+For ``ours_xla_filter`` the record also holds what the filter did: the fraction of logits tiles
+whose gradient matmuls it skipped, counted independently here in NumPy from float64 logits with
+the same tiling and the same test (every ``|p - onehot|`` of the tile below eps), and the largest
+gradient difference against the unfiltered ``ours_xla`` of the same run.
+
+``goals`` in the JSON are the fused-linear issue's CPU goals, read from the measurements of the
+``8192x512x32768`` shape when it was run: compiled temporary memory at most 5% of the logits,
+and time at most 1.3x the materialised path's. ``loadavg`` is the 1-minute load average before
+and after the run, so a reader can tell a quiet machine from a shared one.
+
 Usage::
 
   python benchmarks/linear_cpu.py                      # both issue shapes, f32
   python benchmarks/linear_cpu.py --shapes 2048x512x8192 --repeats 3
+  python benchmarks/linear_cpu.py --labels zipf --shapes 8192x512x32768 \\
+      --methods ours_xla ours_xla_filter            # what gradient filtering skips, and saves
 """
 
 from __future__ import annotations
@@ -41,11 +53,13 @@ from jax_softmax_ce.kernels.linear import BlockSizes
 import jax_softmax_ce as sce
 
 DEFAULT_SHAPES = ("8192x1024x32768", "8192x512x32768")
+GOAL_SHAPE = (8192, 512, 32768)
+GOAL_MEMORY_FRACTION = 0.05
+GOAL_TIME_RATIO = 1.3
+FILTER_EPS = 2.0**-12  # Cut Cross-Entropy's default
 NOTE = (
-    "CPU timings on a 2-core machine shared with other processes (other sessions' test runs), so "
-    "they are noisy; compare methods within one run only. Memory is XLA's compiled temporary "
-    "allocation (excluding arguments and outputs), not a measured peak; PyTorch memory is not "
-    "measured."
+    "Memory is XLA's compiled temporary allocation (excluding arguments and outputs), not a "
+    "measured peak; PyTorch memory is not measured. Compare methods within one run only."
 )
 
 
@@ -66,17 +80,69 @@ def _labels(rng, n: int, v: int, kind: str) -> np.ndarray:
 
 
 def _jax_entry(name, loss, x, w, repeats):
+    """The timing record, and the ``(loss, (d_inputs, d_weight))`` of the last call."""
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     compiled = grad_fn.lower(x, w).compile()
     memory = compiled.memory_analysis()
     times = _timed(lambda: compiled(x, w), repeats)
-    return {
+    entry = {
         "method": name,
         "times_s": times,
         "median_s": statistics.median(times),
         "temp_bytes": int(memory.temp_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
     }
+    return entry, compiled(x, w)
+
+
+def filter_skip_fraction(x, w, y, eps: float, block_sizes: BlockSizes) -> tuple[float, int]:
+    """``(skipped fraction, number of tiles)`` of the gradient filter, counted in NumPy.
+
+    The tiling is the blockwise implementation's: ``min(block, size)`` tiles, the last one moved
+    back to end at the edge. A tile is skipped when every ``|p - onehot|`` in it is below ``eps``,
+    with ``p`` the float64 softmax of float64 logits (the mean reduction's gradient before the
+    cotangent).
+    """
+    x, w, y = np.asarray(x, np.float64), np.asarray(w, np.float64), np.asarray(y)
+    (n, _), v = x.shape, w.shape[1]
+    bn, bv = min(block_sizes.block_n, n), min(block_sizes.block_v, v)
+    starts_v = [min(j * bv, v - bv) for j in range(-(-v // bv))]
+    skipped = tiles = 0
+    for i in range(-(-n // bn)):
+        r0 = min(i * bn, n - bn)
+        z = x[r0 : r0 + bn] @ w
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(bn), y[r0 : r0 + bn]] -= 1.0
+        g = np.abs(p)
+        for c0 in starts_v:
+            tiles += 1
+            skipped += bool(g[:, c0 : c0 + bv].max() < eps)
+    return skipped / tiles, tiles
+
+
+def goals(runs) -> dict | None:
+    """The CPU goals from the run of `GOAL_SHAPE`, or None when it was not run."""
+    n, d, v = GOAL_SHAPE
+    for run in runs:
+        if (run["shape"]["N"], run["shape"]["D"], run["shape"]["V"]) != GOAL_SHAPE:
+            continue
+        by_method = {e["method"]: e for e in run["results"]}
+        if not {"ours_xla", "materialised_optax"} <= by_method.keys():
+            return None
+        ours, materialised = by_method["ours_xla"], by_method["materialised_optax"]
+        memory = ours["temp_bytes"] / run["logits_bytes"]
+        time_ratio = ours["median_s"] / materialised["median_s"]
+        return {
+            "shape": {"N": n, "D": d, "V": v},
+            "temp_memory_fraction_of_logits": memory,
+            "temp_memory_goal": GOAL_MEMORY_FRACTION,
+            "temp_memory_pass": memory <= GOAL_MEMORY_FRACTION,
+            "time_ratio_to_materialised": time_ratio,
+            "time_goal": GOAL_TIME_RATIO,
+            "time_pass": time_ratio <= GOAL_TIME_RATIO,
+        }
+    return None
 
 
 def _torch_entry(x, w, y, repeats):
@@ -141,12 +207,23 @@ def run_shape(n: int, d: int, v: int, *, repeats: int, labels: str, block_sizes,
         logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
+    exact = None
     if "ours_xla" in methods:
-        results.append(_jax_entry("ours_xla", ours(None), x, w, repeats))
+        entry, exact = _jax_entry("ours_xla", ours(None), x, w, repeats)
+        results.append(entry)
     if "ours_xla_filter" in methods:
-        results.append(_jax_entry("ours_xla_filter", ours(2.0**-12), x, w, repeats))
+        entry, filtered = _jax_entry("ours_xla_filter", ours(FILTER_EPS), x, w, repeats)
+        fraction, tiles = filter_skip_fraction(x, w, y, FILTER_EPS, block_sizes)
+        entry["filter"] = {"eps": FILTER_EPS, "skipped_tile_fraction": fraction, "tiles": tiles}
+        if exact is not None:
+            for name, a, b in zip(("d_inputs", "d_weight"), exact[1], filtered[1], strict=True):
+                scale = float(jnp.max(jnp.abs(a)))
+                diff = float(jnp.max(jnp.abs(a - b)))
+                entry["filter"][f"max_abs_diff_{name}"] = diff
+                entry["filter"][f"max_abs_{name}"] = scale
+        results.append(entry)
     if "materialised_optax" in methods:
-        results.append(_jax_entry("materialised_optax", materialised, x, w, repeats))
+        results.append(_jax_entry("materialised_optax", materialised, x, w, repeats)[0])
     if "torch_linear_cross_entropy" in methods:
         results.append(_torch_entry(x, w, y, repeats))
     for entry in results:
@@ -172,9 +249,11 @@ def main(argv=None):
         default=["ours_xla", "ours_xla_filter", "materialised_optax", "torch_linear_cross_entropy"],
     )
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    parser.add_argument("--note", default="", help="a note on the conditions, kept in the JSON")
     args = parser.parse_args(argv)
     default = BlockSizes.get_default("xla")
     block_sizes = BlockSizes(args.block_n or default.block_n, args.block_v or default.block_v)
+    load_before = os.getloadavg()[0]
     runs = []
     for spec in args.shapes:
         n, d, v = (int(s) for s in spec.split("x"))
@@ -200,7 +279,10 @@ def main(argv=None):
         "jax_version": jax.__version__,
         "block_sizes": {"block_n": block_sizes.block_n, "block_v": block_sizes.block_v},
         "repeats": args.repeats,
-        "note": NOTE,
+        "labels": args.labels,
+        "note": " ".join(filter(None, [args.note, NOTE])),
+        "loadavg": {"before": load_before, "after": os.getloadavg()[0]},
+        "goals": goals(runs),
         "runs": runs,
     }
     out = args.out or os.path.join(
@@ -211,6 +293,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=2)
+    if record["goals"] is not None:
+        print(json.dumps({"goals": record["goals"]}, indent=2))
     print(f"wrote {out}")
 
 

@@ -84,3 +84,36 @@ def test_reference_cross_entropy_matches_a_direct_formula():
     np.testing.assert_allclose(loss[:4], expected, rtol=1e-12)
     assert loss[4] == 0 and not grad[4].any()
     np.testing.assert_allclose(grad[:4].sum(1), 0, atol=1e-12)
+
+
+def test_linear_cpu_script_and_filter_count(tmp_path):
+    """The fused-linear CPU benchmark runs and records the filter; its NumPy tile count is
+    checked on logits whose softmax is known: ``x = I`` and ``W = 60 I`` make ``p`` one-hot at
+    the row's own class to within ``e^-60``, so the gradient ``p - onehot(label)`` is nonzero
+    only where a row's label differs from its own class."""
+    out = tmp_path / "linear.json"
+    _run(
+        "benchmarks/linear_cpu.py", "--shapes", "40x16x600", "--labels", "zipf",
+        "--repeats", "1", "--block-n", "16", "--block-v", "128", "--out", str(out),
+        "--methods", "ours_xla", "ours_xla_filter", "materialised_optax",
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert record["goals"] is None and record["labels"] == "zipf"
+    entry = {e["method"]: e for e in record["runs"][0]["results"]}["ours_xla_filter"]
+    assert 0.0 <= entry["filter"]["skipped_tile_fraction"] <= 1.0
+    assert entry["filter"]["max_abs_diff_d_weight"] <= entry["filter"]["max_abs_d_weight"]
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import linear_cpu
+    finally:
+        sys.path.pop(0)
+    from jax_softmax_ce.kernels.linear import BlockSizes
+
+    eye = np.eye(8)
+    blocks = BlockSizes(4, 2)  # 2 row blocks x 4 vocabulary blocks
+    fraction, tiles = linear_cpu.filter_skip_fraction(eye, 60 * eye, np.arange(8), 1e-6, blocks)
+    assert (fraction, tiles) == (1.0, 8)  # every label is its row's argmax: nothing to keep
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 0])  # row 7 (row block 1) wants class 0, not 7:
+    fraction, _ = linear_cpu.filter_skip_fraction(eye, 60 * eye, labels, 1e-6, blocks)
+    assert fraction == 6 / 8  # tiles (1, 0) and (1, 3) are kept
