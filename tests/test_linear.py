@@ -296,14 +296,17 @@ def test_three_dimensional_inputs_and_vmap():
 
 
 @pytest.mark.parametrize("layout", ["dv", "vd"])
-def test_bfloat16_inputs_accumulate_in_float32(layout):
+@pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
+def test_bfloat16_inputs_accumulate_in_float32(engine, layout):
+    implementation, _, schedule = engine.partition(":")
+    pallas = {"pallas_backend": schedule, "interpret": True} if schedule else {}
     x, w, b, y = _data(n=64, d=32, v=97)
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     expected = numpy_linear_ce(
         np.asarray(xb, np.float64), np.asarray(wb, np.float64), y, bias=b, reduction="mean"
     )
     value, (dx, dw, db) = _value_and_grads(
-        "xla",
+        implementation,
         xb,
         wb,
         jnp.asarray(b, jnp.float32),
@@ -311,6 +314,7 @@ def test_bfloat16_inputs_accumulate_in_float32(layout):
         layout=layout,
         reduction="mean",
         block_sizes=SMALL_BLOCKS,
+        **pallas,
     )
     assert value.dtype == jnp.float32
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16 and db.dtype == jnp.float32
