@@ -103,12 +103,9 @@ def test_linear_cpu_script_and_filter_count(tmp_path):
     assert 0.0 <= entry["filter"]["skipped_tile_fraction"] <= 1.0
     assert entry["filter"]["max_abs_diff_d_weight"] <= entry["filter"]["max_abs_d_weight"]
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import linear_cpu
-    finally:
-        sys.path.pop(0)
     from jax_softmax_ce.kernels.linear import BlockSizes
+
+    from benchmarks import linear_cpu
 
     eye = np.eye(8)
     blocks = BlockSizes(4, 2)  # 2 row blocks x 4 vocabulary blocks
@@ -117,3 +114,56 @@ def test_linear_cpu_script_and_filter_count(tmp_path):
     labels = np.array([0, 1, 2, 3, 4, 5, 6, 0])  # row 7 (row block 1) wants class 0, not 7:
     fraction, _ = linear_cpu.filter_skip_fraction(eye, 60 * eye, labels, 1e-6, blocks)
     assert fraction == 6 / 8  # tiles (1, 0) and (1, 3) are kept
+
+
+def _result(name, suite, shape, median_s, *, status="ok", temp=0, output=0, peak=None, frac=None):
+    result = {"implementation": name, "suite": suite, "dtype": "bfloat16",
+              "pass": "forward_backward", "status": status, **shape}  # fmt: skip
+    if status != "ok":
+        return {**result, "reason": "not installed"}
+    memory = {"temp_bytes": temp, "output_bytes": output, "device_peak_bytes": peak}
+    throughput = {"fraction_of_copy": frac} if frac is not None else {}
+    return {**result, "time": {"median_s": median_s}, "memory": memory, "throughput": throughput}
+
+
+def test_gpu_goals_read_from_harness_json(tmp_path):
+    """`benchmarks.goals` on a hand-made harness record whose ratios are known."""
+    from benchmarks import goals
+
+    ce_shape, lin_shape = {"n": 8, "v": 100}, {"n": 8, "d": 4, "v": 100}
+    gradient = 8 * 100 * 2
+    ce = {"results": [
+        _result("optax", "ce", ce_shape, 3.0),
+        _result("jax_softmax_ce:pallas", "ce", ce_shape, 1.0, peak=gradient, frac=0.9),
+        _result("jax_softmax_ce:xla", "ce", ce_shape, 2.0, temp=10**6, output=gradient, frac=0.5),
+        _result("liger:LigerCrossEntropyLoss", "ce", ce_shape, 1.5),
+        _result("optax", "ce", {"n": 8, "v": 200}, 100.0),  # another case: ignored
+    ]}  # fmt: skip
+    linear = {"results": [
+        _result("optax:x@w", "linear", lin_shape, 1.0, temp=1000),
+        _result("jax_softmax_ce.linear:xla", "linear", lin_shape, 1.1, temp=10),
+        _result("jax_softmax_ce.linear:pallas", "linear", lin_shape, 0, status="skipped"),
+        _result("liger:LigerFusedLinearCrossEntropyLoss", "linear", lin_shape, 1.0),
+    ]}  # fmt: skip
+    (tmp_path / "ce.json").write_text(json.dumps(ce))
+    (tmp_path / "linear.json").write_text(json.dumps(linear))
+    summary = goals.summarise(
+        tmp_path / "ce.json", tmp_path / "linear.json", ce_shape=ce_shape, linear_shape=lin_shape
+    )
+    pallas, xla = summary["ce"]["jax_softmax_ce:pallas"], summary["ce"]["jax_softmax_ce:xla"]
+    assert pallas["bandwidth_fraction_of_copy"]["pass"] is True
+    assert pallas["speedup_vs_optax"]["value"] == 3.0 and pallas["speedup_vs_optax"]["pass"]
+    assert pallas["time_vs_liger"]["value"] == 1.0 / 1.5 and pallas["time_vs_liger"]["pass"]
+    assert pallas["extra_memory_vs_gradient_plus_rows"]["pass"] is True
+    assert xla["bandwidth_fraction_of_copy"]["pass"] is False
+    assert xla["speedup_vs_optax"]["value"] == 1.5 and not xla["speedup_vs_optax"]["pass"]
+    assert xla["time_vs_liger"]["pass"] is False
+    assert xla["extra_memory_vs_gradient_plus_rows"]["pass"] is False  # temp + output > bound
+    fused = summary["linear"]["jax_softmax_ce.linear:xla"]
+    np.testing.assert_allclose(fused["time_vs_materialised"]["value"], 1.1)
+    assert fused["time_vs_materialised"]["pass"] is True
+    assert fused["temp_memory_vs_materialised"]["value"] == 0.01
+    assert fused["time_vs_liger"]["pass"] is False  # 1.1 s against 1.0 s
+    skipped = summary["linear"]["jax_softmax_ce.linear:pallas"]["time_vs_materialised"]
+    assert skipped["pass"] is None and "skipped" in skipped["reason"]
+    assert goals.summarise(tmp_path / "no.json", tmp_path / "linear.json")["ce"] is None
