@@ -1,5 +1,9 @@
 """Test-wide settings: float64 available, strict dtype promotion, warnings are errors, and four
-virtual CPU devices for the sharding tests. They are set before any test module touches JAX."""
+virtual CPU devices for the sharding tests. They are set before any test module touches JAX.
+
+The ``mesh`` fixture is a one-axis ("d") mesh over four devices of the default backend, or over
+all of them where there are fewer (one GPU), so that the sharding tests also run, compiled, on an
+accelerator host."""
 
 import warnings
 
@@ -21,3 +25,8 @@ def _warnings_are_errors():
             "ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning
         )
         yield
+
+
+@pytest.fixture
+def mesh():
+    return jax.make_mesh((min(4, len(jax.devices())),), ("d",))

@@ -781,8 +781,7 @@ def test_optax_training_step():
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("spec", [PartitionSpec("d", None), PartitionSpec(None, "d")])
-def test_sharded_inputs_under_jit(implementation, spec):
-    mesh = jax.make_mesh((4,), ("d",))
+def test_sharded_inputs_under_jit(implementation, spec, mesh):
     rng = np.random.default_rng(13)
     logits = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 12, 8))
@@ -801,8 +800,7 @@ def test_sharded_inputs_under_jit(implementation, spec):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_inside_shard_map_data_parallel(implementation):
-    mesh = jax.make_mesh((4,), ("d",))
+def test_inside_shard_map_data_parallel(implementation, mesh):
     rng = np.random.default_rng(14)
     logits = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 12, 8))
