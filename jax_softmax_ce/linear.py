@@ -155,6 +155,34 @@ def _block_start(index, block: int, size: int):
     return jnp.minimum(index * block, size - block)
 
 
+def _manual_axes(problem: LinearProblem) -> tuple[str, ...]:
+    """The ``shard_map`` axes over which some operand varies (empty outside ``shard_map``)."""
+    axes = frozenset().union(*(_varying_axes(x) for x in problem if x is not None))
+    return tuple(sorted(axes))
+
+
+def _varying_axes(x) -> frozenset[str]:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; before: aval.vma
+    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def _like_primal(grad, primal):
+    """A gradient summed over the ``shard_map`` axes over which it varies and its primal does
+    not: a replicated projection used by every shard's tokens gets the sum of the shards'
+    contributions, as JAX's own transpose of the implicit broadcast gives."""
+    extra = _varying_axes(grad) - _varying_axes(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
+
+
+def _varying(tree, axes: tuple[str, ...]):
+    """Loop carries built from constants, made to vary like the operands that update them (inside
+    ``shard_map`` a loop's carry must keep its type)."""
+    if not axes:
+        return tree
+    return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), tree)
+
+
 def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows: Rows):
     """``RowState`` of ``[N, 1]`` accumulators, looping over row blocks, then vocabulary blocks."""
     x, weight = problem.inputs, problem.weight
@@ -165,6 +193,7 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
     smoothing = bool(options.label_smoothing)
     bias = None if problem.bias is None else problem.bias[None, :]
     cw = None if problem.class_weights is None else problem.class_weights[None, :]
+    axes = _manual_axes(problem)
 
     def row_block(i, state):
         r0 = _block_start(i, bn, n)
@@ -191,7 +220,7 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
                 options=options,
             )
 
-        init = _kernels.row_state_init(bn, dtype, smoothing)
+        init = _varying(_kernels.row_state_init(bn, dtype, smoothing), axes)
         block = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
         fresh = _kernels.rows_ok(r0, i * bn, bn, n)
 
@@ -201,7 +230,7 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
 
         return jax.tree.map(write, state, block)
 
-    init = _kernels.row_state_init(n, dtype, smoothing)
+    init = _varying(_kernels.row_state_init(n, dtype, smoothing), axes)
     return jax.lax.fori_loop(0, _cdiv(n, bn), row_block, init)
 
 
@@ -217,6 +246,7 @@ def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
     bias = None if problem.bias is None else problem.bias[None, :]
     cw = None if problem.class_weights is None else problem.class_weights[None, :]
     n_valid = jnp.broadcast_to(rows.n_valid, (n, 1))
+    axes = _manual_axes(problem)
 
     def vocab_block(j, carry):
         dx, dw, db, t_sum = carry
@@ -270,8 +300,8 @@ def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
                 acc = jax.lax.cond(tile.keep, accumulate, lambda a: a, acc)
             return (*acc, t_sum)
 
-        dw_init = jnp.zeros((bv, d) if config.vd else (d, bv), dtype)
-        db_init = None if bias is None else jnp.zeros((1, bv), dtype)
+        dw_init = _varying(jnp.zeros((bv, d) if config.vd else (d, bv), dtype), axes)
+        db_init = None if bias is None else _varying(jnp.zeros((1, bv), dtype), axes)
         dx, dw_blk, db_blk, t_sum = jax.lax.fori_loop(
             0, _cdiv(n, bn), row_block, (dx, dw_init, db_init, t_sum)
         )
@@ -286,11 +316,14 @@ def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
             db = jax.lax.dynamic_update_slice_in_dim(db, new, c0, 1)
         return dx, dw, db, t_sum
 
-    init = (
-        jnp.zeros((n, d), dtype),
-        jnp.zeros(weight.shape, weight.dtype),
-        None if bias is None else jnp.zeros((1, v), dtype),
-        jnp.zeros((), dtype),
+    init = _varying(
+        (
+            jnp.zeros((n, d), dtype),
+            jnp.zeros(weight.shape, weight.dtype),
+            None if bias is None else jnp.zeros((1, v), dtype),
+            jnp.zeros((), dtype),
+        ),
+        axes,
     )
     dx, dw, db, t_sum = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
     return dx, dw, None if db is None else db[0], t_sum
@@ -350,7 +383,7 @@ def _fused_bwd(options, config, residuals, cotangent):
             lse2 = jnp.where(finite, lse, 0) ** 2
             t_sum = t_sum + jnp.sum(jnp.where(finite, 2.0 * options.z_loss * ct[:, 0] * lse2, 0))
         d_temperature = (-t_sum / t).astype(problem.temperature.dtype)
-    return (
+    grads = (
         dx.astype(problem.inputs.dtype),
         dw.astype(problem.weight.dtype),
         None if db is None else db.astype(problem.bias.dtype),
@@ -358,6 +391,10 @@ def _fused_bwd(options, config, residuals, cotangent):
         None,
         None,
         d_temperature,
+    )
+    return tuple(
+        None if g is None else _like_primal(g, primal)
+        for g, primal in zip(grads, operands, strict=True)
     )
 
 
@@ -414,6 +451,40 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "pallas": _pallas,
     "reference": _materialised,
 }
+
+
+def _explicit_mesh(problem: LinearProblem):
+    """The mesh of the first operand with an explicit sharding (``jax.typeof(x).sharding`` names a
+    mesh axis), or None."""
+    for x in problem:
+        sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
+        if sharding is not None and any(axis is not None for axis in sharding.spec):
+            return sharding.mesh
+    return None
+
+
+def _run_implementation(implementation, problem: LinearProblem, options, config) -> jax.Array:
+    """Per-example losses from one implementation. Operands with an explicit sharding (data- or
+    vocabulary-parallel under ``jit``) are handed to XLA's partitioner: the blockwise loops run
+    under `jax.sharding.auto_axes`, since their dynamic slices have no explicit-sharding rule,
+    and the losses come back sharded like the inputs' rows. Pallas kernels cannot be partitioned
+    that way and raise; inside ``shard_map`` every implementation runs per shard."""
+    mesh = _explicit_mesh(problem)
+    if mesh is None:
+        return implementation(problem, options, config)
+    if config.engine == "pallas":
+        raise NotImplementedError(
+            'implementation="pallas" does not take arrays with an explicit sharding under jit; '
+            'call it inside shard_map (per-shard kernels) or use implementation="xla"'
+        )
+    rows = jax.typeof(problem.inputs).sharding.spec
+    out = jax.sharding.PartitionSpec(rows[0] if rows else None)
+
+    def run(problem):
+        return implementation(problem, options, config)
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(run, out_sharding=out)(problem)
 
 
 def _check_operands(inputs, weight, bias, labels, weight_layout):
@@ -626,7 +697,7 @@ def linear_softmax_cross_entropy(
         pallas_backend=pallas_backend,
         interpret=bool(interpret),
     )
-    losses = IMPLEMENTATIONS[implementation](problem, options, config)
+    losses = _run_implementation(IMPLEMENTATIONS[implementation], problem, options, config)
     return _canonical.reduce_losses(
         losses,
         _logits_stand_in(problem, v),

@@ -432,3 +432,138 @@ def test_errors_name_the_argument_and_shapes(kwargs, error, match):
     inputs, weight, labels = args.pop("inputs"), args.pop("weight"), args.pop("labels")
     with pytest.raises(error, match=match):
         sce.linear_softmax_cross_entropy(inputs, weight, labels, **args)
+
+
+def _numpy_input_hvp(x, w, b, u):
+    """``d/dx <dL/dx, u>`` for the plain summed loss: per row ``W (diag p - p p^T) W^T u``."""
+    z = x @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    wu = u @ w  # [N, V]: (W^T u_i) per row
+    hz = p * wu - p * (p * wu).sum(1, keepdims=True)
+    return hz @ w.T
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_grad_of_grad_is_the_softmax_hessian(layout):
+    x, w, b, y = _data(seed=21)
+    u = np.random.default_rng(22).normal(size=x.shape)
+
+    def loss(x):
+        return sce.linear_softmax_cross_entropy(
+            x,
+            jnp.asarray(w if layout == "dv" else w.T),
+            jnp.asarray(y),
+            bias=jnp.asarray(b),
+            weight_layout=layout,
+            reduction="sum",
+            block_sizes=SMALL_BLOCKS,
+        )
+
+    hvp = jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), jnp.asarray(u))))(jnp.asarray(x))
+    assert hvp.shape == x.shape and hvp.dtype == jnp.float64
+    np.testing.assert_allclose(hvp, _numpy_input_hvp(x, w, b, u), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["smoothing_weights", "zloss_softcap_temperature", "where_full"])
+def test_grad_of_grad_with_options_matches_reference(name):
+    """Second derivatives with respect to inputs and weight, through the custom_vjp's backward
+    loops, against autodiff of the materialised formula ("reference")."""
+    x, w, b, y = _data(seed=23)
+    options, y = _resolve(OPTIONS[name], y)
+    rng = np.random.default_rng(24)
+    u, t = jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape))
+
+    def hvp(implementation):
+        def loss(x, w):
+            return sce.linear_softmax_cross_entropy(
+                x,
+                w,
+                jnp.asarray(y),
+                bias=jnp.asarray(b),
+                implementation=implementation,
+                reduction="mean",
+                **({"block_sizes": SMALL_BLOCKS} if implementation == "xla" else {}),
+                **_jax_options(options),
+            )
+
+        def directional(x, w):
+            dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+            return jnp.vdot(dx, u) + jnp.vdot(dw, t)
+
+        return jax.grad(directional, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+
+    got, want = hvp("xla"), hvp("reference")
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape and g.dtype == jnp.float64
+        np.testing.assert_allclose(g, r, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("axis", ["tokens", "vocabulary"])
+def test_sharded_inputs_under_jit(axis, mesh):
+    """Inputs sharded over tokens, or the projection over the vocabulary, give the unsharded
+    values and gradients (XLA partitions the loops)."""
+    P = jax.sharding.PartitionSpec
+    x, w, b, y = _data(seed=25, n=16, v=52)  # divisible by any mesh size up to 4
+    expected = numpy_linear_ce(x, w, y, bias=b, reduction="mean")
+    put = {
+        "tokens": (P("d", None), P(None, None), P(None)),
+        "vocabulary": (P(None, None), P(None, "d"), P("d")),
+    }[axis]
+    args = [
+        jax.device_put(jnp.asarray(a), jax.NamedSharding(mesh, spec))
+        for a, spec in zip((x, w, b), put, strict=True)
+    ]
+    fn = jax.jit(
+        jax.value_and_grad(
+            lambda x, w, b: sce.linear_softmax_cross_entropy(
+                x, w, jnp.asarray(y), bias=b, reduction="mean", block_sizes=SMALL_BLOCKS
+            ),
+            argnums=(0, 1, 2),
+        )
+    )
+    value, grads = fn(*args)
+    np.testing.assert_allclose(value, expected[0], rtol=1e-10)
+    for got, want in zip(grads, expected[2:5], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_inside_shard_map_data_parallel(implementation, mesh):
+    """Data parallelism: each shard takes its tokens and the whole, replicated projection. The
+    loss is summed across shards with psum; the gradients of the replicated weight and bias come
+    back already summed over the shards, as JAX's autodiff gives for replicated operands (the
+    "reference" implementation is plain autodiff)."""
+    P = jax.sharding.PartitionSpec
+    x, w, b, y = _data(seed=26, n=16)
+    expected = numpy_linear_ce(x, w, y, bias=b)
+
+    def per_shard(x, w, b, y):
+        def loss(x, w, b):
+            blocks = {"block_sizes": BlockSizes(2, 16)} if implementation == "xla" else {}
+            return sce.linear_softmax_cross_entropy(
+                x, w, y, bias=b, reduction="sum", implementation=implementation, **blocks
+            )
+
+        value, (dx, dw, db) = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
+        return jax.lax.psum(value, "d"), dx, dw, db
+
+    fn = jax.jit(
+        jax.shard_map(
+            per_shard,
+            mesh=mesh,
+            in_specs=(P("d"), P(), P(), P("d")),
+            out_specs=(P(), P("d"), P(), P()),
+        )
+    )
+    sharding = jax.NamedSharding(mesh, P("d"))
+    value, dx, dw, db = fn(
+        jax.device_put(jnp.asarray(x), sharding),
+        jnp.asarray(w),
+        jnp.asarray(b),
+        jax.device_put(jnp.asarray(y), sharding),
+    )
+    np.testing.assert_allclose(value, expected[0], rtol=1e-10)
+    np.testing.assert_allclose(dx, expected[2], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dw, expected[3], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(db, expected[4], rtol=1e-9, atol=1e-12)
