@@ -567,3 +567,15 @@ def test_inside_shard_map_data_parallel(implementation, mesh):
     np.testing.assert_allclose(dx, expected[2], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(dw, expected[3], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(db, expected[4], rtol=1e-9, atol=1e-12)
+
+
+def test_pallas_with_explicitly_sharded_inputs_raises(mesh):
+    x, w, _, y = _data(n=16)
+    x = jax.device_put(jnp.asarray(x), jax.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    fn = jax.jit(
+        lambda x: sce.linear_softmax_cross_entropy(
+            x, jnp.asarray(w), jnp.asarray(y), implementation="pallas", interpret=True
+        )
+    )
+    with pytest.raises(NotImplementedError, match="shard_map"):
+        fn(x)
