@@ -150,11 +150,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _block_start(index, block: int, size: int):
-    """Start of block ``index``: ``index * block``, moved back so the block ends inside ``size``."""
-    return jnp.minimum(index * block, size - block)
-
-
 def _manual_axes(problem: LinearProblem) -> tuple[str, ...]:
     """The ``shard_map`` axes over which some operand varies (empty outside ``shard_map``)."""
     axes = frozenset().union(*(_varying_axes(x) for x in problem if x is not None))
@@ -196,13 +191,13 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
     axes = _manual_axes(problem)
 
     def row_block(i, state):
-        r0 = _block_start(i, bn, n)
+        r0 = _kernels.block_start(i, bn, n)
         x_blk = _slice(x, r0, bn, 0)
         labels = _slice(rows.labels, r0, bn, 0)
         label_weight = _slice(rows.label_weight, r0, bn, 0)
 
         def vocab_block(j, acc):
-            c0 = _block_start(j, bv, v)
+            c0 = _kernels.block_start(j, bv, v)
             return _kernels.forward_tile(
                 acc,
                 x_blk,
@@ -250,14 +245,14 @@ def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
 
     def vocab_block(j, carry):
         dx, dw, db, t_sum = carry
-        c0 = _block_start(j, bv, v)
+        c0 = _kernels.block_start(j, bv, v)
         w_blk = _weight_block(weight, c0, bv, config.vd)
         b_blk = None if bias is None else _slice(bias, c0, bv, 1)
         cw_blk = None if cw is None else _slice(cw, c0, bv, 1)
 
         def row_block(i, inner):
             dx, dw_blk, db_blk, t_sum = inner
-            r0 = _block_start(i, bn, n)
+            r0 = _kernels.block_start(i, bn, n)
             x_blk = _slice(x, r0, bn, 0)
             fresh = _kernels.rows_ok(r0, i * bn, bn, n)
             tile = _kernels.backward_tile(
@@ -293,12 +288,7 @@ def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
                     db_blk = db_blk + jnp.sum(tile.dz, axis=0, keepdims=True)
                 return dx, dw_blk, db_blk
 
-            acc = (dx, dw_blk, db_blk)
-            if tile.keep is None:
-                acc = accumulate(acc)
-            else:
-                acc = jax.lax.cond(tile.keep, accumulate, lambda a: a, acc)
-            return (*acc, t_sum)
+            return (*_kernels.when_kept(tile.keep, accumulate, (dx, dw_blk, db_blk)), t_sum)
 
         dw_init = _varying(jnp.zeros((bv, d) if config.vd else (d, bv), dtype), axes)
         db_init = None if bias is None else _varying(jnp.zeros((1, bv), dtype), axes)

@@ -132,6 +132,27 @@ class Residuals(NamedTuple):
     ct: jax.Array
 
 
+def backward_out_shape(config: Config, inputs: Inputs, t_shape) -> list[jax.ShapeDtypeStruct]:
+    """Outputs of a backward kernel: ``d_logits``, then ``d_labels`` (probability labels) and the
+    per-block temperature terms of shape ``t_shape`` (array temperature) when asked for."""
+    logits = inputs.logits
+    out_shape = [out_struct(logits.shape, logits.dtype, logits)]
+    if not config.integer:
+        out_shape.append(out_struct(logits.shape, inputs.labels.dtype, logits))
+    if config.temperature is None:
+        out_shape.append(out_struct(t_shape, _tile.accumulation_dtype(logits.dtype), logits))
+    return out_shape
+
+
+def backward_outputs(config: Config, outs):
+    """``(d_logits, d_labels, t_parts)`` in the order of `backward_out_shape`, None where not
+    asked for; ``outs`` are the arrays of a backward call or the output refs of its kernel."""
+    d_logits, *rest = outs
+    d_labels = None if config.integer else rest.pop(0)
+    t_parts = None if config.temperature is not None else rest.pop(0)
+    return d_logits, d_labels, t_parts
+
+
 class Grads(NamedTuple):
     """Backward outputs: ``d_logits`` ``[N, V]``, ``d_labels`` ``[N, V]`` (probability labels
     only) and ``t_row`` ``[N, 1]``, the per-row `_tile.temperature_term` (array temperature
@@ -142,15 +163,8 @@ class Grads(NamedTuple):
     t_row: jax.Array | None
 
 
-class ForwardState(NamedTuple):
-    lse: _tile.Lse
-    target: _tile.Term
-    smoothing: _tile.Term | None
-
-
-def forward_init(config: Config, rows: int, dtype) -> ForwardState:
-    smoothing = _tile.term_init(rows, dtype) if config.label_smoothing else None
-    return ForwardState(_tile.lse_init(rows, dtype), _tile.term_init(rows, dtype), smoothing)
+def forward_init(config: Config, rows: int, dtype) -> _tile.RowState:
+    return _tile.row_state_init(rows, dtype, bool(config.label_smoothing))
 
 
 def temperature_value(config: Config, temperature):
@@ -160,14 +174,7 @@ def temperature_value(config: Config, temperature):
 def masked_logits(config: Config, z_raw, valid, temperature):
     """``z'`` of one block: transformed, and -inf on invalid or out-of-bounds classes."""
     t = temperature_value(config, temperature)
-    z = _tile.transform(z_raw, softcap=config.softcap, temperature=t)
-    return jnp.where(valid, z, _tile.NEG_INF)
-
-
-def smoothing_block(class_weights, valid, dtype):
-    """Weights of the uniform smoothing target in one block: ``w_k`` on valid classes."""
-    w = jnp.ones((), dtype) if class_weights is None else class_weights
-    return jnp.where(valid, w, jnp.zeros((), dtype))
+    return _tile.masked_transform(z_raw, valid, softcap=config.softcap, temperature=t)
 
 
 def target_block(
@@ -175,8 +182,7 @@ def target_block(
 ):
     """``a = w q`` of one block before smoothing, ``[rows, cols]``."""
     if config.integer:
-        hit = _tile.onehot_block(labels, col0, valid.shape[1]) & in_bounds
-        return jnp.where(hit, label_weight, jnp.zeros((), dtype))
+        return _tile.label_target(labels, label_weight, col0, in_bounds)
     a = labels.astype(dtype)
     if class_weights is not None:
         a = a * class_weights
@@ -185,7 +191,7 @@ def target_block(
 
 def forward_step(
     config: Config,
-    state: ForwardState,
+    state: _tile.RowState,
     z,
     col0,
     in_bounds,
@@ -194,7 +200,7 @@ def forward_step(
     labels,
     label_weight,
     class_weights,
-) -> ForwardState:
+) -> _tile.RowState:
     """Merges one block of masked logits ``z`` (``[rows, cols]``) into the running state."""
     dtype = z.dtype
     lse, ref, shift = _tile.lse_merge(state.lse, z)
@@ -211,12 +217,12 @@ def forward_step(
     target = _tile.term_merge(state.target, shift, *term)
     smoothing = state.smoothing
     if smoothing is not None:
-        weights = jnp.broadcast_to(smoothing_block(class_weights, valid, dtype), z.shape)
-        smoothing = _tile.term_merge(smoothing, shift, *_tile.dense_term(weights, z, ref))
-    return ForwardState(lse, target, smoothing)
+        weights = _tile.smoothing_weights(valid, class_weights, dtype)
+        smoothing = _tile.dense_merge(smoothing, shift, weights, z, ref)
+    return _tile.RowState(lse, target, smoothing)
 
 
-def forward_finish(config: Config, state: ForwardState, label_weight, n_valid):
+def forward_finish(config: Config, state: _tile.RowState, label_weight, n_valid):
     """``(loss, lse, w_total)`` per row, each ``[rows, 1]``.
 
     With integer labels the target's total weight is the label's class weight itself, so that
@@ -261,7 +267,7 @@ def backward_block(
     z = masked_logits(config, z_raw, valid, temperature)
     a = target_block(config, col0, in_bounds, valid, labels, label_weight, class_weights, dtype)
     if config.label_smoothing:
-        smoothing = smoothing_block(class_weights, valid, dtype)
+        smoothing = _tile.smoothing_weights(valid, class_weights, dtype)
         a = _tile.mix(config.label_smoothing, n_valid, a, smoothing)
     g = _tile.grad_block(z, lse, w_total, a, z_loss=config.z_loss)
     counted = ct != 0

@@ -49,10 +49,28 @@ def transform_vjp(z: jax.Array, g: jax.Array, *, softcap: float | None, temperat
     return g
 
 
+def masked_transform(z: jax.Array, valid, *, softcap: float | None, temperature) -> jax.Array:
+    """``z' = softcap(z) / T`` on valid classes, -inf elsewhere (``valid`` broadcasts to z)."""
+    return jnp.where(valid, transform(z, softcap=softcap, temperature=temperature), NEG_INF)
+
+
 def onehot_block(labels: jax.Array, col0, cols: int) -> jax.Array:
     """``[rows, cols]`` bool, True where the global class id ``col0 + j`` equals the row's label."""
     ids = col0 + jax.lax.broadcasted_iota(labels.dtype, (labels.shape[0], cols), 1)
     return ids == labels
+
+
+def label_target(labels: jax.Array, label_weight: jax.Array, col0, ok: jax.Array) -> jax.Array:
+    """``[rows, cols]`` target weights ``w_t onehot(t)`` of integer labels ``[rows, 1]``, 0 where
+    ``ok`` (``[rows or 1, cols]`` bool) is False."""
+    hit = onehot_block(labels, col0, ok.shape[1]) & ok
+    return jnp.where(hit, label_weight, jnp.zeros((), label_weight.dtype))
+
+
+def smoothing_weights(valid, class_weights, dtype) -> jax.Array:
+    """Weights of the uniform smoothing target in one block: ``w_k`` on valid classes, else 0."""
+    w = jnp.ones((), dtype) if class_weights is None else class_weights.astype(dtype)
+    return jnp.where(valid, w, jnp.zeros((), dtype))
 
 
 class Lse(NamedTuple):
@@ -69,12 +87,28 @@ class Term(NamedTuple):
     a: jax.Array  # [rows, 1]
 
 
+class RowState(NamedTuple):
+    """The forward accumulators of a row block, each ``[rows, 1]``."""
+
+    lse: Lse
+    target: Term
+    smoothing: Term | None
+
+
 def lse_init(rows: int, dtype) -> Lse:
     return Lse(jnp.full((rows, 1), NEG_INF, dtype), jnp.zeros((rows, 1), dtype))
 
 
 def term_init(rows: int, dtype) -> Term:
     return Term(jnp.zeros((rows, 1), dtype), jnp.zeros((rows, 1), dtype))
+
+
+def row_state_init(rows: int, dtype, smoothing: bool) -> RowState:
+    return RowState(
+        lse_init(rows, dtype),
+        term_init(rows, dtype),
+        term_init(rows, dtype) if smoothing else None,
+    )
 
 
 def reference_point(m: jax.Array) -> jax.Array:
@@ -119,6 +153,11 @@ def picked_term(
 def term_merge(term: Term, shift: jax.Array, w: jax.Array, a: jax.Array) -> Term:
     """Adds one block's ``(w, a)`` after moving the accumulated ``a`` to the new reference."""
     return Term(term.w + w, term.a - term.w * shift + a)
+
+
+def dense_merge(term: Term, shift: jax.Array, weights, z: jax.Array, ref: jax.Array) -> Term:
+    """`term_merge` of this block's `dense_term`; ``weights`` broadcast to ``z``."""
+    return term_merge(term, shift, *dense_term(jnp.broadcast_to(weights, z.shape), z, ref))
 
 
 def mix(label_smoothing: float, n_valid: jax.Array, target, smoothing):

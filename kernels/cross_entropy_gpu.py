@@ -175,12 +175,8 @@ def forward(
 
 
 def _backward_kernel(*refs, config, in_tree, bn, bv, n, v, dtype):
-    num_in = in_tree.num_leaves
-    inputs, residuals = jax.tree.unflatten(in_tree, refs[:num_in])
-    d_logits_ref, *out_refs = refs[num_in:]
-    d_labels_ref = None if config.integer else out_refs.pop(0)
-    t_ref = None if config.temperature is not None else out_refs.pop(0)
-
+    inputs, residuals = jax.tree.unflatten(in_tree, refs[: in_tree.num_leaves])
+    d_logits_ref, d_labels_ref, t_ref = _blocks.backward_outputs(config, refs[in_tree.num_leaves :])
     j = pl.program_id(1)
     block = _Block(config, bn, bv, n, v, pl.program_id(0) * bn, j * bv)
     valid = block.valid(inputs.where)
@@ -220,25 +216,17 @@ def backward(
     num_v = pl.cdiv(v, bv)
     dtype = _tile.accumulation_dtype(inputs.logits.dtype)
     leaves, in_tree = jax.tree.flatten((inputs, residuals))
-    out_shape = [_blocks.out_struct((n, v), inputs.logits.dtype, inputs.logits)]
-    if not config.integer:
-        out_shape.append(_blocks.out_struct((n, v), inputs.labels.dtype, inputs.logits))
-    if config.temperature is None:
-        out_shape.append(_blocks.out_struct((n, num_v), dtype, inputs.logits))
     kernel = functools.partial(
         _backward_kernel, config=config, in_tree=in_tree, bn=bn, bv=bv, n=n, v=v, dtype=dtype
     )
     outs = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, bn), num_v),
-        out_shape=out_shape,
+        out_shape=_blocks.backward_out_shape(config, inputs, (n, num_v)),
         compiler_params=_compiler_params(blocks),
         interpret=interpret,
         name="softmax_cross_entropy_bwd_gpu",
     )(*leaves)
-    d_logits, *rest = outs
-    d_labels = None if config.integer else rest.pop(0)
-    t_row = None
-    if config.temperature is None:
-        t_row = jnp.sum(rest.pop(0), axis=1, keepdims=True)
+    d_logits, d_labels, t_parts = _blocks.backward_outputs(config, outs)
+    t_row = None if t_parts is None else jnp.sum(t_parts, axis=1, keepdims=True)
     return _blocks.Grads(d_logits, d_labels, t_row)

@@ -91,6 +91,15 @@ def _temperature(ref):
     return None if ref is None else ref[0, 0]
 
 
+def _labels(inputs: _blocks.Inputs) -> dict:
+    """The label operands of the current block, as the `_blocks` steps take them."""
+    return dict(
+        labels=inputs.labels[...],
+        label_weight=_loaded(inputs.label_weight),
+        class_weights=_loaded(inputs.class_weights),
+    )
+
+
 def _forward_kernel(*refs, config, in_tree, state_tree, n, v, dtype):
     num_in, num_state = in_tree.num_leaves, state_tree.num_leaves
     inputs = jax.tree.unflatten(in_tree, refs[:num_in])
@@ -109,17 +118,7 @@ def _forward_kernel(*refs, config, in_tree, state_tree, n, v, dtype):
     temperature = _temperature(inputs.temperature)
     z = _blocks.masked_logits(config, inputs.logits[...].astype(dtype), valid, temperature)
     state = jax.tree.unflatten(state_tree, [ref[...] for ref in state_refs])
-    state = _blocks.forward_step(
-        config,
-        state,
-        z,
-        col0,
-        in_bounds,
-        valid,
-        labels=inputs.labels[...],
-        label_weight=_loaded(inputs.label_weight),
-        class_weights=_loaded(inputs.class_weights),
-    )
+    state = _blocks.forward_step(config, state, z, col0, in_bounds, valid, **_labels(inputs))
     for ref, x in zip(state_refs, jax.tree.leaves(state), strict=True):
         ref[...] = x
 
@@ -172,12 +171,8 @@ def forward(
 
 
 def _backward_kernel(*refs, config, in_tree, n, v, dtype):
-    num_in = in_tree.num_leaves
-    inputs, residuals = jax.tree.unflatten(in_tree, refs[:num_in])
-    d_logits_ref, *out_refs = refs[num_in:]
-    d_labels_ref = None if config.integer else out_refs.pop(0)
-    t_ref = None if config.temperature is not None else out_refs.pop(0)
-
+    inputs, residuals = jax.tree.unflatten(in_tree, refs[: in_tree.num_leaves])
+    d_logits_ref, d_labels_ref, t_ref = _blocks.backward_outputs(config, refs[in_tree.num_leaves :])
     col0, in_bounds, valid = _masks(config, inputs.where, inputs.logits.shape, n, v)
     d_logits, d_labels, t_part = _blocks.backward_block(
         config,
@@ -185,9 +180,7 @@ def _backward_kernel(*refs, config, in_tree, n, v, dtype):
         col0,
         in_bounds,
         valid,
-        labels=inputs.labels[...],
-        label_weight=_loaded(inputs.label_weight),
-        class_weights=_loaded(inputs.class_weights),
+        **_labels(inputs),
         n_valid=_loaded(inputs.n_valid),
         temperature=_temperature(inputs.temperature),
         lse=residuals.lse[...],
@@ -219,13 +212,10 @@ def backward(
     dense = pl.BlockSpec((bn, bv), lambda i, j: (i, j))
     in_specs = [*jax.tree.leaves(_specs(config, inputs, blocks)), row, row, row]
     out_specs = [dense]
-    out_shape = [_blocks.out_struct((n, v), inputs.logits.dtype, inputs.logits)]
     if not config.integer:
         out_specs.append(dense)
-        out_shape.append(_blocks.out_struct((n, v), inputs.labels.dtype, inputs.logits))
     if config.temperature is None:
         out_specs.append(pl.BlockSpec((pl.Squeezed(), bn, 1), lambda i, j: (j, i, 0)))
-        out_shape.append(_blocks.out_struct((num_v, n, 1), dtype, inputs.logits))
     kernel = functools.partial(
         _backward_kernel, config=config, in_tree=in_tree, n=n, v=v, dtype=dtype
     )
@@ -234,12 +224,11 @@ def backward(
         grid=(pl.cdiv(n, bn), num_v),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=out_shape,
+        out_shape=_blocks.backward_out_shape(config, inputs, (num_v, n, 1)),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params() if interpret else False,
         name="softmax_cross_entropy_bwd_tpu",
     )(*leaves)
-    d_logits, *rest = outs
-    d_labels = None if config.integer else rest.pop(0)
-    t_row = None if config.temperature is not None else jnp.sum(rest.pop(0), axis=0)
+    d_logits, d_labels, t_parts = _blocks.backward_outputs(config, outs)
+    t_row = None if t_parts is None else jnp.sum(t_parts, axis=0)
     return _blocks.Grads(d_logits, d_labels, t_row)

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax_softmax_ce.kernels import _tile
+from jax_softmax_ce.kernels._tile import RowState, row_state_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,22 +72,6 @@ class BlockSizes:
         if implementation == "xla":
             return cls(1024, 2048)
         return cls(256, 512)
-
-
-class RowState(NamedTuple):
-    """The forward accumulators of a row block, each ``[rows, 1]``."""
-
-    lse: _tile.Lse
-    target: _tile.Term
-    smoothing: _tile.Term | None
-
-
-def row_state_init(rows: int, dtype, smoothing: bool) -> RowState:
-    return RowState(
-        _tile.lse_init(rows, dtype),
-        _tile.term_init(rows, dtype),
-        _tile.term_init(rows, dtype) if smoothing else None,
-    )
 
 
 def logits_tile(x: jax.Array, w: jax.Array, bias, *, vd: bool) -> jax.Array:
@@ -119,46 +104,14 @@ def rows_ok(row0, lo, rows: int, num_rows: int) -> jax.Array:
     return (ids >= lo) & (ids < num_rows)
 
 
-def transformed_tile(z_raw, valid, *, softcap, temperature) -> jax.Array:
-    """``z' = softcap(z) / T`` on valid classes, -inf elsewhere (``valid`` broadcasts to z)."""
-    z = _tile.transform(z_raw, softcap=softcap, temperature=temperature)
-    return jnp.where(valid, z, _tile.NEG_INF)
-
-
-def target_tile(labels, label_weight, col0, ok) -> jax.Array:
-    """``[rows, cols]`` target weights ``w_t onehot(t)`` of integer labels ``[rows, 1]``."""
-    onehot = _tile.onehot_block(labels, col0, ok.shape[1]) & ok
-    return jnp.where(onehot, label_weight, jnp.zeros((), label_weight.dtype))
-
-
-def smoothing_tile(valid, class_weights, dtype) -> jax.Array:
-    """Weights of the uniform smoothing target on this tile: ``w_k`` on valid classes."""
-    w = jnp.ones((), dtype) if class_weights is None else class_weights.astype(dtype)
-    return jnp.where(valid, w, jnp.zeros((), dtype))
-
-
 def forward_step(state: RowState, z, target, smoothing) -> RowState:
     """Merges one tile of transformed logits into the running log-sum-exp and target sums."""
     z = z.astype(state.lse.m.dtype)
     lse, ref, shift = _tile.lse_merge(state.lse, z)
-    term = _tile.term_merge(state.target, shift, *_tile.dense_term(target, z, ref))
-    smooth = None
+    term = _tile.dense_merge(state.target, shift, target, z, ref)
     if smoothing is not None:
-        smoothing = jnp.broadcast_to(smoothing, z.shape)
-        smooth = _tile.term_merge(state.smoothing, shift, *_tile.dense_term(smoothing, z, ref))
-    return RowState(lse, term, smooth)
-
-
-def grad_tile(z, lse, total_weight, target, smoothing, n_valid, *, label_smoothing, z_loss):
-    """``dl/dz'`` of one tile before the cotangent: ``(W + 2 z_loss lse) p - a``.
-
-    ``total_weight`` is the row's ``W`` (label weight mixed with the smoothing total), ``target``
-    and ``smoothing`` are this tile's weights before mixing.
-    """
-    a = target
-    if smoothing is not None:
-        a = _tile.mix(label_smoothing, n_valid, target, smoothing)
-    return _tile.grad_block(z, lse, total_weight, a, z_loss=z_loss)
+        smoothing = _tile.dense_merge(state.smoothing, shift, smoothing, z, ref)
+    return RowState(lse, term, smoothing)
 
 
 def keep_tile(g: jax.Array, filter_eps: float) -> jax.Array:
@@ -207,11 +160,11 @@ def forward_tile(
     z_raw = logits_tile(x, w, bias, vd=vd)
     ok = columns_ok(col0, lo, z_raw.shape[1], num_classes)
     valid = ok if where is None else ok & where
-    z = transformed_tile(z_raw, valid, softcap=options.logit_softcap, temperature=temperature)
-    target = target_tile(labels, label_weight, col0, ok)
+    z = _tile.masked_transform(z_raw, valid, softcap=options.logit_softcap, temperature=temperature)
+    target = _tile.label_target(labels, label_weight, col0, ok)
     smooth = None
     if options.label_smoothing:
-        smooth = smoothing_tile(valid, class_weights, z.dtype)
+        smooth = _tile.smoothing_weights(valid, class_weights, z.dtype)
     return forward_step(state, z, target, smooth)
 
 
@@ -250,21 +203,13 @@ def backward_tile(
     z_raw = logits_tile(x, w, bias, vd=vd)
     ok = columns_ok(col0, lo, z_raw.shape[1], num_classes)
     valid = ok if where is None else ok & where
-    z = transformed_tile(z_raw, valid, softcap=options.logit_softcap, temperature=temperature)
-    target = target_tile(labels, label_weight, col0, ok)
+    z = _tile.masked_transform(z_raw, valid, softcap=options.logit_softcap, temperature=temperature)
+    target = _tile.label_target(labels, label_weight, col0, ok)
     smooth = None
     if options.label_smoothing:
-        smooth = smoothing_tile(valid, class_weights, z.dtype)
-    g = grad_tile(
-        z,
-        lse,
-        total_weight,
-        target,
-        smooth,
-        n_valid,
-        label_smoothing=options.label_smoothing,
-        z_loss=options.z_loss,
-    )
+        smooth = _tile.smoothing_weights(valid, class_weights, z.dtype)
+    a = _tile.mix(options.label_smoothing, n_valid, target, smooth)
+    g = _tile.grad_block(z, lse, total_weight, a, z_loss=options.z_loss)
     live = cotangent != 0
     g = jnp.where(live, g, 0)
     keep = keep_tile(g, filter_eps) if filter_eps else None
@@ -274,6 +219,19 @@ def backward_tile(
     return TileGrad(dz, keep, t_row)
 
 
+def block_start(index, block: int, size: int):
+    """Start of block ``index``: ``index * block``, moved back so the block ends inside ``size``."""
+    return jnp.minimum(index * block, size - block)
+
+
+def when_kept(keep, update, acc):
+    """``update(acc)``, or ``acc`` unchanged where the gradient filter dropped the tile
+    (``keep`` False); ``keep`` None means no filter."""
+    if keep is None:
+        return update(acc)
+    return jax.lax.cond(keep, update, lambda a: a, acc)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pallas schedules. Operands travel as a dict name -> array; each has a row axis (sliced by row
 # blocks), a column axis (sliced by vocabulary blocks), both or neither.
@@ -281,21 +239,50 @@ def backward_tile(
 _ROW_OPERANDS = ("labels", "label_weight", "n_valid", "total_weight", "lse", "cotangent")
 
 
-def _axes(name: str, shape, num_rows: int, num_classes: int, vd: bool):
-    """``(row_axis, col_axis)`` of an operand, each an int or None."""
-    if name == "x":
-        return 0, None
-    if name == "w":
-        return None, (0 if vd else 1)
-    if name in ("bias", "class_weights"):
-        return None, 1
-    if name in _ROW_OPERANDS:
-        return 0, None
-    if name == "where":
-        return (0 if shape[0] == num_rows and shape[0] != 1 else None), (
-            1 if shape[1] == num_classes and shape[1] != 1 else None
-        )
-    return None, None  # temperature [1, 1]
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """The static shape of a schedule: tile sizes, array extents and the weight layout."""
+
+    bn: int
+    bv: int
+    num_rows: int
+    num_classes: int
+    vd: bool
+
+    @classmethod
+    def of(cls, config, problem) -> _Geometry:
+        """Tiles clipped to the arrays, powers of two on GPU (Triton)."""
+        n, d = problem.inputs.shape
+        v = config.num_classes
+        bn, bv = min(config.block_sizes.block_n, n), min(config.block_sizes.block_v, v)
+        if config.pallas_backend == "gpu":
+            if d & (d - 1):
+                raise NotImplementedError(
+                    f"the GPU (Triton) schedule of the fused kernel needs a power-of-two hidden "
+                    f"size, got inputs shape {problem.inputs.shape}"
+                )
+            bn, bv = _power_of_two_floor(bn), _power_of_two_floor(bv)
+        return cls(bn, bv, n, v, config.vd)
+
+    def axes(self, name: str, shape):
+        """``(row_axis, col_axis)`` of an operand, each an int or None."""
+        if name == "x":
+            return 0, None
+        if name == "w":
+            return None, (0 if self.vd else 1)
+        if name in ("bias", "class_weights"):
+            return None, 1
+        if name in _ROW_OPERANDS:
+            return 0, None
+        if name == "where":
+            return (0 if shape[0] == self.num_rows and shape[0] != 1 else None), (
+                1 if shape[1] == self.num_classes and shape[1] != 1 else None
+            )
+        return None, None  # temperature [1, 1]
+
+
+def _power_of_two_floor(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
 
 
 def _operands(problem, rows, lse=None, cotangent=None) -> dict:
@@ -322,17 +309,19 @@ def _operands(problem, rows, lse=None, cotangent=None) -> dict:
 
 
 class _Tiles:
-    """The blocks of one tile, read from the kernel's refs and cleaned of padding: rows at or past
-    ``num_rows`` and columns at or past ``num_classes`` of a ragged block hold garbage (NaN in
-    interpret mode), so the inputs, weight and bias are zeroed there, and the cotangent too."""
+    """The blocks of one tile at rows ``row0 + [0, bn)`` and columns ``col0 + [0, bv)``, read
+    from the kernel's refs and cleaned of padding: rows at or past ``num_rows`` and columns at or
+    past ``num_classes`` of a ragged block hold garbage (NaN in interpret mode), so the inputs,
+    weight and bias are zeroed there, and the cotangent too."""
 
-    def __init__(self, blocks: dict, options, *, row0, col0, bn, bv, num_rows, num_classes, vd):
-        self.row_ok = rows_ok(row0, row0, bn, num_rows)
-        self.col_ok = columns_ok(col0, col0, bv, num_classes)
+    def __init__(self, blocks: dict, options, geo: _Geometry, *, row0, col0):
+        self.options, self.geo, self.col0 = options, geo, col0
+        self.row_ok = rows_ok(row0, row0, geo.bn, geo.num_rows)
+        self.col_ok = columns_ok(col0, col0, geo.bv, geo.num_classes)
         get = blocks.get
         zero = functools.partial(jnp.zeros, (), blocks["x"].dtype)
         self.x = jnp.where(self.row_ok, blocks["x"], zero())
-        self.w = jnp.where(self.col_ok.T if vd else self.col_ok, blocks["w"], zero())
+        self.w = jnp.where(self.col_ok.T if geo.vd else self.col_ok, blocks["w"], zero())
         self.bias = None if get("bias") is None else jnp.where(self.col_ok, get("bias"), 0)
         self.where = None if get("where") is None else get("where") != 0
         self.class_weights = get("class_weights")
@@ -346,68 +335,95 @@ class _Tiles:
             value = jnp.where(self.row_ok, value, jnp.zeros((), value.dtype))
         return value
 
+    def forward(self, state: RowState, *, lo) -> RowState:
+        """`forward_tile` of these blocks; columns below ``lo`` are ignored."""
+        return forward_tile(
+            state,
+            self.x,
+            self.w,
+            self.bias,
+            self.row("labels"),
+            self.row("label_weight"),
+            self.where,
+            self.class_weights,
+            self.temperature,
+            col0=self.col0,
+            lo=lo,
+            num_classes=self.geo.num_classes,
+            vd=self.geo.vd,
+            options=self.options,
+        )
 
-def _tile_args(t: _Tiles):
-    return dict(x=t.x, w=t.w, bias=t.bias, where=t.where, class_weights=t.class_weights)
-
-
-def _forward_block(state, t: _Tiles, *, col0, lo, num_classes, vd, options):
-    return forward_tile(
-        state,
-        t.x,
-        t.w,
-        t.bias,
-        t.row("labels"),
-        t.row("label_weight"),
-        t.where,
-        t.class_weights,
-        t.temperature,
-        col0=col0,
-        lo=lo,
-        num_classes=num_classes,
-        vd=vd,
-        options=options,
-    )
-
-
-def _backward_block(t: _Tiles, *, col0, lo, num_classes, vd, options, filter_eps, array_t):
-    return backward_tile(
-        t.x,
-        t.w,
-        t.bias,
-        t.row("labels"),
-        t.row("label_weight"),
-        t.row("n_valid"),
-        t.row("total_weight"),
-        t.row("lse"),
-        t.row("cotangent"),
-        t.where,
-        t.class_weights,
-        t.temperature,
-        col0=col0,
-        lo=lo,
-        num_classes=num_classes,
-        vd=vd,
-        options=options,
-        filter_eps=filter_eps,
-        array_temperature=array_t,
-    )
+    def backward(self, *, lo, filter_eps: float, array_t: bool) -> TileGrad:
+        """`backward_tile` of these blocks; columns below ``lo`` are ignored."""
+        return backward_tile(
+            self.x,
+            self.w,
+            self.bias,
+            self.row("labels"),
+            self.row("label_weight"),
+            self.row("n_valid"),
+            self.row("total_weight"),
+            self.row("lse"),
+            self.row("cotangent"),
+            self.where,
+            self.class_weights,
+            self.temperature,
+            col0=self.col0,
+            lo=lo,
+            num_classes=self.geo.num_classes,
+            vd=self.geo.vd,
+            options=self.options,
+            filter_eps=filter_eps,
+            array_temperature=array_t,
+        )
 
 
 def _state_treedef(dtype, smoothing: bool):
     return jax.tree.structure(row_state_init(1, dtype, smoothing))
 
 
+def _split_refs(refs, names):
+    """The input refs as a dict by name, and the output refs."""
+    return dict(zip(names, refs, strict=False)), refs[len(names) :]
+
+
+def _pallas_call(config, kernel, ops: dict, out_shape, grid, *, name, **specs):
+    """``pallas_call`` for the configured backend; ``specs`` are the TPU BlockSpecs."""
+    if config.pallas_backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+        interpret = config.interpret
+        if interpret:
+            interpret = pltpu.InterpretParams(out_of_bounds_reads="uninitialized")
+    else:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+        interpret = bool(config.interpret)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        compiler_params=params,
+        interpret=interpret,
+        name=name,
+        **specs,
+    )(*ops.values())
+
+
 # ---------------------------------------------------------------- TPU: grid with resident outputs
 
 
-def _tpu_specs(ops: dict, grid_to_blocks, *, bn, bv, num_rows, num_classes, vd):
+def _tpu_specs(ops: dict, grid_to_blocks, geo: _Geometry):
     """BlockSpecs of the operands for a grid whose indices map to ``(row block, column block)``."""
     specs = []
     for name, value in ops.items():
-        row_axis, col_axis = _axes(name, value.shape, num_rows, num_classes, vd)
+        row_axis, col_axis = geo.axes(name, value.shape)
         shape = tuple(
-            bn if a == row_axis else bv if a == col_axis else value.shape[a] for a in range(2)
+            geo.bn if a == row_axis else geo.bv if a == col_axis else value.shape[a]
+            for a in range(2)
         )
 
         def index(*grid, row_axis=row_axis, col_axis=col_axis):
@@ -418,74 +434,41 @@ def _tpu_specs(ops: dict, grid_to_blocks, *, bn, bv, num_rows, num_classes, vd):
     return specs
 
 
-def _tpu_call(kernel, ops, in_specs, out_shape, out_specs, grid, *, name, interpret):
-    from jax.experimental.pallas import tpu as pltpu
-
-    if interpret:
-        interpret = pltpu.InterpretParams(out_of_bounds_reads="uninitialized")
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=interpret,
-        name=name,
-    )(*ops.values())
+def _tpu_tiles(refs, names, options, geo: _Geometry, *, i, j):
+    """The tiles at grid position (row block ``i``, vocabulary block ``j``), and the output refs."""
+    ins, out_refs = _split_refs(refs, names)
+    blocks = {k: r[...] for k, r in ins.items()}
+    return _Tiles(blocks, options, geo, row0=i * geo.bn, col0=j * geo.bv), out_refs
 
 
-def _tpu_tiles(blocks, options, *, i, j, bn, bv, num_rows, num_classes, vd) -> _Tiles:
-    """The tiles at grid position (row block ``i``, vocabulary block ``j``)."""
-    geometry = dict(bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd)
-    return _Tiles(blocks, options, row0=i * bn, col0=j * bv, **geometry)
+def _tpu_when_kept(keep, accumulate):
+    """Runs ``accumulate`` unless the gradient filter dropped the tile."""
+    if keep is None:
+        accumulate()
+    else:
+        pl.when(keep)(accumulate)
 
 
-def _tpu_backward(blocks, options, *, i, j, bn, bv, num_rows, num_classes, vd, eps, array_t):
-    """The tiles and their backward block at grid position ``(i, j)``."""
-    tiles = _tpu_tiles(
-        blocks, options, i=i, j=j, bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd
-    )
-    tile = _backward_block(
-        tiles,
-        col0=j * bv,
-        lo=j * bv,
-        num_classes=num_classes,
-        vd=vd,
-        options=options,
-        filter_eps=eps,
-        array_t=array_t,
-    )
-    return tiles, tile
-
-
-def _forward_tpu_kernel(*refs, names, treedef, options, bn, bv, num_rows, num_classes, vd):
-    blocks = {k: r[...] for k, r in zip(names, refs, strict=False)}
-    out_refs = refs[len(names) :]
+def _forward_tpu_kernel(*refs, names, treedef, options, geo):
     i, j = pl.program_id(0), pl.program_id(1)
+    tiles, out_refs = _tpu_tiles(refs, names, options, geo, i=i, j=j)
 
     @pl.when(j == 0)
     def _init():
-        init = row_state_init(bn, out_refs[0].dtype, len(out_refs) > 4)
+        init = row_state_init(geo.bn, out_refs[0].dtype, len(out_refs) > 4)
         for ref, value in zip(out_refs, jax.tree.leaves(init), strict=True):
             ref[...] = value
 
-    tiles = _tpu_tiles(
-        blocks, options, i=i, j=j, bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd
-    )
     state = jax.tree.unflatten(treedef, [r[...] for r in out_refs])
-    state = _forward_block(
-        state, tiles, col0=j * bv, lo=j * bv, num_classes=num_classes, vd=vd, options=options
-    )
+    state = tiles.forward(state, lo=j * geo.bv)
     for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
         ref[...] = value
 
 
-def _inputs_grad_tpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes, vd, eps):
+def _inputs_grad_tpu_kernel(*refs, names, options, geo, eps):
     """Grid ``(row blocks, vocabulary blocks)``: ``d_inputs`` (and the temperature rows)."""
-    blocks = {k: r[...] for k, r in zip(names, refs, strict=False)}
-    dx_ref, *t_ref = refs[len(names) :]
     i, j = pl.program_id(0), pl.program_id(1)
+    tiles, (dx_ref, *t_ref) = _tpu_tiles(refs, names, options, geo, i=i, j=j)
 
     @pl.when(j == 0)
     def _init():
@@ -493,198 +476,120 @@ def _inputs_grad_tpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes
         for ref in t_ref:
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    tiles, tile = _tpu_backward(
-        blocks,
-        options,
-        i=i,
-        j=j,
-        bn=bn,
-        bv=bv,
-        num_rows=num_rows,
-        num_classes=num_classes,
-        vd=vd,
-        eps=eps,
-        array_t=bool(t_ref),
-    )
+    tile = tiles.backward(lo=j * geo.bv, filter_eps=eps, array_t=bool(t_ref))
     for ref in t_ref:
         ref[...] += tile.temperature_row
 
     def accumulate():
-        dx_ref[...] += input_grad(tile.dz, tiles.w, vd=vd)
+        dx_ref[...] += input_grad(tile.dz, tiles.w, vd=geo.vd)
 
-    if tile.keep is None:
-        accumulate()
-    else:
-        pl.when(tile.keep)(accumulate)
+    _tpu_when_kept(tile.keep, accumulate)
 
 
-def _weight_grad_tpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes, vd, eps):
+def _weight_grad_tpu_kernel(*refs, names, options, geo, eps):
     """Grid ``(vocabulary blocks, row blocks)``: ``d_weight`` (and ``d_bias``)."""
-    blocks = {k: r[...] for k, r in zip(names, refs, strict=False)}
-    dw_ref, *db_ref = refs[len(names) :]
     j, i = pl.program_id(0), pl.program_id(1)
+    tiles, (dw_ref, *db_ref) = _tpu_tiles(refs, names, options, geo, i=i, j=j)
 
     @pl.when(i == 0)
     def _init():
         for ref in (dw_ref, *db_ref):
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    tiles, tile = _tpu_backward(
-        blocks,
-        options,
-        i=i,
-        j=j,
-        bn=bn,
-        bv=bv,
-        num_rows=num_rows,
-        num_classes=num_classes,
-        vd=vd,
-        eps=eps,
-        array_t=False,
-    )
+    tile = tiles.backward(lo=j * geo.bv, filter_eps=eps, array_t=False)
 
     def accumulate():
-        dw_ref[...] += weight_grad(tiles.x, tile.dz, vd=vd)
+        dw_ref[...] += weight_grad(tiles.x, tile.dz, vd=geo.vd)
         for ref in db_ref:
             ref[...] += jnp.sum(tile.dz, axis=0, keepdims=True)
 
-    if tile.keep is None:
-        accumulate()
-    else:
-        pl.when(tile.keep)(accumulate)
+    _tpu_when_kept(tile.keep, accumulate)
 
 
 # ---------------------------------------------------------- GPU: one program loops over the rest
 
 
-def _gpu_block(ref, name, *, r0, c0, bn, bv, num_rows, num_classes, vd):
-    row_axis, col_axis = _axes(name, ref.shape, num_rows, num_classes, vd)
+def _gpu_block(ref, name: str, geo: _Geometry, *, r0, c0):
+    row_axis, col_axis = geo.axes(name, ref.shape)
     index = tuple(
-        pl.ds(r0, bn) if a == row_axis else pl.ds(c0, bv) if a == col_axis else slice(None)
+        pl.ds(r0, geo.bn) if a == row_axis else pl.ds(c0, geo.bv) if a == col_axis else slice(None)
         for a in range(2)
     )
     return ref[index]
 
 
-def _gpu_tiles(refs: dict, options, *, r0, c0, bn, bv, num_rows, num_classes, vd) -> _Tiles:
+def _gpu_tiles(ins: dict, options, geo: _Geometry, *, r0, c0) -> _Tiles:
     """Loads the blocks at ``(r0, c0)``. Starts are moved back to end inside the arrays, so
     nothing is padded and the cleaning of `_Tiles` is a no-op here."""
-    geometry = dict(bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd)
-    blocks = {k: _gpu_block(r, k, r0=r0, c0=c0, **geometry) for k, r in refs.items()}
-    return _Tiles(blocks, options, row0=r0, col0=c0, **geometry)
+    blocks = {k: _gpu_block(r, k, geo, r0=r0, c0=c0) for k, r in ins.items()}
+    return _Tiles(blocks, options, geo, row0=r0, col0=c0)
 
 
-def _gpu_call(kernel, ops, out_shape, grid, *, name, interpret):
-    from jax.experimental.pallas import triton as pltriton
-
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
-        interpret=bool(interpret),
-        name=name,
-    )(*ops.values())
-
-
-def _forward_gpu_kernel(*refs, names, treedef, options, bn, bv, num_rows, num_classes, vd):
+def _forward_gpu_kernel(*refs, names, treedef, options, geo):
     """One program per row block, looping over vocabulary blocks."""
-    ins = dict(zip(names, refs, strict=False))
-    out_refs = refs[len(names) :]
-    r0 = jnp.minimum(pl.program_id(0) * bn, num_rows - bn)
-    geometry = dict(bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd)
+    ins, out_refs = _split_refs(refs, names)
+    r0 = block_start(pl.program_id(0), geo.bn, geo.num_rows)
 
     def vocab_block(j, state):
-        c0 = jnp.minimum(j * bv, num_classes - bv)
-        tiles = _gpu_tiles(ins, options, r0=r0, c0=c0, **geometry)
-        return _forward_block(
-            state, tiles, col0=c0, lo=j * bv, num_classes=num_classes, vd=vd, options=options
-        )
+        c0 = block_start(j, geo.bv, geo.num_classes)
+        return _gpu_tiles(ins, options, geo, r0=r0, c0=c0).forward(state, lo=j * geo.bv)
 
-    init = row_state_init(bn, out_refs[0].dtype, len(out_refs) > 4)
-    state = jax.lax.fori_loop(0, pl.cdiv(num_classes, bv), vocab_block, init)
+    init = row_state_init(geo.bn, out_refs[0].dtype, len(out_refs) > 4)
+    state = jax.lax.fori_loop(0, pl.cdiv(geo.num_classes, geo.bv), vocab_block, init)
     for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
-        ref[pl.ds(r0, bn), :] = value
+        ref[pl.ds(r0, geo.bn), :] = value
     del treedef
 
 
-def _inputs_grad_gpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes, vd, eps):
+def _inputs_grad_gpu_kernel(*refs, names, options, geo, eps):
     """One program per row block, looping over vocabulary blocks: ``d_inputs``."""
-    ins = dict(zip(names, refs, strict=False))
-    dx_ref, *t_ref = refs[len(names) :]
-    r0 = jnp.minimum(pl.program_id(0) * bn, num_rows - bn)
-    geometry = dict(bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd)
+    ins, (dx_ref, *t_ref) = _split_refs(refs, names)
+    r0 = block_start(pl.program_id(0), geo.bn, geo.num_rows)
 
     def vocab_block(j, carry):
         dx, t_row = carry
-        c0 = jnp.minimum(j * bv, num_classes - bv)
-        tiles = _gpu_tiles(ins, options, r0=r0, c0=c0, **geometry)
-        tile = _backward_block(
-            tiles,
-            col0=c0,
-            lo=j * bv,
-            num_classes=num_classes,
-            vd=vd,
-            options=options,
-            filter_eps=eps,
-            array_t=bool(t_ref),
-        )
+        c0 = block_start(j, geo.bv, geo.num_classes)
+        tiles = _gpu_tiles(ins, options, geo, r0=r0, c0=c0)
+        tile = tiles.backward(lo=j * geo.bv, filter_eps=eps, array_t=bool(t_ref))
         if t_ref:
             t_row = t_row + tile.temperature_row
-        if tile.keep is None:
-            return dx + input_grad(tile.dz, tiles.w, vd=vd), t_row
-        dx = jax.lax.cond(
-            tile.keep, lambda d: d + input_grad(tile.dz, tiles.w, vd=vd), lambda d: d, dx
-        )
+        dx = when_kept(tile.keep, lambda d: d + input_grad(tile.dz, tiles.w, vd=geo.vd), dx)
         return dx, t_row
 
     dtype = dx_ref.dtype
-    init = (jnp.zeros((bn, dx_ref.shape[1]), dtype), jnp.zeros((bn, 1), dtype))
-    dx, t_row = jax.lax.fori_loop(0, pl.cdiv(num_classes, bv), vocab_block, init)
-    dx_ref[pl.ds(r0, bn), :] = dx
+    init = (jnp.zeros((geo.bn, dx_ref.shape[1]), dtype), jnp.zeros((geo.bn, 1), dtype))
+    dx, t_row = jax.lax.fori_loop(0, pl.cdiv(geo.num_classes, geo.bv), vocab_block, init)
+    dx_ref[pl.ds(r0, geo.bn), :] = dx
     for ref in t_ref:
-        ref[pl.ds(r0, bn), :] = t_row
+        ref[pl.ds(r0, geo.bn), :] = t_row
 
 
-def _weight_grad_gpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes, vd, eps):
+def _weight_grad_gpu_kernel(*refs, names, options, geo, eps):
     """One program per vocabulary block, looping over row blocks: ``d_weight`` and ``d_bias``."""
-    ins = dict(zip(names, refs, strict=False))
-    dw_ref, *db_ref = refs[len(names) :]
-    c0 = jnp.minimum(pl.program_id(0) * bv, num_classes - bv)
-    geometry = dict(bn=bn, bv=bv, num_rows=num_rows, num_classes=num_classes, vd=vd)
+    ins, (dw_ref, *db_ref) = _split_refs(refs, names)
+    bn, bv = geo.bn, geo.bv
+    c0 = block_start(pl.program_id(0), bv, geo.num_classes)
 
     def row_block(i, carry):
-        dw, db = carry
-        r0 = jnp.minimum(i * bn, num_rows - bn)
-        tiles = _gpu_tiles(ins, options, r0=r0, c0=c0, **geometry)
-        fresh = rows_ok(r0, i * bn, bn, num_rows)
+        r0 = block_start(i, bn, geo.num_rows)
+        tiles = _gpu_tiles(ins, options, geo, r0=r0, c0=c0)
+        fresh = rows_ok(r0, i * bn, bn, geo.num_rows)
         tiles.blocks["cotangent"] = jnp.where(fresh, tiles.blocks["cotangent"], 0)
-        tile = _backward_block(
-            tiles,
-            col0=c0,
-            lo=c0,
-            num_classes=num_classes,
-            vd=vd,
-            options=options,
-            filter_eps=eps,
-            array_t=False,
-        )
+        tile = tiles.backward(lo=c0, filter_eps=eps, array_t=False)
 
         def accumulate(acc):
             dw, db = acc
-            return dw + weight_grad(tiles.x, tile.dz, vd=vd), db + jnp.sum(
+            return dw + weight_grad(tiles.x, tile.dz, vd=geo.vd), db + jnp.sum(
                 tile.dz, 0, keepdims=True
             )
 
-        if tile.keep is None:
-            return accumulate((dw, db))
-        return jax.lax.cond(tile.keep, accumulate, lambda a: a, (dw, db))
+        return when_kept(tile.keep, accumulate, carry)
 
     dtype = dw_ref.dtype
-    d = dw_ref.shape[1] if vd else dw_ref.shape[0]
-    init = (jnp.zeros((bv, d) if vd else (d, bv), dtype), jnp.zeros((1, bv), dtype))
-    dw, db = jax.lax.fori_loop(0, pl.cdiv(num_rows, bn), row_block, init)
-    if vd:
+    d = dw_ref.shape[1] if geo.vd else dw_ref.shape[0]
+    init = (jnp.zeros((bv, d) if geo.vd else (d, bv), dtype), jnp.zeros((1, bv), dtype))
+    dw, db = jax.lax.fori_loop(0, pl.cdiv(geo.num_rows, bn), row_block, init)
+    if geo.vd:
         dw_ref[pl.ds(c0, bv), :] = dw
     else:
         dw_ref[:, pl.ds(c0, bv)] = dw
@@ -695,152 +600,69 @@ def _weight_grad_gpu_kernel(*refs, names, options, bn, bv, num_rows, num_classes
 # ------------------------------------------------------------------------------ entry points
 
 
-def _power_of_two_floor(x: int) -> int:
-    return 1 << (x.bit_length() - 1)
-
-
-def _geometry(config, problem):
-    """``(bn, bv)`` for the schedule: clipped to the arrays, powers of two on GPU (Triton)."""
-    n, d = problem.inputs.shape
-    v = config.num_classes
-    bn, bv = config.block_sizes.block_n, config.block_sizes.block_v
-    if config.pallas_backend == "gpu":
-        if d & (d - 1):
-            raise NotImplementedError(
-                f"the GPU (Triton) schedule of the fused kernel needs a power-of-two hidden size, "
-                f"got inputs shape {problem.inputs.shape}"
-            )
-        return min(_power_of_two_floor(bn), _power_of_two_floor(n)), min(
-            _power_of_two_floor(bv), _power_of_two_floor(v)
-        )
-    return min(bn, n), min(bv, v)
-
-
 def forward_pallas(options, config, problem, rows) -> RowState:
     """The forward kernel: ``RowState`` of ``[N, 1]`` accumulators (see `forward_tile`)."""
-    n = problem.inputs.shape[0]
-    v = config.num_classes
-    bn, bv = _geometry(config, problem)
+    geo = _Geometry.of(config, problem)
+    n, v, bn, bv = geo.num_rows, geo.num_classes, geo.bn, geo.bv
     dtype = _tile.accumulation_dtype(problem.inputs.dtype)
-    smoothing = bool(options.label_smoothing)
     ops = _operands(problem, rows)
-    treedef = _state_treedef(dtype, smoothing)
+    treedef = _state_treedef(dtype, bool(options.label_smoothing))
     n_out = treedef.num_leaves
     out_shape = [jax.ShapeDtypeStruct((n, 1), dtype)] * n_out
-    statics = dict(
-        names=tuple(ops),
-        treedef=treedef,
-        options=options,
-        bn=bn,
-        bv=bv,
-        num_rows=n,
-        num_classes=v,
-        vd=config.vd,
-    )
     if config.pallas_backend == "tpu":
-        in_specs = _tpu_specs(
-            ops, lambda i, j: (i, j), bn=bn, bv=bv, num_rows=n, num_classes=v, vd=config.vd
-        )
-        out_specs = [pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] * n_out
-        grid = (pl.cdiv(n, bn), pl.cdiv(v, bv))
-        kernel = functools.partial(_forward_tpu_kernel, **statics)
-        out = _tpu_call(
-            kernel,
-            ops,
-            in_specs,
-            out_shape,
-            out_specs,
-            grid,
-            name="linear_ce_forward",
-            interpret=config.interpret,
+        kernel, grid = _forward_tpu_kernel, (pl.cdiv(n, bn), pl.cdiv(v, bv))
+        specs = dict(
+            in_specs=_tpu_specs(ops, lambda i, j: (i, j), geo),
+            out_specs=[pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] * n_out,
         )
     else:
-        kernel = functools.partial(_forward_gpu_kernel, **statics)
-        out = _gpu_call(
-            kernel,
-            ops,
-            out_shape,
-            (pl.cdiv(n, bn),),
-            name="linear_ce_forward",
-            interpret=config.interpret,
-        )
+        kernel, grid, specs = _forward_gpu_kernel, (pl.cdiv(n, bn),), {}
+    kernel = functools.partial(kernel, names=tuple(ops), treedef=treedef, options=options, geo=geo)
+    out = _pallas_call(config, kernel, ops, out_shape, grid, name="linear_ce_forward", **specs)
     return jax.tree.unflatten(treedef, out)
 
 
 def backward_pallas(options, config, problem, rows, lse, cotangent):
     """The two backward kernels: ``(d_inputs, d_weight, d_bias, temperature_sum)``, the
     gradients in the accumulation dtype."""
-    n, d = problem.inputs.shape
-    v = config.num_classes
-    bn, bv = _geometry(config, problem)
+    geo = _Geometry.of(config, problem)
+    n, v, bn, bv = geo.num_rows, geo.num_classes, geo.bn, geo.bv
+    d = problem.inputs.shape[1]
     dtype = _tile.accumulation_dtype(problem.inputs.dtype)
     ops = _operands(problem, rows, lse=lse, cotangent=cotangent)
     array_t = problem.temperature is not None
     has_bias = problem.bias is not None
-    statics = dict(
-        names=tuple(ops),
-        options=options,
-        bn=bn,
-        bv=bv,
-        num_rows=n,
-        num_classes=v,
-        vd=config.vd,
-        eps=config.filter_eps,
-    )
     dx_shape = [jax.ShapeDtypeStruct((n, d), dtype)]
     dx_shape += [jax.ShapeDtypeStruct((n, 1), dtype)] if array_t else []
     dw_shape = [jax.ShapeDtypeStruct(problem.weight.shape, dtype)]
     dw_shape += [jax.ShapeDtypeStruct((1, v), dtype)] if has_bias else []
-    geometry = dict(bn=bn, bv=bv, num_rows=n, num_classes=v, vd=config.vd)
     if config.pallas_backend == "tpu":
-        rows_first = _tpu_specs(ops, lambda i, j: (i, j), **geometry)
-        dx_specs = [pl.BlockSpec((bn, d), lambda i, j: (i, 0))]
-        dx_specs += [pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] if array_t else []
-        dx_out = _tpu_call(
-            functools.partial(_inputs_grad_tpu_kernel, **statics),
-            ops,
-            rows_first,
-            dx_shape,
-            dx_specs,
-            (pl.cdiv(n, bn), pl.cdiv(v, bv)),
-            name="linear_ce_inputs_grad",
-            interpret=config.interpret,
-        )
-        cols_first = _tpu_specs(ops, lambda j, i: (i, j), **geometry)
+        dx_kernel, dw_kernel = _inputs_grad_tpu_kernel, _weight_grad_tpu_kernel
+        dx_grid, dw_grid = (pl.cdiv(n, bn), pl.cdiv(v, bv)), (pl.cdiv(v, bv), pl.cdiv(n, bn))
+        dx_blocks = [pl.BlockSpec((bn, d), lambda i, j: (i, 0))]
+        dx_blocks += [pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] if array_t else []
         if config.vd:
-            dw_specs = [pl.BlockSpec((bv, d), lambda j, i: (j, 0))]
+            dw_blocks = [pl.BlockSpec((bv, d), lambda j, i: (j, 0))]
         else:
-            dw_specs = [pl.BlockSpec((d, bv), lambda j, i: (0, j))]
-        dw_specs += [pl.BlockSpec((1, bv), lambda j, i: (0, j))] if has_bias else []
-        dw_out = _tpu_call(
-            functools.partial(_weight_grad_tpu_kernel, **statics),
-            ops,
-            cols_first,
-            dw_shape,
-            dw_specs,
-            (pl.cdiv(v, bv), pl.cdiv(n, bn)),
-            name="linear_ce_weight_grad",
-            interpret=config.interpret,
-        )
+            dw_blocks = [pl.BlockSpec((d, bv), lambda j, i: (0, j))]
+        dw_blocks += [pl.BlockSpec((1, bv), lambda j, i: (0, j))] if has_bias else []
+        dx_specs = dict(in_specs=_tpu_specs(ops, lambda i, j: (i, j), geo), out_specs=dx_blocks)
+        dw_specs = dict(in_specs=_tpu_specs(ops, lambda j, i: (i, j), geo), out_specs=dw_blocks)
     else:
-        dx_out = _gpu_call(
-            functools.partial(_inputs_grad_gpu_kernel, **statics),
-            ops,
-            dx_shape,
-            (pl.cdiv(n, bn),),
-            name="linear_ce_inputs_grad",
-            interpret=config.interpret,
-        )
+        dx_kernel, dw_kernel = _inputs_grad_gpu_kernel, _weight_grad_gpu_kernel
+        dx_grid, dw_grid = (pl.cdiv(n, bn),), (pl.cdiv(v, bv),)
+        dx_specs = dw_specs = {}
         if not has_bias:
             dw_shape = [*dw_shape, jax.ShapeDtypeStruct((1, v), dtype)]
-        dw_out = _gpu_call(
-            functools.partial(_weight_grad_gpu_kernel, **statics),
-            ops,
-            dw_shape,
-            (pl.cdiv(v, bv),),
-            name="linear_ce_weight_grad",
-            interpret=config.interpret,
-        )
+    statics = dict(names=tuple(ops), options=options, geo=geo, eps=config.filter_eps)
+    dx_kernel = functools.partial(dx_kernel, **statics)
+    dx_out = _pallas_call(
+        config, dx_kernel, ops, dx_shape, dx_grid, name="linear_ce_inputs_grad", **dx_specs
+    )
+    dw_kernel = functools.partial(dw_kernel, **statics)
+    dw_out = _pallas_call(
+        config, dw_kernel, ops, dw_shape, dw_grid, name="linear_ce_weight_grad", **dw_specs
+    )
     t_sum = jnp.sum(dx_out[1]) if array_t else jnp.zeros((), dtype)
     db = dw_out[1][0] if has_bias else None
     return dx_out[0], dw_out[0], db, t_sum
