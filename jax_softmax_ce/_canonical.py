@@ -132,6 +132,27 @@ def probability_labels(labels, logits: jax.Array, lay: Layout) -> jax.Array:
     return lay.to_rows(jnp.broadcast_to(labels, logits.shape))
 
 
+def labels_to_rows(labels, logits: jax.Array, lay: Layout, axis, *, integer: bool) -> jax.Array:
+    """``[N]`` integer labels, or ``[N, V]`` probability labels."""
+    if integer:
+        return integer_labels(labels, logits.shape, lay, axis)
+    return probability_labels(labels, logits, lay)
+
+
+def make_problem(
+    logits: jax.Array, labels: jax.Array, lay: Layout, axis, *, where, weights, temperature
+) -> Problem:
+    """The `Problem` of checked ``logits`` and of labels from `labels_to_rows`; ``where`` and the
+    class ``weights`` are validated here, ``temperature`` is None or from `array_temperature`."""
+    return Problem(
+        logits=lay.to_rows(logits),
+        labels=labels,
+        where=mask(where, logits.shape, lay, axis),
+        class_weights=class_weights(weights, lay, logits.dtype),
+        temperature=temperature,
+    )
+
+
 def mask(where, logits_shape: tuple[int, ...], lay: Layout, axis) -> jax.Array | None:
     """The ``where`` mask as ``[N, 1]``, ``[1, V]`` or ``[N, V]`` booleans.
 

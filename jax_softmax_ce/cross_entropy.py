@@ -49,10 +49,7 @@ def _loss(
     implementation = _options.check_implementation(implementation)
     logits = _canonical.check_logits(logits)
     lay = _canonical.layout(logits.shape, axis)
-    if integer:
-        labels = _canonical.integer_labels(labels, logits.shape, lay, axis)
-    else:
-        labels = _canonical.probability_labels(labels, logits, lay)
+    labels = _canonical.labels_to_rows(labels, logits, lay, axis, integer=integer)
     array_temperature = _canonical.array_temperature(temperature)
     options = _options.make_options(
         label_smoothing=label_smoothing,
@@ -62,12 +59,8 @@ def _loss(
         ignore_index=ignore_index,
         temperature_is_array=array_temperature is not None,
     )
-    problem = _canonical.Problem(
-        logits=lay.to_rows(logits),
-        labels=labels,
-        where=_canonical.mask(where, logits.shape, lay, axis),
-        class_weights=_canonical.class_weights(class_weights, lay, logits.dtype),
-        temperature=array_temperature,
+    problem = _canonical.make_problem(
+        logits, labels, lay, axis, where=where, weights=class_weights, temperature=array_temperature
     )
     if implementation is None:
         implementation = choose_implementation(problem, options)

@@ -170,16 +170,9 @@ def softmax_focal_loss(
             logits, labels, axis, where, class_weights=alpha, reduction=reduction
         )
     ignore_index = _options.make_options(ignore_index=ignore_index).ignore_index
-    if integer:
-        labels = _canonical.integer_labels(labels, logits.shape, lay, axis)
-    else:
-        labels = _canonical.probability_labels(labels, logits, lay)
-    problem = _canonical.Problem(
-        logits=lay.to_rows(logits),
-        labels=labels,
-        where=_canonical.mask(where, logits.shape, lay, axis),
-        class_weights=_canonical.class_weights(alpha, lay, logits.dtype),
-        temperature=None,
+    labels = _canonical.labels_to_rows(labels, logits, lay, axis, integer=integer)
+    problem = _canonical.make_problem(
+        logits, labels, lay, axis, where=where, weights=alpha, temperature=None
     )
     losses = _focal_rows(problem, gamma, ignore_index, integer)
     return _canonical.reduce_losses(
