@@ -18,6 +18,11 @@ class Result:
     dlogits: np.ndarray  # [N, V], for the cotangent given
     dlabels: np.ndarray | None  # [N, V] for probability labels
     dtemperature: float
+    # [N, V]: the size of the terms whose difference is dlogits, |ct| (|W p| + |a| + |2 z lse p|)
+    # |dcap| / T. A float32 gradient that cancels to ~0 is only as exact as these terms allow.
+    dlogits_terms: np.ndarray | None = None
+    # [N, V]: likewise for dlabels = ct (1 - e) w (lse - z): |ct (1 - e) w| (|lse| + |z|).
+    dlabels_terms: np.ndarray | None = None
 
 
 def cross_entropy(
@@ -46,6 +51,8 @@ def cross_entropy(
     loss = np.zeros(n)
     counted = np.zeros(n, bool)
     dlogits = np.zeros((n, v))
+    terms = np.zeros((n, v))
+    label_terms = np.zeros((n, v))
     dlabels = None if integer else np.zeros((n, v))
     dtemperature = 0.0
     with np.errstate(all="ignore"):
@@ -82,10 +89,14 @@ def cross_entropy(
             p = np.where(ok, np.exp(z - lse), 0.0)
             g = a.sum() * p - a + 2 * z_loss * lse * p
             dlogits[i] = ct[i] * g * dcap[i] / temperature
+            size = np.abs(a.sum() * p) + np.abs(a) + np.abs(2 * z_loss * lse * p)
+            terms[i] = np.abs(ct[i] * dcap[i] / temperature) * size
             dtemperature += ct[i] * np.sum(np.where(g != 0, g * -z / temperature, 0.0))
             if dlabels is not None:
                 dlabels[i] = np.where(ok, ct[i] * (1 - e) * weights * nll, 0.0)
-    return Result(loss, counted, dlogits, dlabels, dtemperature)
+                size = np.abs(lse) + np.abs(z)
+                label_terms[i] = np.where(ok, np.abs(ct[i] * (1 - e) * weights) * size, 0.0)
+    return Result(loss, counted, dlogits, dlabels, dtemperature, terms, label_terms)
 
 
 def reduce(result: Result, labels, *, integer: bool, class_weights, reduction: str):
