@@ -579,3 +579,49 @@ def test_pallas_with_explicitly_sharded_inputs_raises(mesh):
     )
     with pytest.raises(NotImplementedError, match="shard_map"):
         fn(x)
+
+
+@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+def test_fused_kernels_lower_for_their_backend(schedule):
+    """Lowers (without running) the fused forward and backward kernels for the real backend,
+    Mosaic for TPU and Triton for CUDA, at a realistic tile size: this checks them against the
+    backends' lowering rules (Triton's dot and block shapes, Mosaic's tiling), which interpret
+    mode does not. A CPU-only host names an H100 through an abstract mesh for Triton."""
+    import contextlib
+    import warnings
+
+    from jax_softmax_ce import _options
+    from jax_softmax_ce import linear as linear_module
+
+    n, d, v = 512, 256, 1000
+    s = jax.ShapeDtypeStruct
+    config = linear_module.Config(
+        num_classes=v,
+        vd=False,
+        block_sizes=BlockSizes(128, 256),
+        filter_eps=2.0**-12,
+        engine="pallas",
+        pallas_backend=schedule,
+    )
+    options = _options.make_options(
+        label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0, temperature=1.0, ignore_index=-100
+    )
+
+    def loss(x, w, b, y):
+        problem = linear_module.LinearProblem(x, w, b, y, None, None, None)
+        return jnp.sum(linear_module._blockwise(problem, options, config))
+
+    args = (s((n, d), jnp.bfloat16), s((d, v), jnp.bfloat16), s((v,), jnp.bfloat16))
+    target = contextlib.nullcontext()
+    if schedule == "gpu" and jax.default_backend() != "gpu":
+        h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+        target = jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh(
+                (1,), ("i",), axis_types=jax.sharding.AxisType.Auto, abstract_device=h100
+            )
+        )
+    platform = {"tpu": "tpu", "gpu": "cuda"}[schedule]
+    with warnings.catch_warnings(), target:
+        warnings.simplefilter("ignore", DeprecationWarning)  # jax >= 0.11 deprecates Triton
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        grad.trace(*args, s((n,), jnp.int32)).lower(lowering_platforms=(platform,))

@@ -517,7 +517,9 @@ def _lowering_target(schedule: str):
     if schedule != "gpu" or native_platform() == "gpu":
         return contextlib.nullcontext()
     h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("i",), abstract_device=h100)
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("i",), axis_types=jax.sharding.AxisType.Auto, abstract_device=h100
+    )
     return jax.sharding.use_abstract_mesh(mesh)
 
 
