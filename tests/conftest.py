@@ -5,6 +5,7 @@ The ``mesh`` fixture is a one-axis ("d") mesh over four devices of the default b
 all of them where there are fewer (one GPU), so that the sharding tests also run, compiled, on an
 accelerator host."""
 
+import contextlib
 import warnings
 
 import jax
@@ -30,3 +31,21 @@ def _warnings_are_errors():
 @pytest.fixture
 def mesh():
     return jax.make_mesh((min(4, len(jax.devices())),), ("d",))
+
+
+@pytest.fixture
+def lowering_target():
+    """``lowering_target(schedule)``: a context to lower a kernel for its real backend in. Triton
+    lowering on jax >= 0.11 reads the GPU's compute capability, so a host without a GPU names an
+    H100 through an abstract mesh; the TPU schedule needs nothing."""
+
+    def target(schedule: str):
+        if schedule != "gpu" or jax.default_backend() == "gpu":
+            return contextlib.nullcontext()
+        h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+        mesh = jax.sharding.AbstractMesh(
+            (1,), ("i",), axis_types=jax.sharding.AxisType.Auto, abstract_device=h100
+        )
+        return jax.sharding.use_abstract_mesh(mesh)
+
+    return target

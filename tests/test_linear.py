@@ -582,12 +582,11 @@ def test_pallas_with_explicitly_sharded_inputs_raises(mesh):
 
 
 @pytest.mark.parametrize("schedule", ["tpu", "gpu"])
-def test_fused_kernels_lower_for_their_backend(schedule):
+def test_fused_kernels_lower_for_their_backend(schedule, lowering_target):
     """Lowers (without running) the fused forward and backward kernels for the real backend,
     Mosaic for TPU and Triton for CUDA, at a realistic tile size: this checks them against the
     backends' lowering rules (Triton's dot and block shapes, Mosaic's tiling), which interpret
     mode does not. A CPU-only host names an H100 through an abstract mesh for Triton."""
-    import contextlib
     import warnings
 
     from jax_softmax_ce import _options
@@ -612,16 +611,8 @@ def test_fused_kernels_lower_for_their_backend(schedule):
         return jnp.sum(linear_module._blockwise(problem, options, config))
 
     args = (s((n, d), jnp.bfloat16), s((d, v), jnp.bfloat16), s((v,), jnp.bfloat16))
-    target = contextlib.nullcontext()
-    if schedule == "gpu" and jax.default_backend() != "gpu":
-        h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-        target = jax.sharding.use_abstract_mesh(
-            jax.sharding.AbstractMesh(
-                (1,), ("i",), axis_types=jax.sharding.AxisType.Auto, abstract_device=h100
-            )
-        )
     platform = {"tpu": "tpu", "gpu": "cuda"}[schedule]
-    with warnings.catch_warnings(), target:
+    with warnings.catch_warnings(), lowering_target(schedule):
         warnings.simplefilter("ignore", DeprecationWarning)  # jax >= 0.11 deprecates Triton
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         grad.trace(*args, s((n,), jnp.int32)).lower(lowering_platforms=(platform,))

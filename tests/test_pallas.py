@@ -511,19 +511,7 @@ def test_empty_batch(schedule):
     assert loss.shape == (0,) and loss.dtype == jnp.float32
 
 
-def _lowering_target(schedule: str):
-    """The device to lower for. Triton lowering on jax >= 0.11 reads the GPU's compute
-    capability, so a CPU-only host names an H100 through an abstract mesh."""
-    if schedule != "gpu" or native_platform() == "gpu":
-        return contextlib.nullcontext()
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("i",), axis_types=jax.sharding.AxisType.Auto, abstract_device=h100
-    )
-    return jax.sharding.use_abstract_mesh(mesh)
-
-
-def test_kernels_lower_for_their_backend(schedule):
+def test_kernels_lower_for_their_backend(schedule, lowering_target):
     """Lowers (without running) both kernels for the real backend: Mosaic for TPU, Triton for
     CUDA. This checks the kernels against the backends' lowering rules (Triton: power-of-two
     shapes and supported primitives), which the interpreters do not."""
@@ -552,7 +540,7 @@ def test_kernels_lower_for_their_backend(schedule):
             temperature=s((1, 1), f32),
         )
         residuals = _blocks.Residuals(s((n, 1), f32), s((n, 1), f32), s((n, 1), f32))
-        with warnings.catch_warnings(), _lowering_target(schedule):
+        with warnings.catch_warnings(), lowering_target(schedule):
             # jax >= 0.11 deprecates the Triton backend with a DeprecationWarning at lowering.
             warnings.simplefilter("ignore", DeprecationWarning)
             fwd = jax.jit(functools.partial(module.forward, config, blocks=blocks))
