@@ -588,6 +588,12 @@ def linear_softmax_cross_entropy(
     - ``"pallas"`` runs on TPU (Mosaic) and GPU (the Triton backend); on CPU it needs
       ``pallas_backend="tpu"`` or ``"gpu"`` and ``interpret=True``, which run that schedule in
       interpret mode. ``implementation=None`` picks ``"xla"``.
+    - Sharded operands. Inside ``shard_map`` every implementation runs on its shard, and the
+      gradient of an operand that does not vary over a mesh axis (a replicated ``weight`` in data
+      parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,
+      operands with an explicit sharding (tokens or vocabulary sharded) run ``"xla"`` under
+      `jax.sharding.auto_axes` and XLA partitions the loops; ``"pallas"`` raises
+      ``NotImplementedError`` for them and must be called inside ``shard_map``.
 
     Args:
       inputs: Features, shape ``[..., D]`` (``[batch_size, hidden_size]`` or
