@@ -54,46 +54,105 @@ def _cell_throughput(row) -> str:
     return f"{t['flop_per_s'] / 1e9:.1f} GFLOP/s ({100 * t['fraction_of_matmul']:.0f}% of matmul)"
 
 
+def _section(record: dict[str, Any], dtype: str, pass_: str, skipped: dict[str, str]) -> list[str]:
+    """The table of one dtype and pass: rows are implementations, one line per V. Cases that did
+    not run go into ``skipped`` with their reason."""
+    rows = [r for r in record["results"] if r["dtype"] == dtype and r["pass"] == pass_]
+    lines = [
+        "| implementation | V | median ms | vs optax | temp MiB | throughput | loss max rel err |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    optax_time = {
+        r["v"]: r["time"]["median_s"]
+        for r in rows
+        if r["implementation"].startswith("optax") and r["status"] == "ok"
+    }
+    for r in rows:
+        if r["status"] != "ok":
+            skipped.setdefault(r["implementation"], f"{r['status']}: {r['reason']}")
+            continue
+        ratio = (
+            f"{r['time']['median_s'] / optax_time[r['v']]:.2f}x" if r["v"] in optax_time else "-"
+        )
+        lines.append(
+            f"| {r['implementation']} | {r['v']} | {_cell_time(r)} | {ratio} "
+            f"| {_cell_memory(r)} | {_cell_throughput(r)} "
+            f"| {r['errors'].get('loss_max_rel_error', float('nan')):.1e} |"
+        )
+    return lines
+
+
 def markdown(record: dict[str, Any]) -> str:
-    """One table per dtype and pass: rows are implementations, one line per V."""
+    """One table per dtype and pass, then what was not measured and why."""
     lines = _header(record)
     results = record["results"]
     skipped: dict[str, str] = {}
     for dtype in dict.fromkeys(r["dtype"] for r in results):
         for pass_ in dict.fromkeys(r["pass"] for r in results):
-            rows = [r for r in results if r["dtype"] == dtype and r["pass"] == pass_]
-            lines += [
-                f"## {dtype}, {PASS_NAMES[pass_]}",
-                "",
-                "| implementation | V | median ms | vs optax | temp MiB | throughput "
-                "| loss max rel err |",
-                "|---|---:|---:|---:|---:|---|---:|",
-            ]
-            optax_time = {
-                r["v"]: r["time"]["median_s"]
-                for r in rows
-                if r["implementation"].startswith("optax") and r["status"] == "ok"
-            }
-            for r in rows:
-                if r["status"] != "ok":
-                    skipped.setdefault(r["implementation"], f"{r['status']}: {r['reason']}")
-                    continue
-                ratio = (
-                    f"{r['time']['median_s'] / optax_time[r['v']]:.2f}x"
-                    if r["v"] in optax_time
-                    else "-"
-                )
-                lines.append(
-                    f"| {r['implementation']} | {r['v']} | {_cell_time(r)} | {ratio} "
-                    f"| {_cell_memory(r)} | {_cell_throughput(r)} "
-                    f"| {r['errors'].get('loss_max_rel_error', float('nan')):.1e} |"
-                )
+            lines += [f"## {dtype}, {PASS_NAMES[pass_]}", ""]
+            lines += _section(record, dtype, pass_, skipped)
             lines.append("")
     if skipped:
         lines += ["## Not measured", ""]
         lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+# The README shows, for each results file present, one table (bf16 forward+backward, the case
+# the goals are about) between markers, regenerated from the JSON by `python -m
+# benchmarks.report` so that no number in it is typed by hand.
+README_TABLES = ("ce_cpu", "linear_cpu", "ce_gpu", "linear_gpu")
+README_CASE = ("bfloat16", "forward_backward")
+
+
+def readme_table(record: dict[str, Any], source: str) -> str:
+    """The README's table for one harness record: its date, device and bf16 forward+backward."""
+    dtype, pass_ = README_CASE
+    grid = record["grid"]
+    shape = f"N={grid['n']}" + (f", D={grid['d']}" if "d" in grid else "")
+    lines = [
+        f"{record['suite']} on {record['device_kind']} ({record['host']['cpu']}), "
+        f"{record['date'][:10]}, jax {record['versions']['jax']}; {dtype}, "
+        f"{PASS_NAMES[pass_]}, {shape}, mean loss. From `{source}`.",
+        "",
+    ]
+    skipped: dict[str, str] = {}
+    lines += _section(record, dtype, pass_, skipped)
+    return "\n".join(lines)
+
+
+def update_readme(readme: pathlib.Path, results: pathlib.Path) -> str:
+    """README text with every marked table regenerated from ``results``; a table whose JSON is
+    absent keeps a line that says so."""
+    import json
+
+    text = readme.read_text()
+    for name in README_TABLES:
+        start, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+        if start not in text:
+            continue
+        path = results / f"{name}.json"
+        if path.exists():
+            body = readme_table(json.loads(path.read_text()), f"benchmarks/results/{path.name}")
+        else:
+            body = f"Not measured yet: no `{name}.json` in `benchmarks/results/`."
+        i = text.index(start) + len(start)
+        j = text.index(end, i)
+        text = f"{text[:i]}\n{body}\n{text[j:]}"
+    return text
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Regenerate README.md's benchmark tables.")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    parser.add_argument("--readme", type=pathlib.Path, default=root / "README.md")
+    parser.add_argument("--results", type=pathlib.Path, default=root / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    args.readme.write_text(update_readme(args.readme, args.results))
+    print(f"updated {args.readme}")
 
 
 def plots(record: dict[str, Any], stem: pathlib.Path) -> list[pathlib.Path]:
@@ -153,3 +212,7 @@ def _memory_mib(row) -> float | None:
     if value is None:
         value = memory.get("device_peak_bytes")
     return None if value is None else value / 2**20
+
+
+if __name__ == "__main__":
+    main()

@@ -167,3 +167,13 @@ def test_gpu_goals_read_from_harness_json(tmp_path):
     skipped = summary["linear"]["jax_softmax_ce.linear:pallas"]["time_vs_materialised"]
     assert skipped["pass"] is None and "skipped" in skipped["reason"]
     assert goals.summarise(tmp_path / "no.json", tmp_path / "linear.json")["ce"] is None
+
+
+def test_readme_tables_are_generated_from_the_results():
+    """The README's benchmark tables are exactly what `python -m benchmarks.report` makes of the
+    committed JSON: no number in them is typed by hand, and none is stale."""
+    from benchmarks import report
+
+    readme = REPO / "README.md"
+    assert "<!-- table:ce_cpu -->" in readme.read_text()
+    assert report.update_readme(readme, REPO / "benchmarks" / "results") == readme.read_text()
