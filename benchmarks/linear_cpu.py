@@ -29,8 +29,8 @@ Usage::
 
   python benchmarks/linear_cpu.py                      # both issue shapes, f32
   python benchmarks/linear_cpu.py --shapes 2048x512x8192 --repeats 3
-  python benchmarks/linear_cpu.py --labels zipf --shapes 8192x512x32768 \\
-      --methods ours_xla ours_xla_filter            # what gradient filtering skips, and saves
+  python benchmarks/linear_cpu.py --labels zipf --target-logit 12 --block-n 256 --block-v 512 \\
+      --shapes 8192x512x32768 --methods ours_xla ours_xla_filter   # what filtering skips
 """
 
 from __future__ import annotations
@@ -182,11 +182,30 @@ def _torch_entry(x, w, y, repeats):
     }
 
 
-def run_shape(n: int, d: int, v: int, *, repeats: int, labels: str, block_sizes, methods):
+def run_shape(
+    n: int,
+    d: int,
+    v: int,
+    *,
+    repeats: int,
+    labels: str,
+    block_sizes,
+    methods,
+    logit_scale=1.0,
+    target_logit=None,
+):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
-    y = jnp.asarray(_labels(rng, n, v, labels))
+    y_np = _labels(rng, n, v, labels)
+    w_np = rng.normal(size=(d, v)) * (logit_scale / np.sqrt(d))
+    x_np = rng.normal(size=(n, d))
+    if target_logit is not None:
+        # A model that has learnt its data: each input points along its label's column, with the
+        # given target logit, so the softmax puts most of its mass on the label.
+        columns = w_np[:, y_np].T
+        x_np = x_np * 0.1 + columns * (target_logit / np.sum(columns**2, axis=1, keepdims=True))
+    x = jnp.asarray(x_np, jnp.float32)
+    w = jnp.asarray(w_np, jnp.float32)
+    y = jnp.asarray(y_np)
     results = []
 
     def ours(eps):
@@ -250,6 +269,19 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     parser.add_argument("--note", default="", help="a note on the conditions, kept in the JSON")
+    parser.add_argument(
+        "--target-logit",
+        type=float,
+        default=None,
+        help="align each input with its label's weight column so that its target logit is this: "
+        "a peaked softmax, as a trained model has (where gradient filtering skips tiles)",
+    )
+    parser.add_argument(
+        "--logit-scale",
+        type=float,
+        default=1.0,
+        help="standard deviation of the logits; a trained model's are sharper than 1",
+    )
     args = parser.parse_args(argv)
     default = BlockSizes.get_default("xla")
     block_sizes = BlockSizes(args.block_n or default.block_n, args.block_v or default.block_v)
@@ -266,6 +298,8 @@ def main(argv=None):
                 labels=args.labels,
                 block_sizes=block_sizes,
                 methods=args.methods,
+                logit_scale=args.logit_scale,
+                target_logit=args.target_logit,
             )
         )
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -280,6 +314,8 @@ def main(argv=None):
         "block_sizes": {"block_n": block_sizes.block_n, "block_v": block_sizes.block_v},
         "repeats": args.repeats,
         "labels": args.labels,
+        "logit_scale": args.logit_scale,
+        "target_logit": args.target_logit,
         "note": " ".join(filter(None, [args.note, NOTE])),
         "loadavg": {"before": load_before, "after": os.getloadavg()[0]},
         "goals": goals(runs),
