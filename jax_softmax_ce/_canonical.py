@@ -58,6 +58,17 @@ class Layout(NamedTuple):
         return x.reshape(self.num_rows, self.num_classes)
 
 
+def explicit_mesh(arrays):
+    """The mesh of the first array whose type names a mesh axis (an explicit sharding under
+    ``jit``), or None. ``arrays`` may hold None."""
+    for x in arrays:
+        sharding = None if x is None else getattr(jax.typeof(x), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is not None and any(axis is not None for axis in spec):
+            return sharding.mesh
+    return None
+
+
 def check_floating(name: str, x) -> jax.Array:
     """``x`` as an array; a TypeError naming ``name``, the dtype and the shape unless floating."""
     x = jnp.asarray(x)

@@ -53,6 +53,11 @@ from jax_softmax_ce.kernels._tile import accumulation_dtype
 SCHEDULES = {"tpu": cross_entropy_tpu, "gpu": cross_entropy_gpu}
 PLATFORM_ENV = "JAX_SOFTMAX_CE_PALLAS_PLATFORM"
 
+EXPLICIT_SHARDING = (
+    'implementation="pallas" does not take arrays with an explicit sharding under jit; '
+    'call it inside shard_map (per-shard kernels) or use implementation="xla"'
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -174,11 +179,8 @@ def _check(problem, integer: bool, platform: str, blocks: BlockSizes, interpret:
     reason = _blocks.block_error(blocks, platform, row_dtypes)
     if reason is not None:
         raise NotImplementedError(f'implementation="pallas": {reason}')
-    if any(_explicitly_sharded(x) for x in problem if x is not None):
-        raise NotImplementedError(
-            'implementation="pallas" does not take arrays with an explicit sharding under jit; '
-            'call it inside shard_map (per-shard kernels) or use implementation="xla"'
-        )
+    if _canonical.explicit_mesh(problem) is not None:
+        raise NotImplementedError(EXPLICIT_SHARDING)
     backend = jax.default_backend()
     if not interpret:
         if backend == "cpu":
@@ -194,11 +196,6 @@ def _check(problem, integer: bool, platform: str, blocks: BlockSizes, interpret:
             raise NotImplementedError(
                 f'implementation="pallas": the TPU has no float64 (logits {logits.dtype})'
             )
-
-
-def _explicitly_sharded(x) -> bool:
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return spec is not None and any(axis is not None for axis in spec)
 
 
 def _inputs(call: _Call, logits, labels, where, class_weights, temperature) -> _blocks.Inputs:

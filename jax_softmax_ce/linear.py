@@ -30,6 +30,7 @@ import numpy as np
 
 from jax_softmax_ce import _canonical, _options, _reference
 from jax_softmax_ce._options import Options
+from jax_softmax_ce._pallas import EXPLICIT_SHARDING
 from jax_softmax_ce.kernels import _tile
 from jax_softmax_ce.kernels import linear as _kernels
 from jax_softmax_ce.kernels.linear import BlockSizes
@@ -443,30 +444,17 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def _explicit_mesh(problem: LinearProblem):
-    """The mesh of the first operand with an explicit sharding (``jax.typeof(x).sharding`` names a
-    mesh axis), or None."""
-    for x in problem:
-        sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
-        if sharding is not None and any(axis is not None for axis in sharding.spec):
-            return sharding.mesh
-    return None
-
-
 def _run_implementation(implementation, problem: LinearProblem, options, config) -> jax.Array:
     """Per-example losses from one implementation. Operands with an explicit sharding (data- or
     vocabulary-parallel under ``jit``) are handed to XLA's partitioner: the blockwise loops run
     under `jax.sharding.auto_axes`, since their dynamic slices have no explicit-sharding rule,
     and the losses come back sharded like the inputs' rows. Pallas kernels cannot be partitioned
     that way and raise; inside ``shard_map`` every implementation runs per shard."""
-    mesh = _explicit_mesh(problem)
+    mesh = _canonical.explicit_mesh(problem)
     if mesh is None:
         return implementation(problem, options, config)
     if config.engine == "pallas":
-        raise NotImplementedError(
-            'implementation="pallas" does not take arrays with an explicit sharding under jit; '
-            'call it inside shard_map (per-shard kernels) or use implementation="xla"'
-        )
+        raise NotImplementedError(EXPLICIT_SHARDING)
     rows = jax.typeof(problem.inputs).sharding.spec
     out = jax.sharding.PartitionSpec(rows[0] if rows else None)
 
