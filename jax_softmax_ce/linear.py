@@ -199,11 +199,14 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
 
         def vocab_block(j, acc):
             c0 = _kernels.block_start(j, bv, v)
-            return _kernels.forward_tile(
-                acc,
+            z_raw = _kernels.logits_tile(
                 x_blk,
                 _weight_block(weight, c0, bv, config.vd),
                 None if bias is None else _slice(bias, c0, bv, 1),
+                vd=config.vd,
+            )
+            tile = _kernels.target_tile(
+                z_raw,
                 labels,
                 label_weight,
                 _where_tile(problem.where, r0, c0, bn, bv),
@@ -212,9 +215,9 @@ def _forward_xla(options: Options, config: Config, problem: LinearProblem, rows:
                 col0=c0,
                 lo=j * bv,
                 num_classes=v,
-                vd=config.vd,
                 options=options,
             )
+            return _kernels.forward_tile(acc, tile)
 
         init = _varying(_kernels.row_state_init(bn, dtype, smoothing), axes)
         block = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
@@ -256,23 +259,27 @@ def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
             r0 = _kernels.block_start(i, bn, n)
             x_blk = _slice(x, r0, bn, 0)
             fresh = _kernels.rows_ok(r0, i * bn, bn, n)
-            tile = _kernels.backward_tile(
-                x_blk,
-                w_blk,
-                b_blk,
+            z_raw = _kernels.logits_tile(x_blk, w_blk, b_blk, vd=config.vd)
+            target = _kernels.target_tile(
+                z_raw,
                 _slice(rows.labels, r0, bn, 0),
                 _slice(rows.label_weight, r0, bn, 0),
-                _slice(n_valid, r0, bn, 0),
-                _slice(rows.total_weight, r0, bn, 0),
-                _slice(lse, r0, bn, 0),
-                jnp.where(fresh, _slice(ct, r0, bn, 0), 0),
                 _where_tile(problem.where, r0, c0, bn, bv),
                 cw_blk,
                 t,
                 col0=c0,
                 lo=j * bv,
                 num_classes=v,
-                vd=config.vd,
+                options=options,
+            )
+            tile = _kernels.backward_tile(
+                z_raw,
+                target,
+                _slice(n_valid, r0, bn, 0),
+                _slice(rows.total_weight, r0, bn, 0),
+                _slice(lse, r0, bn, 0),
+                jnp.where(fresh, _slice(ct, r0, bn, 0), 0),
+                t,
                 options=options,
                 filter_eps=config.filter_eps,
                 array_temperature=problem.temperature is not None,
@@ -575,7 +582,10 @@ def linear_softmax_cross_entropy(
       filter; ``"reference"`` raises ``NotImplementedError``.
     - ``"pallas"`` runs on TPU (Mosaic) and GPU (the Triton backend); on CPU it needs
       ``pallas_backend="tpu"`` or ``"gpu"`` and ``interpret=True``, which run that schedule in
-      interpret mode. ``implementation=None`` picks ``"xla"``.
+      interpret mode. ``implementation=None`` picks ``"xla"``. On GPU the backward pass adds
+      each tile's contributions to ``d_inputs`` and ``d_weight`` with float32 atomic adds (as
+      Cut Cross-Entropy does), so those gradients may differ in their last bits between runs;
+      the other schedules are deterministic.
     - Sharded operands. Inside ``shard_map`` every implementation runs on its shard, and the
       gradient of an operand that does not vary over a mesh axis (a replicated ``weight`` in data
       parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,
@@ -606,7 +616,8 @@ def linear_softmax_cross_entropy(
       gradient_filter_eps: None or 0 for exact gradients, else the filter threshold in
         ``(0, 1)``.
       block_sizes: Tile sizes, a `jax_softmax_ce.kernels.linear.BlockSizes`; None for the
-        implementation's default.
+        implementation's default on the platform (`BlockSizes.get_default`). The GPU schedule
+        needs powers of two of at least 16, ``block_d`` included.
       pallas_backend: ``"tpu"`` or ``"gpu"``: which kernel schedule ``"pallas"`` runs; None for
         the default backend's.
       interpret: Run the ``"pallas"`` kernels in interpret mode (for tests on CPU).
@@ -643,7 +654,8 @@ def linear_softmax_cross_entropy(
     inputs, weight, bias, labels, v = _check_operands(inputs, weight, bias, labels, weight_layout)
     filter_eps = _check_filter_eps(gradient_filter_eps)
     if block_sizes is None:
-        block_sizes = BlockSizes.get_default(implementation or "xla")
+        platform = pallas_backend or jax.default_backend()
+        block_sizes = BlockSizes.get_default(implementation or "xla", platform)
     elif not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be a BlockSizes or None, got {block_sizes!r}")
     if pallas_backend is not None and pallas_backend not in PALLAS_BACKENDS:

@@ -1,10 +1,11 @@
 """The fused linear softmax cross-entropy: its tile steps and its Pallas kernels.
 
-A tile is one ``[block_n, block_v]`` block of logits ``z = x W (+ b)``, formed by a matmul from a
-``[block_n, D]`` block of inputs and a ``[D, block_v]`` block of the projection (``[block_v, D]``
-in the tied ``"vd"`` layout, contracted without a transposed copy). The tile steps below turn one
-such block into the online log-sum-exp and target updates (forward) or into the gradient block
-(backward). They are compositions of `kernels._tile` and they are called both by the XLA loops of
+A tile is one ``[block_n, block_v]`` block of logits ``z = x W (+ b)``, formed by a matmul (on
+GPU, a sum of matmuls over chunks of ``D``) from a ``[block_n, D]`` block of inputs and a
+``[D, block_v]`` block of the projection (``[block_v, D]`` in the tied ``"vd"`` layout,
+contracted without a transposed copy). The tile steps below turn one such block into the online
+log-sum-exp and target updates (forward) or into the gradient block (backward). They are
+compositions of `kernels._tile` and they are called both by the XLA loops of
 `jax_softmax_ce.linear` and by the Pallas kernel bodies here, so the math exists once.
 
 Kernels (``implementation="pallas"``), two schedules of the same tile steps:
@@ -22,13 +23,26 @@ Kernels (``implementation="pallas"``), two schedules of the same tile steps:
   it could not be written and checked in a session without a GPU. Triton lowers ``jnp.dot`` to
   ``tl.dot`` (tensor cores), and is available in jax 0.10 and, deprecated but present (a
   ``DeprecationWarning`` at each lowering), in 0.11; the reasons are spelled out in
-  `kernels.cross_entropy_gpu`. The GPU schedule cannot revisit output blocks
-  across a grid axis (grid programs run in parallel), so each program loops over the reduction axis
-  itself: one program per row block for the forward and ``d_inputs``, one per vocabulary block for
-  ``d_weight``. Triton needs power-of-two block shapes, so this schedule rounds the block sizes down
-  to powers of two and raises ``NotImplementedError`` for a hidden size ``D`` that is not one. Both
-  schedules are verified in interpret mode only: neither has been compiled for, or timed on, a real
-  TPU or GPU.
+  `kernels.cross_entropy_gpu`. Triton holds a kernel's values in registers and shared memory, so
+  no block may span the hidden size (a ``[D, block_v]`` block of the projection at ``D = 4096``
+  and ``block_v = 512`` holds 2**21 elements, past Triton's limit of 2**20, let alone what
+  registers hold): every tile is formed as a loop
+  over ``block_d`` chunks of ``D``, each a ``tl.dot`` of a ``[block_n, block_d]`` block of inputs
+  and a ``[block_d, block_v]`` block of the projection, as Cut Cross-Entropy does. Loads are
+  masked, so ``N``, ``D`` and ``V`` are arbitrary; tiles are powers of two of at least 16
+  (``tl.dot``'s minimum). The forward is one program per row block, looping over vocabulary
+  blocks with the running log-sum-exp in registers. The backward is one kernel over
+  ``(row blocks, vocabulary blocks)``, all parallel: each program recomputes its tile, forms the
+  gradient tile, and adds ``dz W_blockᵀ`` and ``x_blockᵀ dz`` chunk by chunk of ``D`` into
+  float32 ``d_inputs`` and ``d_weight`` with atomic adds (``d_bias`` and the temperature rows
+  too). Their float32 accumulators are ``O(N D + D V)``, the bound the fused loss allows; atomic
+  float adds make the GPU gradients non-deterministic in their last bits. The accumulators are
+  padded to whole blocks because Pallas' interpreter has no masked atomic add.
+
+Both schedules are verified in interpret mode on CPU, and lowered for their real backends from a
+CPU host (the GPU one at ``N=16384, D=4096, V=128256``, where the tests check that no tensor of
+the Triton modules exceeds one logits tile); neither has been compiled for, or timed on, a real
+TPU or GPU yet. Block sizes are reasoned, not tuned.
 
 Gradient filtering (Cut Cross-Entropy): with ``filter_eps > 0`` the backward skips the two
 gradient matmuls of every tile in which all ``|dl/dz'|`` (before the cotangent) are below
@@ -44,33 +58,42 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 from jax_softmax_ce.kernels import _tile
 from jax_softmax_ce.kernels._tile import RowState, row_state_init
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Rows (tokens) and columns (vocabulary) of one logits tile.
+    """Rows (tokens), columns (vocabulary) and hidden chunk of one logits tile.
 
     Attributes:
-      block_n: rows per tile; clipped to the number of rows.
-      block_v: vocabulary entries per tile; clipped to the vocabulary size.
+      block_n: rows per tile; clipped to the number of rows except on GPU.
+      block_v: vocabulary entries per tile; clipped to the vocabulary size except on GPU.
+      block_d: hidden entries per matmul step of the GPU schedule, which forms each tile as a
+        sum over ``block_d`` chunks of ``D``; the XLA and TPU schedules contract all of ``D`` at
+        once and ignore it.
     """
 
     block_n: int = 1024
     block_v: int = 1024
+    block_d: int = 64
 
     def __post_init__(self):
-        for name in ("block_n", "block_v"):
+        for name in ("block_n", "block_v", "block_d"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
 
     @classmethod
-    def get_default(cls, implementation: str = "xla") -> BlockSizes:
-        """Defaults: large tiles for XLA on CPU, ``(256, 512)`` tiles for the kernels."""
+    def get_default(cls, implementation: str = "xla", platform: str | None = None) -> BlockSizes:
+        """Defaults: large tiles for XLA; for ``"pallas"``, ``(256, 512)`` tiles on TPU and
+        ``(64, 128)`` tiles in 64-wide hidden chunks on GPU (Triton matmul tiles; reasoned, not
+        yet tuned on a GPU)."""
         if implementation == "xla":
             return cls(1024, 2048)
+        if platform == "gpu":
+            return cls(64, 128, 64)
         return cls(256, 512)
 
 
@@ -137,11 +160,16 @@ def weight_grad(x, dz, *, vd: bool) -> jax.Array:
     return jax.lax.dot_general(x, dz, (((0,), (0,)), ((), ())), preferred_element_type=acc)
 
 
-def forward_tile(
-    state: RowState,
-    x,
-    w,
-    bias,
+class TargetTile(NamedTuple):
+    """One tile's transformed logits and target weights, as both passes need them."""
+
+    z: jax.Array  # [rows, cols] z' = softcap(z) / T, -inf where invalid
+    target: jax.Array  # [rows, cols] w_t on the label's column, 0 elsewhere
+    smoothing: jax.Array | None  # [rows, cols] class weights on valid columns (smoothing only)
+
+
+def target_tile(
+    z_raw,
     labels,
     label_weight,
     where,
@@ -150,14 +178,13 @@ def forward_tile(
     *,
     col0,
     lo,
-    num_classes: int,
-    vd: bool,
+    num_classes,
     options,
-) -> RowState:
-    """One forward step: the tile ``x W (+ b)`` for columns ``col0 + [0, cols)`` merged into
-    ``state``. Columns below ``lo`` or at or above ``num_classes`` are ignored; ``where`` is None
-    or a bool block broadcastable to the tile; ``temperature`` a float or a ``[1, 1]`` array."""
-    z_raw = logits_tile(x, w, bias, vd=vd)
+) -> TargetTile:
+    """The transformed tile of raw logits ``z_raw`` (`logits_tile`) for columns
+    ``col0 + [0, cols)``, and its target weights. Columns below ``lo`` or at or above
+    ``num_classes`` are ignored; ``where`` is None or a bool block broadcastable to the tile;
+    ``temperature`` a float or a ``[1, 1]`` array."""
     ok = columns_ok(col0, lo, z_raw.shape[1], num_classes)
     valid = ok if where is None else ok & where
     z = _tile.masked_transform(z_raw, valid, softcap=options.logit_softcap, temperature=temperature)
@@ -165,7 +192,12 @@ def forward_tile(
     smooth = None
     if options.label_smoothing:
         smooth = _tile.smoothing_weights(valid, class_weights, z.dtype)
-    return forward_step(state, z, target, smooth)
+    return TargetTile(z, target, smooth)
+
+
+def forward_tile(state: RowState, tile: TargetTile) -> RowState:
+    """One forward step: ``tile`` (`target_tile`) merged into the running ``state``."""
+    return forward_step(state, tile.z, tile.target, tile.smoothing)
 
 
 class TileGrad(NamedTuple):
@@ -177,44 +209,28 @@ class TileGrad(NamedTuple):
 
 
 def backward_tile(
-    x,
-    w,
-    bias,
-    labels,
-    label_weight,
+    z_raw,
+    tile: TargetTile,
     n_valid,
     total_weight,
     lse,
     cotangent,
-    where,
-    class_weights,
     temperature,
     *,
-    col0,
-    lo,
-    num_classes: int,
-    vd: bool,
     options,
     filter_eps: float,
     array_temperature: bool,
 ) -> TileGrad:
-    """Recomputes one tile and forms its gradient. Per-row operands are ``[rows, 1]``; rows with a
-    zero ``cotangent`` (those that do not count, or padding) get a zero gradient."""
-    z_raw = logits_tile(x, w, bias, vd=vd)
-    ok = columns_ok(col0, lo, z_raw.shape[1], num_classes)
-    valid = ok if where is None else ok & where
-    z = _tile.masked_transform(z_raw, valid, softcap=options.logit_softcap, temperature=temperature)
-    target = _tile.label_target(labels, label_weight, col0, ok)
-    smooth = None
-    if options.label_smoothing:
-        smooth = _tile.smoothing_weights(valid, class_weights, z.dtype)
-    a = _tile.mix(options.label_smoothing, n_valid, target, smooth)
-    g = _tile.grad_block(z, lse, total_weight, a, z_loss=options.z_loss)
+    """The gradient of the raw logits tile ``z_raw``, recomputed in the backward pass, whose
+    `target_tile` is ``tile``. Per-row operands are ``[rows, 1]``; rows with a zero ``cotangent``
+    (those that do not count, or padding) get a zero gradient."""
+    a = _tile.mix(options.label_smoothing, n_valid, tile.target, tile.smoothing)
+    g = _tile.grad_block(tile.z, lse, total_weight, a, z_loss=options.z_loss)
     live = cotangent != 0
     g = jnp.where(live, g, 0)
     keep = keep_tile(g, filter_eps) if filter_eps else None
     g = jnp.where(live, g * cotangent, 0)
-    t_row = _tile.temperature_term(z, g, lse) if array_temperature else None
+    t_row = _tile.temperature_term(tile.z, g, lse) if array_temperature else None
     dz = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=temperature)
     return TileGrad(dz, keep, t_row)
 
@@ -237,6 +253,7 @@ def when_kept(keep, update, acc):
 # blocks), a column axis (sliced by vocabulary blocks), both or neither.
 
 _ROW_OPERANDS = ("labels", "label_weight", "n_valid", "total_weight", "lse", "cotangent")
+_MATMUL_OPERANDS = ("x", "w")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,24 +262,29 @@ class _Geometry:
 
     bn: int
     bv: int
+    bd: int
     num_rows: int
     num_classes: int
+    hidden: int
     vd: bool
 
     @classmethod
     def of(cls, config, problem) -> _Geometry:
-        """Tiles clipped to the arrays, powers of two on GPU (Triton)."""
+        """TPU tiles are clipped to the arrays (a ragged last block is moved back inside them);
+        GPU tiles are taken as given and their ragged ends masked, since Triton's ``dot`` needs
+        power-of-two tiles of at least 16 in every dimension."""
         n, d = problem.inputs.shape
         v = config.num_classes
-        bn, bv = min(config.block_sizes.block_n, n), min(config.block_sizes.block_v, v)
+        blocks = config.block_sizes
         if config.pallas_backend == "gpu":
-            if d & (d - 1):
+            sizes = (blocks.block_n, blocks.block_v, blocks.block_d)
+            if any(b < 16 or b & (b - 1) for b in sizes):
                 raise NotImplementedError(
-                    f"the GPU (Triton) schedule of the fused kernel needs a power-of-two hidden "
-                    f"size, got inputs shape {problem.inputs.shape}"
+                    f"the GPU (Triton) schedule of the fused kernel needs block sizes that are "
+                    f"powers of two of at least 16 (Triton's dot), got {blocks}"
                 )
-            bn, bv = _power_of_two_floor(bn), _power_of_two_floor(bv)
-        return cls(bn, bv, n, v, config.vd)
+            return cls(*sizes, n, v, d, config.vd)
+        return cls(min(blocks.block_n, n), min(blocks.block_v, v), d, n, v, d, config.vd)
 
     def axes(self, name: str, shape):
         """``(row_axis, col_axis)`` of an operand, each an int or None."""
@@ -279,10 +301,6 @@ class _Geometry:
                 1 if shape[1] == self.num_classes and shape[1] != 1 else None
             )
         return None, None  # temperature [1, 1]
-
-
-def _power_of_two_floor(x: int) -> int:
-    return 1 << (x.bit_length() - 1)
 
 
 def _operands(problem, rows, lse=None, cotangent=None) -> dict:
@@ -309,24 +327,21 @@ def _operands(problem, rows, lse=None, cotangent=None) -> dict:
 
 
 class _Tiles:
-    """The blocks of one tile at rows ``row0 + [0, bn)`` and columns ``col0 + [0, bv)``, read
-    from the kernel's refs and cleaned of padding: rows at or past ``num_rows`` and columns at or
-    past ``num_classes`` of a ragged block hold garbage (NaN in interpret mode), so the inputs,
-    weight and bias are zeroed there, and the cotangent too."""
+    """The blocks of the operands other than ``x`` and ``w`` for one tile at rows
+    ``row0 + [0, bn)`` and columns ``col0 + [0, bv)``, and the tile steps on the raw logits that
+    a schedule forms from ``x`` and ``w``. Rows at or past ``num_rows`` and columns at or past
+    ``num_classes`` of a ragged block may hold garbage (NaN in interpret mode), so the bias, the
+    lse and the cotangent are zeroed there."""
 
     def __init__(self, blocks: dict, options, geo: _Geometry, *, row0, col0):
         self.options, self.geo, self.col0 = options, geo, col0
         self.row_ok = rows_ok(row0, row0, geo.bn, geo.num_rows)
         self.col_ok = columns_ok(col0, col0, geo.bv, geo.num_classes)
         get = blocks.get
-        zero = functools.partial(jnp.zeros, (), blocks["x"].dtype)
-        self.x = jnp.where(self.row_ok, blocks["x"], zero())
-        self.w = jnp.where(self.col_ok.T if geo.vd else self.col_ok, blocks["w"], zero())
         self.bias = None if get("bias") is None else jnp.where(self.col_ok, get("bias"), 0)
         self.where = None if get("where") is None else get("where") != 0
-        self.class_weights = get("class_weights")
         t = get("temperature")
-        self.temperature = options.temperature if t is None else t
+        self.temperature = self.options.temperature if t is None else t
         self.blocks = blocks
 
     def row(self, name):
@@ -335,44 +350,31 @@ class _Tiles:
             value = jnp.where(self.row_ok, value, jnp.zeros((), value.dtype))
         return value
 
-    def forward(self, state: RowState, *, lo) -> RowState:
-        """`forward_tile` of these blocks; columns below ``lo`` are ignored."""
-        return forward_tile(
-            state,
-            self.x,
-            self.w,
-            self.bias,
+    def target(self, z_raw, *, lo) -> TargetTile:
+        """`target_tile` of the raw logits ``z_raw``; columns below ``lo`` are ignored."""
+        return target_tile(
+            z_raw,
             self.row("labels"),
             self.row("label_weight"),
             self.where,
-            self.class_weights,
+            self.blocks.get("class_weights"),
             self.temperature,
             col0=self.col0,
             lo=lo,
             num_classes=self.geo.num_classes,
-            vd=self.geo.vd,
             options=self.options,
         )
 
-    def backward(self, *, lo, filter_eps: float, array_t: bool) -> TileGrad:
-        """`backward_tile` of these blocks; columns below ``lo`` are ignored."""
+    def backward(self, z_raw, *, lo, filter_eps: float, array_t: bool) -> TileGrad:
+        """`backward_tile` of the raw logits ``z_raw``; columns below ``lo`` are ignored."""
         return backward_tile(
-            self.x,
-            self.w,
-            self.bias,
-            self.row("labels"),
-            self.row("label_weight"),
+            z_raw,
+            self.target(z_raw, lo=lo),
             self.row("n_valid"),
             self.row("total_weight"),
             self.row("lse"),
             self.row("cotangent"),
-            self.where,
-            self.class_weights,
             self.temperature,
-            col0=self.col0,
-            lo=lo,
-            num_classes=self.geo.num_classes,
-            vd=self.geo.vd,
             options=self.options,
             filter_eps=filter_eps,
             array_temperature=array_t,
@@ -388,8 +390,17 @@ def _split_refs(refs, names):
     return dict(zip(names, refs, strict=False)), refs[len(names) :]
 
 
+def _run_if_kept(keep, accumulate):
+    """Runs ``accumulate`` (a side effect on refs) unless the gradient filter dropped the tile."""
+    if keep is None:
+        accumulate()
+    else:
+        pl.when(keep)(accumulate)
+
+
 def _pallas_call(config, kernel, ops: dict, out_shape, grid, *, name, **specs):
-    """``pallas_call`` for the configured backend; ``specs`` are the TPU BlockSpecs."""
+    """``pallas_call`` for the configured backend; ``specs`` are the TPU BlockSpecs, or the GPU
+    kernels' ``input_output_aliases``."""
     if config.pallas_backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
@@ -398,9 +409,9 @@ def _pallas_call(config, kernel, ops: dict, out_shape, grid, *, name, **specs):
         if interpret:
             interpret = pltpu.InterpretParams(out_of_bounds_reads="uninitialized")
     else:
-        from jax.experimental.pallas import triton as pltriton
-
-        params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+        blocks = config.block_sizes
+        num_warps = 8 if blocks.block_n * blocks.block_v >= 128 * 128 else 4
+        params = pltriton.CompilerParams(num_warps=num_warps, num_stages=3)
         interpret = bool(config.interpret)
     return pl.pallas_call(
         kernel,
@@ -434,24 +445,31 @@ def _tpu_specs(ops: dict, grid_to_blocks, geo: _Geometry):
     return specs
 
 
-def _tpu_tiles(refs, names, options, geo: _Geometry, *, i, j):
-    """The tiles at grid position (row block ``i``, vocabulary block ``j``), and the output refs."""
+class _TpuTile(NamedTuple):
+    """One TPU tile: its other operands, its ``x`` and ``w`` blocks (zeroed on padding, which
+    holds garbage in a ragged block), and its raw logits."""
+
+    tiles: _Tiles
+    x: jax.Array  # [bn, D]
+    w: jax.Array  # [D, bv], or [bv, D] when vd
+    z_raw: jax.Array  # [bn, bv]
+
+
+def _tpu_tile(refs, names, options, geo: _Geometry, *, i, j):
+    """The tile at grid position (row block ``i``, vocabulary block ``j``), and the output refs."""
     ins, out_refs = _split_refs(refs, names)
     blocks = {k: r[...] for k, r in ins.items()}
-    return _Tiles(blocks, options, geo, row0=i * geo.bn, col0=j * geo.bv), out_refs
-
-
-def _tpu_when_kept(keep, accumulate):
-    """Runs ``accumulate`` unless the gradient filter dropped the tile."""
-    if keep is None:
-        accumulate()
-    else:
-        pl.when(keep)(accumulate)
+    others = {k: b for k, b in blocks.items() if k not in _MATMUL_OPERANDS}
+    tiles = _Tiles(others, options, geo, row0=i * geo.bn, col0=j * geo.bv)
+    zero = jnp.zeros((), blocks["x"].dtype)
+    x = jnp.where(tiles.row_ok, blocks["x"], zero)
+    w = jnp.where(tiles.col_ok.T if geo.vd else tiles.col_ok, blocks["w"], zero)
+    return _TpuTile(tiles, x, w, logits_tile(x, w, tiles.bias, vd=geo.vd)), out_refs
 
 
 def _forward_tpu_kernel(*refs, names, treedef, options, geo):
     i, j = pl.program_id(0), pl.program_id(1)
-    tiles, out_refs = _tpu_tiles(refs, names, options, geo, i=i, j=j)
+    tile, out_refs = _tpu_tile(refs, names, options, geo, i=i, j=j)
 
     @pl.when(j == 0)
     def _init():
@@ -460,7 +478,7 @@ def _forward_tpu_kernel(*refs, names, treedef, options, geo):
             ref[...] = value
 
     state = jax.tree.unflatten(treedef, [r[...] for r in out_refs])
-    state = tiles.forward(state, lo=j * geo.bv)
+    state = forward_tile(state, tile.tiles.target(tile.z_raw, lo=j * geo.bv))
     for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
         ref[...] = value
 
@@ -468,7 +486,7 @@ def _forward_tpu_kernel(*refs, names, treedef, options, geo):
 def _inputs_grad_tpu_kernel(*refs, names, options, geo, eps):
     """Grid ``(row blocks, vocabulary blocks)``: ``d_inputs`` (and the temperature rows)."""
     i, j = pl.program_id(0), pl.program_id(1)
-    tiles, (dx_ref, *t_ref) = _tpu_tiles(refs, names, options, geo, i=i, j=j)
+    tile, (dx_ref, *t_ref) = _tpu_tile(refs, names, options, geo, i=i, j=j)
 
     @pl.when(j == 0)
     def _init():
@@ -476,125 +494,171 @@ def _inputs_grad_tpu_kernel(*refs, names, options, geo, eps):
         for ref in t_ref:
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    tile = tiles.backward(lo=j * geo.bv, filter_eps=eps, array_t=bool(t_ref))
+    grad = tile.tiles.backward(tile.z_raw, lo=j * geo.bv, filter_eps=eps, array_t=bool(t_ref))
     for ref in t_ref:
-        ref[...] += tile.temperature_row
+        ref[...] += grad.temperature_row
 
     def accumulate():
-        dx_ref[...] += input_grad(tile.dz, tiles.w, vd=geo.vd)
+        dx_ref[...] += input_grad(grad.dz, tile.w, vd=geo.vd)
 
-    _tpu_when_kept(tile.keep, accumulate)
+    _run_if_kept(grad.keep, accumulate)
 
 
 def _weight_grad_tpu_kernel(*refs, names, options, geo, eps):
     """Grid ``(vocabulary blocks, row blocks)``: ``d_weight`` (and ``d_bias``)."""
     j, i = pl.program_id(0), pl.program_id(1)
-    tiles, (dw_ref, *db_ref) = _tpu_tiles(refs, names, options, geo, i=i, j=j)
+    tile, (dw_ref, *db_ref) = _tpu_tile(refs, names, options, geo, i=i, j=j)
 
     @pl.when(i == 0)
     def _init():
         for ref in (dw_ref, *db_ref):
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    tile = tiles.backward(lo=j * geo.bv, filter_eps=eps, array_t=False)
+    grad = tile.tiles.backward(tile.z_raw, lo=j * geo.bv, filter_eps=eps, array_t=False)
 
     def accumulate():
-        dw_ref[...] += weight_grad(tiles.x, tile.dz, vd=geo.vd)
+        dw_ref[...] += weight_grad(tile.x, grad.dz, vd=geo.vd)
         for ref in db_ref:
-            ref[...] += jnp.sum(tile.dz, axis=0, keepdims=True)
+            ref[...] += jnp.sum(grad.dz, axis=0, keepdims=True)
 
-    _tpu_when_kept(tile.keep, accumulate)
-
-
-# ---------------------------------------------------------- GPU: one program loops over the rest
+    _run_if_kept(grad.keep, accumulate)
 
 
-def _gpu_block(ref, name: str, geo: _Geometry, *, r0, c0):
-    row_axis, col_axis = geo.axes(name, ref.shape)
-    index = tuple(
-        pl.ds(r0, geo.bn) if a == row_axis else pl.ds(c0, geo.bv) if a == col_axis else slice(None)
-        for a in range(2)
-    )
-    return ref[index]
+# ------------------------------------------------- GPU: masked loads, hidden chunks, atomic adds
 
 
-def _gpu_tiles(ins: dict, options, geo: _Geometry, *, r0, c0) -> _Tiles:
-    """Loads the blocks at ``(r0, c0)``. Starts are moved back to end inside the arrays, so
-    nothing is padded and the cleaning of `_Tiles` is a no-op here."""
-    blocks = {k: _gpu_block(r, k, geo, r0=r0, c0=c0) for k, r in ins.items()}
-    return _Tiles(blocks, options, geo, row0=r0, col0=c0)
+def _from_zero(size: int):
+    """The slice ``[0, size)`` with an int32 start, like every other index here (a Python 0
+    would be int64 under ``jax_enable_x64`` and clash with the int32 program ids)."""
+    return pl.ds(jnp.int32(0), size)
+
+
+def _loop(n: int, body, init):
+    """``fori_loop`` over ``[0, n)`` with an int32 index."""
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(n), body, init)
+
+
+class _GpuTile:
+    """The tile at rows ``r0 + [0, bn)`` and columns ``c0 + [0, bv)``, read from whole-array
+    refs with masked loads (out-of-range entries read as 0), its raw logits formed in
+    ``block_d`` chunks of the hidden size, so that no block of ``x`` or ``w`` spans the whole of
+    ``D``. Program ids are read once at the top of a kernel and passed in (the interpreter
+    substitutes them only there, not inside a loop body)."""
+
+    def __init__(self, ins: dict, options, geo: _Geometry, *, r0, c0):
+        self.ins, self.geo, self.r0, self.c0 = ins, geo, r0, c0
+        self.rows, self.cols = pl.ds(r0, geo.bn), pl.ds(c0, geo.bv)
+        others = {k: self._load(k) for k in ins if k not in _MATMUL_OPERANDS}
+        self.tiles = _Tiles(others, options, geo, row0=r0, col0=c0)
+
+    def _load(self, name):
+        ref = self.ins[name]
+        row_axis, col_axis = self.geo.axes(name, ref.shape)
+        if row_axis is None and col_axis is None:
+            return ref[...]
+        ok = self._ok(row_axis == 0, col_axis == 1)
+        index = (
+            self.rows if row_axis == 0 else _from_zero(ref.shape[0]),
+            self.cols if col_axis == 1 else _from_zero(ref.shape[1]),
+        )
+        return pltriton.load(ref.at[index], mask=ok, other=0)
+
+    def _ok(self, rows: bool, cols: bool):
+        geo = self.geo
+        ok = jnp.ones((geo.bn if rows else 1, geo.bv if cols else 1), jnp.bool_)
+        if rows:
+            ok = ok & rows_ok(self.r0, self.r0, geo.bn, geo.num_rows)
+        if cols:
+            ok = ok & columns_ok(self.c0, self.c0, geo.bv, geo.num_classes)
+        return ok
+
+    def hidden(self, k0):
+        """``[1, bd]`` bool: hidden indices ``k0 + [0, bd)`` inside ``D``, and their slice."""
+        ok = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, self.geo.bd), 1) < self.geo.hidden
+        return ok, pl.ds(k0, self.geo.bd)
+
+    def x_chunk(self, k0):
+        """``[bn, bd]`` of ``x``."""
+        ok, ks = self.hidden(k0)
+        mask = self.tiles.row_ok & ok
+        return pltriton.load(self.ins["x"].at[self.rows, ks], mask=mask, other=0)
+
+    def w_chunk(self, k0):
+        """``[bd, bv]`` of ``w`` (``[bv, bd]`` when vd)."""
+        ok, ks = self.hidden(k0)
+        if self.geo.vd:
+            index, mask = (self.cols, ks), self.tiles.col_ok.T & ok
+        else:
+            index, mask = (ks, self.cols), ok.T & self.tiles.col_ok
+        return pltriton.load(self.ins["w"].at[index], mask=mask, other=0)
+
+    def over_hidden(self, body, init):
+        """``body(k0, carry)`` over the hidden chunks ``k0 = 0, bd, 2 bd, ...``."""
+        bd = self.geo.bd
+        return _loop(pl.cdiv(self.geo.hidden, bd), lambda k, carry: body(k * bd, carry), init)
+
+    def logits(self):
+        """``[bn, bv]`` raw logits ``x W (+ b)`` in the accumulation dtype."""
+        dtype = _tile.accumulation_dtype(self.ins["x"].dtype)
+
+        def chunk(k0, z):
+            return z + logits_tile(self.x_chunk(k0), self.w_chunk(k0), None, vd=self.geo.vd)
+
+        z = self.over_hidden(chunk, jnp.zeros((self.geo.bn, self.geo.bv), dtype))
+        bias = self.tiles.bias
+        return z if bias is None else z + bias.astype(dtype)
 
 
 def _forward_gpu_kernel(*refs, names, treedef, options, geo):
     """One program per row block, looping over vocabulary blocks."""
     ins, out_refs = _split_refs(refs, names)
-    r0 = block_start(pl.program_id(0), geo.bn, geo.num_rows)
+    r0 = pl.program_id(0) * geo.bn
 
     def vocab_block(j, state):
-        c0 = block_start(j, geo.bv, geo.num_classes)
-        return _gpu_tiles(ins, options, geo, r0=r0, c0=c0).forward(state, lo=j * geo.bv)
+        tile = _GpuTile(ins, options, geo, r0=r0, c0=j * geo.bv)
+        return forward_tile(state, tile.tiles.target(tile.logits(), lo=tile.c0))
 
     init = row_state_init(geo.bn, out_refs[0].dtype, len(out_refs) > 4)
-    state = jax.lax.fori_loop(0, pl.cdiv(geo.num_classes, geo.bv), vocab_block, init)
+    state = _loop(pl.cdiv(geo.num_classes, geo.bv), vocab_block, init)
+    ok = rows_ok(r0, r0, geo.bn, geo.num_rows)
     for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
-        ref[pl.ds(r0, geo.bn), :] = value
+        pltriton.store(ref.at[pl.ds(r0, geo.bn), _from_zero(1)], value, mask=ok)
     del treedef
 
 
-def _inputs_grad_gpu_kernel(*refs, names, options, geo, eps):
-    """One program per row block, looping over vocabulary blocks: ``d_inputs``."""
-    ins, (dx_ref, *t_ref) = _split_refs(refs, names)
-    r0 = block_start(pl.program_id(0), geo.bn, geo.num_rows)
+def _backward_gpu_kernel(*refs, names, options, geo, eps, array_t: bool, has_bias: bool):
+    """Grid ``(row blocks, vocabulary blocks)``, all parallel: each program recomputes its tile
+    and adds its contributions to ``d_inputs``, ``d_weight`` (chunk by hidden chunk), ``d_bias``
+    and the temperature rows with atomic adds into zero-initialised float32 accumulators, which
+    are padded to whole blocks so that no add needs a mask."""
+    ins, _ = _split_refs(refs, names)
+    out_refs = list(refs[len(refs) - (2 + array_t + has_bias) :])
+    dx_ref, dw_ref = out_refs[:2]
+    db_ref = out_refs[2] if has_bias else None
+    t_ref = out_refs[-1] if array_t else None
+    tile = _GpuTile(ins, options, geo, r0=pl.program_id(0) * geo.bn, c0=pl.program_id(1) * geo.bv)
+    grad = tile.tiles.backward(tile.logits(), lo=tile.c0, filter_eps=eps, array_t=array_t)
+    if t_ref is not None:
+        pltriton.atomic_add(t_ref, (tile.rows, _from_zero(1)), grad.temperature_row)
 
-    def vocab_block(j, carry):
-        dx, t_row = carry
-        c0 = block_start(j, geo.bv, geo.num_classes)
-        tiles = _gpu_tiles(ins, options, geo, r0=r0, c0=c0)
-        tile = tiles.backward(lo=j * geo.bv, filter_eps=eps, array_t=bool(t_ref))
-        if t_ref:
-            t_row = t_row + tile.temperature_row
-        dx = when_kept(tile.keep, lambda d: d + input_grad(tile.dz, tiles.w, vd=geo.vd), dx)
-        return dx, t_row
-
-    dtype = dx_ref.dtype
-    init = (jnp.zeros((geo.bn, dx_ref.shape[1]), dtype), jnp.zeros((geo.bn, 1), dtype))
-    dx, t_row = jax.lax.fori_loop(0, pl.cdiv(geo.num_classes, geo.bv), vocab_block, init)
-    dx_ref[pl.ds(r0, geo.bn), :] = dx
-    for ref in t_ref:
-        ref[pl.ds(r0, geo.bn), :] = t_row
-
-
-def _weight_grad_gpu_kernel(*refs, names, options, geo, eps):
-    """One program per vocabulary block, looping over row blocks: ``d_weight`` and ``d_bias``."""
-    ins, (dw_ref, *db_ref) = _split_refs(refs, names)
-    bn, bv = geo.bn, geo.bv
-    c0 = block_start(pl.program_id(0), bv, geo.num_classes)
-
-    def row_block(i, carry):
-        r0 = block_start(i, bn, geo.num_rows)
-        tiles = _gpu_tiles(ins, options, geo, r0=r0, c0=c0)
-        fresh = rows_ok(r0, i * bn, bn, geo.num_rows)
-        tiles.blocks["cotangent"] = jnp.where(fresh, tiles.blocks["cotangent"], 0)
-        tile = tiles.backward(lo=c0, filter_eps=eps, array_t=False)
-
-        def accumulate(acc):
-            dw, db = acc
-            return dw + weight_grad(tiles.x, tile.dz, vd=geo.vd), db + jnp.sum(
-                tile.dz, 0, keepdims=True
+    def accumulate():
+        if db_ref is not None:
+            pltriton.atomic_add(
+                db_ref, (_from_zero(1), tile.cols), jnp.sum(grad.dz, axis=0, keepdims=True)
             )
 
-        return when_kept(tile.keep, accumulate, carry)
+        def chunk(k0, carry):
+            ks = pl.ds(k0, geo.bd)
+            pltriton.atomic_add(
+                dx_ref, (tile.rows, ks), input_grad(grad.dz, tile.w_chunk(k0), vd=geo.vd)
+            )
+            dw = weight_grad(tile.x_chunk(k0), grad.dz, vd=geo.vd)
+            pltriton.atomic_add(dw_ref, (tile.cols, ks) if geo.vd else (ks, tile.cols), dw)
+            return carry
 
-    dtype = dw_ref.dtype
-    d = dw_ref.shape[1] if geo.vd else dw_ref.shape[0]
-    init = (jnp.zeros((bv, d) if geo.vd else (d, bv), dtype), jnp.zeros((1, bv), dtype))
-    dw, db = jax.lax.fori_loop(0, pl.cdiv(geo.num_rows, bn), row_block, init)
-    if geo.vd:
-        dw_ref[pl.ds(c0, bv), :] = dw
-    else:
-        dw_ref[:, pl.ds(c0, bv)] = dw
-    for ref in db_ref:
-        ref[:, pl.ds(c0, bv)] = db
+        tile.over_hidden(chunk, 0)
+
+    _run_if_kept(grad.keep, accumulate)
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -623,46 +687,94 @@ def forward_pallas(options, config, problem, rows) -> RowState:
 
 
 def backward_pallas(options, config, problem, rows, lse, cotangent):
-    """The two backward kernels: ``(d_inputs, d_weight, d_bias, temperature_sum)``, the
-    gradients in the accumulation dtype."""
+    """The backward kernels: ``(d_inputs, d_weight, d_bias, temperature_sum)``, the gradients
+    in the accumulation dtype."""
     geo = _Geometry.of(config, problem)
-    n, v, bn, bv = geo.num_rows, geo.num_classes, geo.bn, geo.bv
-    d = problem.inputs.shape[1]
-    dtype = _tile.accumulation_dtype(problem.inputs.dtype)
     ops = _operands(problem, rows, lse=lse, cotangent=cotangent)
+    if config.pallas_backend == "tpu":
+        return _backward_tpu(options, config, problem, geo, ops)
+    return _backward_gpu(options, config, problem, geo, ops)
+
+
+def _backward_tpu(options, config, problem, geo: _Geometry, ops: dict):
+    """Two kernels, as in flash attention: ``d_inputs`` on the forward's grid and ``d_weight``,
+    ``d_bias`` on the transposed grid, each accumulating in its resident output blocks."""
+    n, v, bn, bv, d = geo.num_rows, geo.num_classes, geo.bn, geo.bv, geo.hidden
+    dtype = _tile.accumulation_dtype(problem.inputs.dtype)
     array_t = problem.temperature is not None
     has_bias = problem.bias is not None
     dx_shape = [jax.ShapeDtypeStruct((n, d), dtype)]
     dx_shape += [jax.ShapeDtypeStruct((n, 1), dtype)] if array_t else []
     dw_shape = [jax.ShapeDtypeStruct(problem.weight.shape, dtype)]
     dw_shape += [jax.ShapeDtypeStruct((1, v), dtype)] if has_bias else []
-    if config.pallas_backend == "tpu":
-        dx_kernel, dw_kernel = _inputs_grad_tpu_kernel, _weight_grad_tpu_kernel
-        dx_grid, dw_grid = (pl.cdiv(n, bn), pl.cdiv(v, bv)), (pl.cdiv(v, bv), pl.cdiv(n, bn))
-        dx_blocks = [pl.BlockSpec((bn, d), lambda i, j: (i, 0))]
-        dx_blocks += [pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] if array_t else []
-        if config.vd:
-            dw_blocks = [pl.BlockSpec((bv, d), lambda j, i: (j, 0))]
-        else:
-            dw_blocks = [pl.BlockSpec((d, bv), lambda j, i: (0, j))]
-        dw_blocks += [pl.BlockSpec((1, bv), lambda j, i: (0, j))] if has_bias else []
-        dx_specs = dict(in_specs=_tpu_specs(ops, lambda i, j: (i, j), geo), out_specs=dx_blocks)
-        dw_specs = dict(in_specs=_tpu_specs(ops, lambda j, i: (i, j), geo), out_specs=dw_blocks)
+    dx_blocks = [pl.BlockSpec((bn, d), lambda i, j: (i, 0))]
+    dx_blocks += [pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] if array_t else []
+    if geo.vd:
+        dw_blocks = [pl.BlockSpec((bv, d), lambda j, i: (j, 0))]
     else:
-        dx_kernel, dw_kernel = _inputs_grad_gpu_kernel, _weight_grad_gpu_kernel
-        dx_grid, dw_grid = (pl.cdiv(n, bn),), (pl.cdiv(v, bv),)
-        dx_specs = dw_specs = {}
-        if not has_bias:
-            dw_shape = [*dw_shape, jax.ShapeDtypeStruct((1, v), dtype)]
+        dw_blocks = [pl.BlockSpec((d, bv), lambda j, i: (0, j))]
+    dw_blocks += [pl.BlockSpec((1, bv), lambda j, i: (0, j))] if has_bias else []
     statics = dict(names=tuple(ops), options=options, geo=geo, eps=config.filter_eps)
-    dx_kernel = functools.partial(dx_kernel, **statics)
     dx_out = _pallas_call(
-        config, dx_kernel, ops, dx_shape, dx_grid, name="linear_ce_inputs_grad", **dx_specs
+        config,
+        functools.partial(_inputs_grad_tpu_kernel, **statics),
+        ops,
+        dx_shape,
+        (pl.cdiv(n, bn), pl.cdiv(v, bv)),
+        name="linear_ce_inputs_grad",
+        in_specs=_tpu_specs(ops, lambda i, j: (i, j), geo),
+        out_specs=dx_blocks,
     )
-    dw_kernel = functools.partial(dw_kernel, **statics)
     dw_out = _pallas_call(
-        config, dw_kernel, ops, dw_shape, dw_grid, name="linear_ce_weight_grad", **dw_specs
+        config,
+        functools.partial(_weight_grad_tpu_kernel, **statics),
+        ops,
+        dw_shape,
+        (pl.cdiv(v, bv), pl.cdiv(n, bn)),
+        name="linear_ce_weight_grad",
+        in_specs=_tpu_specs(ops, lambda j, i: (i, j), geo),
+        out_specs=dw_blocks,
     )
     t_sum = jnp.sum(dx_out[1]) if array_t else jnp.zeros((), dtype)
-    db = dw_out[1][0] if has_bias else None
-    return dx_out[0], dw_out[0], db, t_sum
+    return dx_out[0], dw_out[0], dw_out[1][0] if has_bias else None, t_sum
+
+
+def _backward_gpu(options, config, problem, geo: _Geometry, ops: dict):
+    """One kernel over ``(row blocks, vocabulary blocks)`` with atomic adds into padded float32
+    accumulators, sliced to the arrays' shapes afterwards."""
+    n, v, bn, bv, bd, d = geo.num_rows, geo.num_classes, geo.bn, geo.bv, geo.bd, geo.hidden
+    dtype = _tile.accumulation_dtype(problem.inputs.dtype)
+    array_t = problem.temperature is not None
+    has_bias = problem.bias is not None
+    rows_p, cols_p, hidden_p = bn * pl.cdiv(n, bn), bv * pl.cdiv(v, bv), bd * pl.cdiv(d, bd)
+    accumulators = {
+        "dx": jnp.zeros((rows_p, hidden_p), dtype),
+        "dw": jnp.zeros((cols_p, hidden_p) if geo.vd else (hidden_p, cols_p), dtype),
+    }
+    if has_bias:
+        accumulators["db"] = jnp.zeros((1, cols_p), dtype)
+    if array_t:
+        accumulators["t"] = jnp.zeros((rows_p, 1), dtype)
+    kernel = functools.partial(
+        _backward_gpu_kernel,
+        names=tuple(ops),
+        options=options,
+        geo=geo,
+        eps=config.filter_eps,
+        array_t=array_t,
+        has_bias=has_bias,
+    )
+    out = _pallas_call(
+        config,
+        kernel,
+        {**ops, **accumulators},
+        [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in accumulators.values()],
+        (pl.cdiv(n, bn), pl.cdiv(v, bv)),
+        name="linear_ce_backward",
+        input_output_aliases={len(ops) + k: k for k in range(len(accumulators))},
+    )
+    out = dict(zip(accumulators, out, strict=True))
+    dw = out["dw"][:v, :d] if geo.vd else out["dw"][:d, :v]
+    db = out["db"][0, :v] if has_bias else None
+    t_sum = jnp.sum(out["t"][:n]) if array_t else jnp.zeros((), dtype)
+    return out["dx"][:n, :d], dw, db, t_sum

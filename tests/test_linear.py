@@ -13,11 +13,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax_softmax_ce.kernels.linear import BlockSizes
+from platforms import interpret
 
 import jax_softmax_ce as sce
 
 N, D, V = 37, 13, 53
 SMALL_BLOCKS = BlockSizes(8, 16)
+# Triton's dot needs tiles of at least 16 in every dimension; the GPU schedule masks the ragged
+# ends of all three (N = 37 and V = 53 are not multiples of 16, nor is D = 40).
+GPU_BLOCKS, GPU_D = BlockSizes(16, 16, 16), 40
+
+
+def _pallas_args(schedule: str, d: int = D) -> tuple[int, dict]:
+    """The hidden size and keyword arguments of a ``"pallas"`` call of ``schedule``: compiled
+    where the test machine runs that schedule natively, interpreted elsewhere."""
+    blocks = GPU_BLOCKS if schedule == "gpu" else SMALL_BLOCKS
+    kwargs = {"pallas_backend": schedule, "interpret": interpret(schedule), "block_sizes": blocks}
+    return (GPU_D if schedule == "gpu" else d), kwargs
 
 
 def numpy_linear_ce(
@@ -241,8 +253,8 @@ PALLAS_CASES = {
 @pytest.mark.parametrize("layout", ["dv", "vd"])
 @pytest.mark.parametrize("schedule", ["tpu", "gpu"])
 @pytest.mark.parametrize("name", list(PALLAS_CASES))
-def test_pallas_interpret_matches_numpy(name, schedule, layout):
-    d = 16 if schedule == "gpu" else D  # the Triton schedule needs a power-of-two hidden size
+def test_pallas_matches_numpy(name, schedule, layout):
+    d, pallas = _pallas_args(schedule)
     x, w, b, y = _data(n=N, d=d, v=V)
     options, y = _resolve(PALLAS_CASES[name], y)
     expected = numpy_linear_ce(x, w, y, bias=b, **_numpy_options(options))
@@ -252,9 +264,7 @@ def test_pallas_interpret_matches_numpy(name, schedule, layout):
         *f32,
         jnp.asarray(y, jnp.int32),
         layout=layout,
-        block_sizes=SMALL_BLOCKS,
-        pallas_backend=schedule,
-        interpret=True,
+        **pallas,
         **_jax_options(options),
     )
     assert value.dtype == jnp.float32 and dx.dtype == jnp.float32
@@ -299,8 +309,8 @@ def test_three_dimensional_inputs_and_vmap():
 @pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
 def test_bfloat16_inputs_accumulate_in_float32(engine, layout):
     implementation, _, schedule = engine.partition(":")
-    pallas = {"pallas_backend": schedule, "interpret": True} if schedule else {}
-    x, w, b, y = _data(n=64, d=32, v=97)
+    d, pallas = _pallas_args(schedule, d=32) if schedule else (32, {"block_sizes": SMALL_BLOCKS})
+    x, w, b, y = _data(n=64, d=d, v=97)
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     expected = numpy_linear_ce(
         np.asarray(xb, np.float64), np.asarray(wb, np.float64), y, bias=b, reduction="mean"
@@ -313,7 +323,6 @@ def test_bfloat16_inputs_accumulate_in_float32(engine, layout):
         jnp.asarray(y),
         layout=layout,
         reduction="mean",
-        block_sizes=SMALL_BLOCKS,
         **pallas,
     )
     assert value.dtype == jnp.float32
@@ -340,16 +349,14 @@ def test_gradient_filter_error_is_bounded():
     assert np.all(dw_err <= eps * np.abs(x).sum(0)[:, None] + 1e-12)
     assert dx_err.max() > 0  # some tiles were skipped
     for name in ("tpu", "gpu"):
-        d = 16
         out = _value_and_grads(
             "pallas",
             *[a.astype(jnp.float32) if a.dtype == jnp.float64 else a for a in args],
             block_sizes=BlockSizes(16, 64),
             gradient_filter_eps=eps,
             pallas_backend=name,
-            interpret=True,
+            interpret=interpret(name),
         )
-        assert x.shape[1] == d
         err = np.abs(np.asarray(out[1][0], np.float64) - np.asarray(exact[1][0]))
         assert np.all(err <= eps * np.abs(w).sum(1)[None, :] + 1e-4)
 
@@ -581,38 +588,100 @@ def test_pallas_with_explicitly_sharded_inputs_raises(mesh):
         fn(x)
 
 
-@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
-def test_fused_kernels_lower_for_their_backend(schedule, lowering_target):
-    """Lowers (without running) the fused forward and backward kernels for the real backend,
-    Mosaic for TPU and Triton for CUDA, at a realistic tile size: this checks them against the
-    backends' lowering rules (Triton's dot and block shapes, Mosaic's tiling), which interpret
-    mode does not. A CPU-only host names an H100 through an abstract mesh for Triton."""
+def _lower_fused(schedule, lowering_target, *, n, d, v, blocks, vd=False, bias=True, **options):
+    """Lowers (without running) ``jit(grad)`` of the fused loss through the ``"pallas"`` kernels
+    of ``schedule`` for its real backend: Mosaic for TPU, Triton for CUDA. A CPU-only host names
+    an H100 through an abstract mesh for Triton."""
     import warnings
 
     from jax_softmax_ce import _options
     from jax_softmax_ce import linear as linear_module
 
-    n, d, v = 512, 256, 1000
     s = jax.ShapeDtypeStruct
     config = linear_module.Config(
         num_classes=v,
-        vd=False,
-        block_sizes=BlockSizes(128, 256),
-        filter_eps=2.0**-12,
+        vd=vd,
+        block_sizes=blocks,
+        filter_eps=options.pop("filter_eps", 0.0),
         engine="pallas",
         pallas_backend=schedule,
     )
-    options = _options.make_options(
-        label_smoothing=0.1, z_loss=1e-4, logit_softcap=30.0, temperature=1.0, ignore_index=-100
-    )
+    options = _options.make_options(**options)
 
     def loss(x, w, b, y):
         problem = linear_module.LinearProblem(x, w, b, y, None, None, None)
         return jnp.sum(linear_module._blockwise(problem, options, config))
 
-    args = (s((n, d), jnp.bfloat16), s((d, v), jnp.bfloat16), s((v,), jnp.bfloat16))
+    w = s((v, d) if vd else (d, v), jnp.bfloat16)
+    args = (s((n, d), jnp.bfloat16), w, s((v,), jnp.bfloat16) if bias else None, s((n,), jnp.int32))
     platform = {"tpu": "tpu", "gpu": "cuda"}[schedule]
     with warnings.catch_warnings(), lowering_target(schedule):
         warnings.simplefilter("ignore", DeprecationWarning)  # jax >= 0.11 deprecates Triton
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-        grad.trace(*args, s((n,), jnp.int32)).lower(lowering_platforms=(platform,))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        return grad.trace(*args).lower(lowering_platforms=(platform,))
+
+
+@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+def test_fused_kernels_lower_for_their_backend(schedule, lowering_target):
+    """At a realistic tile size and with options on, which checks the kernels against the
+    backends' lowering rules (Triton's dot and block shapes, Mosaic's tiling); interpret mode
+    does not."""
+    _lower_fused(
+        schedule,
+        lowering_target,
+        n=512,
+        d=256,
+        v=1000,
+        blocks=BlockSizes(128, 256, 64),
+        filter_eps=2.0**-12,
+        label_smoothing=0.1,
+        z_loss=1e-4,
+        logit_softcap=30.0,
+        temperature=1.0,
+        ignore_index=-100,
+    )
+
+
+def _triton_tensor_shapes(lowered) -> list[tuple[int, ...]]:
+    """The shape of every tensor in the Triton kernels of a lowered computation (each kernel is
+    a Triton module serialised into its custom call's backend config)."""
+    import re
+
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    kernels = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    attrs = child.operation.attributes
+                    if child.operation.name == "stablehlo.custom_call" and (
+                        ir.StringAttr(attrs["call_target_name"]).value == "__gpu$xla.gpu.triton"
+                    ):
+                        kernels.append(ir.StringAttr(attrs["mhlo.backend_config"]["ir"]))
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir().operation)
+    shapes = []
+    with triton_lowering._new_ir_context():
+        for kernel in kernels:
+            text = str(ir.Module.parse(kernel.value_bytes))
+            for dims in re.findall(r"tensor<((?:\d+x)+)", text):
+                shapes.append(tuple(int(x) for x in dims.rstrip("x").split("x")))
+    assert len(kernels) == 2, "the forward and the backward kernel"
+    return shapes
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_gpu_kernels_hold_only_tiles_at_llm_shapes(layout, lowering_target):
+    """At N=16384, D=4096, V=128256 (bf16) the GPU kernels must hold no block spanning D or V:
+    Triton keeps a kernel's tensors in registers and shared memory, and refuses any over 2**20
+    elements. Every tensor of the lowered Triton modules stays within one logits tile."""
+    blocks = BlockSizes.get_default("pallas", "gpu")
+    lowered = _lower_fused(
+        "gpu", lowering_target, n=16384, d=4096, v=128256, blocks=blocks, vd=layout == "vd"
+    )
+    largest = max(int(np.prod(shape)) for shape in _triton_tensor_shapes(lowered))
+    assert largest == blocks.block_n * blocks.block_v

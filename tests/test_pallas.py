@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jax_softmax_ce.kernels import _blocks, cross_entropy_gpu, cross_entropy_tpu
 from jax_softmax_ce.kernels._blocks import BlockSizes
+from platforms import interpret
 
 import jax_softmax_ce as sce
 from jax_softmax_ce import _pallas
@@ -27,11 +28,6 @@ from jax_softmax_ce import _pallas
 N = 19
 SMALL_V, LARGE_V = 37, 131
 SCHEDULES = ("tpu", "gpu")
-
-
-def native_platform() -> str | None:
-    backend = jax.default_backend()
-    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(backend)
 
 
 def blocks_for(schedule: str, *dtypes) -> BlockSizes:
@@ -43,9 +39,8 @@ def blocks_for(schedule: str, *dtypes) -> BlockSizes:
 
 @contextlib.contextmanager
 def pallas(schedule: str, *dtypes):
-    interpret = schedule != native_platform()
     with _pallas.using(
-        platform=schedule, block_sizes=blocks_for(schedule, *dtypes), interpret=interpret
+        platform=schedule, block_sizes=blocks_for(schedule, *dtypes), interpret=interpret(schedule)
     ):
         yield
 
@@ -553,7 +548,7 @@ def test_inside_shard_map(schedule, mesh):
     # Pallas' generic interpreter (the GPU schedule off a GPU) pads refs with an unvarying
     # value, which shard_map's varying-axes check rejects (jax 0.10.2 and 0.11.2); jax's own
     # error message names check_vma=False as the workaround. The compiled kernels keep the check.
-    check_vma = not (schedule == "gpu" and native_platform() != "gpu")
+    check_vma = not (schedule == "gpu" and interpret(schedule))
     rng = np.random.default_rng(8)
     logits = jnp.asarray(rng.normal(size=(16, SMALL_V)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, SMALL_V, 16), jnp.int32)
