@@ -1,45 +1,74 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of a session with the device machine, in as few calls as possible.
+# The GPU checks and benchmarks of a session with the device machine, in ONE call.
 #
-# Here (a machine with PyPI), once per clone: fetch the peers' wheels into .whl/ (git-ignored):
-#   bash benchmarks/gpu_session.sh fetch
-# There (the device machine, no network; name .whl in the call's carry), one part per call:
-#   bash benchmarks/gpu_session.sh tests     # the kernel tests, compiled on the GPU (no interpret)
-#   bash benchmarks/gpu_session.sh ce        # the ce suite: N=8192, V in {32000, 128256, 256000}
-#   bash benchmarks/gpu_session.sh linear    # the linear suite, bf16: N=16384, D=4096
-# Back here, copy the returned files into benchmarks/results/ and read the goals from them:
-#   python -m benchmarks.goals               # writes benchmarks/results/goals_gpu.json
-# Parts can be chained in one call (`bash benchmarks/gpu_session.sh tests ce`), but at most 8
-# files come back from a call, so run ce and linear (4 files each, plus a log) in separate calls.
-# Each part writes into $OUT (the device tool's folder that comes back; benchmarks/results/gpu
-# elsewhere) and is bounded by `timeout`, so a call ends inside the tool's 10 minutes with its
-# output saved.
+# A session's device time is 15 minutes in all, the machine's start (a minute or more) included,
+# one command runs at most 10 minutes, and no machine starts with under 4 minutes left: there is
+# time for one call, so it does everything, each step bounded, the most wanted results first.
+#
+#   here, once per clone:     bash benchmarks/gpu_session.sh fetch
+#                             (Liger, cut cross-entropy and setuptools wheels into .whl/)
+#   there, in one run call:   bash benchmarks/gpu_session.sh       (carry [".whl"], timeout_s 600)
+#   back here:                bash benchmarks/gpu_session.sh unpack FILES_AT
+#                             (FILES_AT: the folder the call's files came back to; the results
+#                             go to benchmarks/results/, and README.md's tables are regenerated)
+#
+# The call, within SESSION_S seconds (default 540):
+#   1. setup: the carried wheels and the project (no network there); nvidia-smi and the package
+#      versions -> device.txt.
+#   2. tests: the GPU schedules' tests (test_pallas.py, test_linear.py), compiled for the GPU, not
+#      interpreted; at most TESTS_S seconds (default 150) -> tests.txt.
+#   3. bench: the ce and linear suites, the goal cases first (V=128256, bfloat16 before float32),
+#      then the rest of the grids until the time left is spent. The harness rewrites its JSON
+#      after every measurement, so a cut run keeps what it measured -> results/.
+#   4. goals: python -m benchmarks.goals on that JSON -> results/goals_gpu.{json,md}.
+# All of it lands in $OUT/gpu_session.tar.gz (the tool returns at most 8 files), with device.txt,
+# tests.txt, goals_gpu.md and session.log beside it to read at once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+SESSION_S=${SESSION_S:-540}
+TESTS_S=${TESTS_S:-150}
+# For a dry run of the plumbing on a CPU: DEVICE=cpu BENCH_ARGS="--quick ..." OUT=/tmp/out.
+DEVICE=${DEVICE:-gpu}
+BENCH_ARGS=${BENCH_ARGS:-}
+WHEELS=("liger-kernel==0.8.5" "cut-cross-entropy==25.1.1" "setuptools==80.9.0")
 
 fetch() {
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclude
   local platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64"
   platforms+=" --platform manylinux2014_x86_64 --platform any"
-  # Both are pure Python; torch and triton, which they need, are on the device image.
+  # All pure Python; torch and triton, which the peers need, are on the device image. setuptools
+  # builds the project there (pyproject's SPDX license needs setuptools >= 77).
   # shellcheck disable=SC2086
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    $platforms -d .whl "liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"
+    $platforms -d .whl "${WHEELS[@]}"
 }
+
+unpack() {
+  local tmp results=${2:-benchmarks/results} readme=${3:-README.md}
+  tmp=$(mktemp -d)
+  tar -xzf "$1/gpu_session.tar.gz" -C "$tmp" || return 1
+  cp "$tmp"/gpu/results/* "$results/"
+  for f in device.txt tests.txt session.log; do
+    [ ! -f "$tmp/gpu/$f" ] || cp "$tmp/gpu/$f" "$results/gpu_$f"
+  done
+  "$PY" -m benchmarks.report --results "$results" --readme "$readme"
+}
+
+left() { echo $((SESSION_S - SECONDS)); }
 
 setup() {
   if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  # No network there: build with the setuptools already installed.
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-  "$PY" - <<'EOF' | tee -a "$OUT/device.txt"
+  # No network there: build with the setuptools carried (or already installed).
+  if ! "$PY" -c "import jax_softmax_ce.kernels" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || return 1
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" - <<'EOF'
 import importlib.metadata as md
 import jax
 print("jax devices:", jax.devices())
@@ -52,38 +81,59 @@ EOF
 }
 
 tests() {
-  # The native schedule compiles for the GPU; the TPU schedule runs in its interpreter.
-  timeout 420 "$PY" -m pytest -q -n 4 -x --junitxml="$OUT/tests.xml" \
-    tests/test_pallas.py tests/test_linear.py tests/test_cross_entropy.py 2>&1 |
-    tee "$OUT/tests.log" | tail -40
+  # The GPU schedules compiled for the GPU; the TPU ones would only run in their interpreter.
+  # SIGINT at the limit makes pytest stop and still print its summary of failures.
+  timeout -s INT -k 20 "$1" "$PY" -m pytest -q -n 4 -p no:cacheprovider -k "gpu or filter" \
+    --tb=short -rfE tests/test_pallas.py tests/test_linear.py
 }
 
-ce() {
-  timeout 540 "$PY" -m benchmarks.run --suite ce --device gpu --out "$OUT" 2>&1 |
-    tee "$OUT/ce.log" | tail -20
-}
-
-linear() {
-  timeout 540 "$PY" -m benchmarks.run --suite linear --device gpu --dtypes bfloat16 \
-    --out "$OUT" 2>&1 | tee "$OUT/linear.log" | tail -20
+bench() {
+  # shellcheck disable=SC2086
+  timeout "$1" "$PY" -m benchmarks.run --suite all --device "$DEVICE" --first-v 128256 \
+    --repeats 5 --budget-s "$2" --out "$WORK/results" $BENCH_ARGS
 }
 
 goals() {
-  "$PY" -m benchmarks.goals --ce "$OUT/ce_gpu.json" --linear "$OUT/linear_gpu.json" \
-    --out "$OUT/goals_gpu.json"
+  "$PY" -m benchmarks.goals --ce "$WORK/results/ce_$DEVICE.json" \
+    --linear "$WORK/results/linear_$DEVICE.json" --out "$WORK/results/goals_$DEVICE.json" |
+    tee "$WORK/results/goals_$DEVICE.md"
 }
 
-[ $# -gt 0 ] || set -- tests
-if [ "$1" = fetch ]; then
-  fetch
-  exit
-fi
-setup
-status=0
-for part in "$@"; do
-  case "$part" in
-    tests | ce | linear | goals) "$part" || status=1 ;;
-    *) echo "unknown part: $part" >&2 && exit 2 ;;
-  esac
-done
-exit $status
+session() {
+  : "${OUT:?run this on the device machine, where the tool sets OUT}"
+  WORK=$(mktemp -d)/gpu
+  mkdir -p "$WORK/results"
+  {
+    echo "== setup ($(left) s left)"
+    setup >"$WORK/device.txt" 2>&1
+    local setup_rc=$?
+    cat "$WORK/device.txt"
+    if [ "$setup_rc" -ne 0 ]; then
+      echo "setup failed (rc $setup_rc): nothing else can run"
+    else
+      local t=$((TESTS_S < $(left) - 240 ? TESTS_S : $(left) - 240))
+      if [ "$t" -gt 0 ]; then
+        echo "== tests (at most $t s; $(left) s left)"
+        tests "$t" >"$WORK/tests.txt" 2>&1
+        echo "tests rc=$? (124: cut at $t s)"
+        tail -25 "$WORK/tests.txt"
+      fi
+      echo "== bench ($(left) s left)"
+      bench $(($(left) - 30)) $(($(left) - 75))
+      echo "bench rc=$? (124: cut by its timeout)"
+      echo "== goals ($(left) s left)"
+      goals
+    fi
+  } 2>&1 | tee "$WORK/session.log"
+  tar -czf "$OUT/gpu_session.tar.gz" -C "$(dirname "$WORK")" gpu
+  for f in device.txt tests.txt session.log "results/goals_$DEVICE.md"; do
+    [ ! -f "$WORK/$f" ] || cp "$WORK/$f" "$OUT/"
+  done
+}
+
+case "${1:-session}" in
+  fetch) fetch ;;
+  unpack) unpack "${2:?unpack needs the folder where the files of the call came back}" "${@:3}" ;;
+  session) session ;;
+  *) echo "usage: $0 [fetch | session | unpack FILES_AT]" >&2 && exit 2 ;;
+esac

@@ -58,6 +58,7 @@ def _section(record: dict[str, Any], dtype: str, pass_: str, skipped: dict[str, 
     """The table of one dtype and pass: rows are implementations, one line per V. Cases that did
     not run go into ``skipped`` with their reason."""
     rows = [r for r in record["results"] if r["dtype"] == dtype and r["pass"] == pass_]
+    rows.sort(key=lambda r: r["v"])  # a run may measure one V first (run.py --first-v)
     lines = [
         "| implementation | V | median ms | vs optax | temp MiB | throughput | loss max rel err |",
         "|---|---:|---:|---:|---:|---|---:|",
@@ -188,7 +189,7 @@ def plots(record: dict[str, Any], stem: pathlib.Path) -> list[pathlib.Path]:
                         if r["implementation"] == name and value(r) is not None
                     ]
                     if points:
-                        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+                        ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("V (classes)")
                 ax.set_ylabel(label)

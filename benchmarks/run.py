@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import pathlib
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -60,6 +61,16 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed repeats (default 10, quick 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="+", help="run only implementations with these names")
+    parser.add_argument(
+        "--first-v",
+        type=int,
+        help="measure the cases with this V before all others (across suites, in --dtypes order)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no measurement after this many seconds; the rest are recorded as skipped",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -150,28 +161,40 @@ def _measure_one(impl: peers.Implementation, case, inputs, args) -> dict[str, An
         }
 
 
-def run_suite(suite: str, args, calibration, progress) -> dict[str, Any]:
-    grid = _grid(suite, args)
+def _plan(suites, args) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``(suite, case)`` to measure, in order: with ``--first-v``, the cases with that V
+    (by dtype in ``--dtypes`` order, suite by suite) come before all others, so that a run cut
+    short by its budget or its caller has measured them."""
+    plan = [(suite, case) for suite in suites for case in _cases(suite, _grid(suite, args), args)]
+    if args.first_v is not None:
+
+        def rank(item) -> int:
+            case = item[1]
+            first = case["v"] == args.first_v
+            return args.dtypes.index(case["dtype"]) if first else len(args.dtypes)
+
+        plan.sort(key=rank)  # stable: the order within a rank stays
+    return plan
+
+
+def _implementations(suite: str, args) -> list[peers.Implementation]:
     implementations = peers.implementations(suite, args.device)
     if args.only:
         implementations = [i for i in implementations if i.name in args.only]
-    results = []
-    for case in _cases(suite, grid, args):
-        inputs = _jax_inputs(case)
-        for impl in implementations:
-            progress.set_description(f"{suite} {case['dtype']} V={case['v']} {impl.name}")
-            result = _measure_one(impl, case, inputs, args)
-            if result["status"] == "ok":
-                result["throughput"] = _throughput(
-                    case,
-                    result["time"]["median_s"],
-                    calibration["copy"]["bytes_per_s"],
-                    {k: m["flop_per_s"] for k, m in calibration["matmul"].items()},
-                )
-            results.append({"implementation": impl.name, **case, **result})
-            progress.update()
-        del inputs
-    return {"grid": grid, "results": results}
+    return implementations
+
+
+def _measure(impl, case, inputs, args, calibration) -> dict[str, Any]:
+    """One implementation on one case, with its throughput against the calibration."""
+    result = _measure_one(impl, case, inputs, args)
+    if result["status"] == "ok":
+        result["throughput"] = _throughput(
+            case,
+            result["time"]["median_s"],
+            calibration["copy"]["bytes_per_s"],
+            {k: m["flop_per_s"] for k, m in calibration["matmul"].items()},
+        )
+    return result
 
 
 def _calibrate(args) -> dict[str, Any]:
@@ -188,14 +211,6 @@ def _calibrate(args) -> dict[str, Any]:
     }
 
 
-def _count(suite, args) -> int:
-    grid = _grid(suite, args)
-    impls = peers.implementations(suite, args.device)
-    if args.only:
-        impls = [i for i in impls if i.name in args.only]
-    return len(list(_cases(suite, grid, args))) * len(impls)
-
-
 def main(argv=None) -> list[pathlib.Path]:
     args = _parse(argv)
     platform = jax.devices()[0].platform
@@ -206,34 +221,63 @@ def main(argv=None) -> list[pathlib.Path]:
     calibration = _calibrate(args)
     env = _benchmark.environment()
     args.out.mkdir(parents=True, exist_ok=True)
+    stems = {
+        s: args.out / (f"{s}_{args.device}" + ("_quick" if args.quick else "")) for s in suites
+    }
+    records = {}
+    for suite in suites:
+        records[suite] = {
+            **env,
+            "suite": suite,
+            "device_arg": args.device,
+            "quick": args.quick,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "budget_s": args.budget_s,
+            "calibration": calibration,
+            "grid": _grid(suite, args),
+            "results": [],
+        }
+        if args.device == "cpu":
+            records[suite]["note"] = NOTE_CPU
+    implementations = {suite: _implementations(suite, args) for suite in suites}
+    plan = _plan(suites, args)
+    started = time.perf_counter()
+    with tqdm(total=sum(len(implementations[s]) for s, _ in plan), unit="case") as progress:
+        for suite, case in plan:
+            inputs = None
+            for impl in implementations[suite]:
+                progress.set_description(f"{suite} {case['dtype']} V={case['v']} {impl.name}")
+                spent = time.perf_counter() - started
+                if args.budget_s is not None and spent > args.budget_s:
+                    reason = f"the run's time budget of {args.budget_s:g} s was spent before it"
+                    result = {"status": "skipped", "reason": reason}
+                else:
+                    inputs = _jax_inputs(case) if inputs is None else inputs
+                    result = _measure(impl, case, inputs, args, calibration)
+                records[suite]["results"].append({"implementation": impl.name, **case, **result})
+                _write_json(stems[suite].with_suffix(".json"), records[suite])
+                progress.update()
+            del inputs
     written = []
-    total = sum(_count(s, args) for s in suites)
-    with tqdm(total=total, unit="case") as progress:
-        for suite in suites:
-            measured = run_suite(suite, args, calibration, progress)
-            stem = f"{suite}_{args.device}" + ("_quick" if args.quick else "")
-            record = {
-                **env,
-                "suite": suite,
-                "device_arg": args.device,
-                "quick": args.quick,
-                "repeats": args.repeats,
-                "warmup": args.warmup,
-                "calibration": calibration,
-                **measured,
-            }
-            if args.device == "cpu":
-                record["note"] = NOTE_CPU
-            json_path = args.out / f"{stem}.json"
-            json_path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
-            md_path = args.out / f"{stem}.md"
-            md_path.write_text(report.markdown(record))
-            written += [json_path, md_path]
-            if not args.no_plots:
-                written += report.plots(record, args.out / stem)
+    for suite in suites:
+        record, stem = records[suite], stems[suite]
+        md_path = stem.with_suffix(".md")
+        md_path.write_text(report.markdown(record))
+        written += [stem.with_suffix(".json"), md_path]
+        if not args.no_plots:
+            written += report.plots(record, stem)
     for path in written:
         print(f"wrote {path}")
     return written
+
+
+def _write_json(path: pathlib.Path, record: dict[str, Any]) -> None:
+    """Rewrites ``path`` after every measurement, so that a run killed from outside keeps what
+    it measured (the temporary file and rename keep the file whole at every moment)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
+    tmp.replace(path)
 
 
 def _jsonable(value):

@@ -177,3 +177,66 @@ def test_readme_tables_are_generated_from_the_results():
     readme = REPO / "README.md"
     assert "<!-- table:ce_cpu -->" in readme.read_text()
     assert report.update_readme(readme, REPO / "benchmarks" / "results") == readme.read_text()
+
+
+def test_harness_measures_first_v_first_and_keeps_to_its_budget(tmp_path):
+    _run(
+        "-m", "benchmarks.run", "--suite", "ce", "--device", "cpu", "--quick", "--n", "8",
+        "--v", "32", "64", "--dtypes", "float32", "bfloat16", "--passes", "forward",
+        "--repeats", "1", "--warmup", "0", "--out", str(tmp_path), "--no-plots",
+        "--only", "jax_softmax_ce:xla", "--first-v", "64", "--budget-s", "0",
+    )  # fmt: skip
+    record = json.loads((tmp_path / "ce_cpu_quick.json").read_text())
+    order = [(r["v"], r["dtype"]) for r in record["results"]]
+    assert order == [(64, "float32"), (64, "bfloat16"), (32, "float32"), (32, "bfloat16")]
+    assert record["budget_s"] == 0
+    for result in record["results"]:
+        assert result["status"] == "skipped" and "time budget of 0 s" in result["reason"]
+
+
+def test_gpu_session_script_runs_end_to_end_on_cpu(tmp_path):
+    """The one-call device session, dry-run on the CPU with a tiny grid: its files come back
+    in ``OUT`` as the device tool returns them, and ``unpack`` puts the results where the
+    README's tables are generated from. With ``SESSION_S=240`` no time is left for the tests."""
+    import os
+
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    results.mkdir()
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "SESSION_S": "240",
+        "BENCH_ARGS": "--n 16 --d 8 --v 64 --dtypes bfloat16 --passes forward_backward "
+        "--repeats 1 --warmup 0 --no-plots --only optax jax_softmax_ce:xla optax:x@w "
+        "jax_softmax_ce.linear:xla",
+    }
+    script = str(REPO / "benchmarks" / "gpu_session.sh")
+    session = subprocess.run(
+        ["bash", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert session.returncode == 0, session.stdout[-3000:] + session.stderr[-3000:]
+    returned = sorted(p.name for p in out.iterdir())
+    assert returned == ["device.txt", "goals_cpu.md", "gpu_session.tar.gz", "session.log"]
+    log = (out / "session.log").read_text()
+    assert "== bench" in log and "== goals" in log and "== tests" not in log
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- table:ce_cpu -->\nold\n<!-- /table:ce_cpu -->\n")
+    unpack = subprocess.run(
+        ["bash", script, "unpack", str(out), str(results), str(readme)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unpack.returncode == 0, unpack.stdout[-3000:] + unpack.stderr[-3000:]
+    for name in ("ce_cpu.json", "linear_cpu.json", "goals_cpu.json", "gpu_session.log"):
+        assert (results / name).exists(), name
+    record = json.loads((results / "ce_cpu.json").read_text())
+    assert [r["status"] for r in record["results"]] == ["ok", "ok"]
+    table = readme.read_text()
+    assert "old" not in table and "| jax_softmax_ce:xla | 64 |" in table
