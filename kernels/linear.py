@@ -178,7 +178,7 @@ def target_tile(
     *,
     col0,
     lo,
-    num_classes,
+    num_classes: int,
     options,
 ) -> TargetTile:
     """The transformed tile of raw logits ``z_raw`` (`logits_tile`) for columns

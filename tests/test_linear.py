@@ -608,16 +608,23 @@ def _lower_fused(schedule, lowering_target, *, n, d, v, blocks, vd=False, bias=T
     )
     options = _options.make_options(**options)
 
-    def loss(x, w, b, y):
-        problem = linear_module.LinearProblem(x, w, b, y, None, None, None)
+    def loss(x, w, b, y, t):
+        problem = linear_module.LinearProblem(x, w, b, y, None, None, t)
         return jnp.sum(linear_module._blockwise(problem, options, config))
 
     w = s((v, d) if vd else (d, v), jnp.bfloat16)
-    args = (s((n, d), jnp.bfloat16), w, s((v,), jnp.bfloat16) if bias else None, s((n,), jnp.int32))
+    t = s((), jnp.float32) if options.temperature is None else None
+    args = (
+        s((n, d), jnp.bfloat16),
+        w,
+        s((v,), jnp.bfloat16) if bias else None,
+        s((n,), jnp.int32),
+        t,
+    )
     platform = {"tpu": "tpu", "gpu": "cuda"}[schedule]
     with warnings.catch_warnings(), lowering_target(schedule):
         warnings.simplefilter("ignore", DeprecationWarning)  # jax >= 0.11 deprecates Triton
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1) if t is None else (0, 1, 4)))
         return grad.trace(*args).lower(lowering_platforms=(platform,))
 
 
@@ -637,7 +644,8 @@ def test_fused_kernels_lower_for_their_backend(schedule, lowering_target):
         label_smoothing=0.1,
         z_loss=1e-4,
         logit_softcap=30.0,
-        temperature=1.0,
+        temperature=None,
+        temperature_is_array=True,
         ignore_index=-100,
     )
 
