@@ -59,13 +59,27 @@ unpack() {
 left() { echo $((SESSION_S - SECONDS)); }
 
 setup() {
-  if compgen -G ".whl/*.whl" >/dev/null; then
+  # The peers' wheels go on PYTHONPATH for the whole call; setuptools only for the project's
+  # build (no network there, so --no-build-isolation), not to shadow the image's own.
+  local peers=() build=()
+  for whl in .whl/*.whl; do
+    [ -f "$whl" ] || continue
+    case $(basename "$whl") in
+      setuptools-*) build+=("$whl") ;;
+      *) peers+=("$whl") ;;
+    esac
+  done
+  if [ ${#peers[@]} -gt 0 ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      --target /tmp/site "${peers[@]}" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  # No network there: build with the setuptools carried (or already installed).
   if ! "$PY" -c "import jax_softmax_ce.kernels" 2>/dev/null; then
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || return 1
+    if [ ${#build[@]} -gt 0 ]; then
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/build "${build[@]}" || return 1
+    fi
+    PYTHONPATH=/tmp/build${PYTHONPATH:+:$PYTHONPATH} \
+      "$PY" -m pip install -q --no-deps --no-build-isolation -e . || return 1
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" - <<'EOF'
