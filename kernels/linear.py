@@ -548,6 +548,8 @@ class _GpuTile:
     def __init__(self, ins: dict, options, geo: _Geometry, *, r0, c0):
         self.ins, self.geo, self.r0, self.c0 = ins, geo, r0, c0
         self.rows, self.cols = pl.ds(r0, geo.bn), pl.ds(c0, geo.bv)
+        self.row_ok = rows_ok(r0, r0, geo.bn, geo.num_rows)  # [bn, 1]
+        self.col_ok = columns_ok(c0, c0, geo.bv, geo.num_classes)  # [1, bv]
         others = {k: self._load(k) for k in ins if k not in _MATMUL_OPERANDS}
         self.tiles = _Tiles(others, options, geo, row0=r0, col0=c0)
 
@@ -556,21 +558,13 @@ class _GpuTile:
         row_axis, col_axis = self.geo.axes(name, ref.shape)
         if row_axis is None and col_axis is None:
             return ref[...]
-        ok = self._ok(row_axis == 0, col_axis == 1)
+        masks = [m for m, on in ((self.row_ok, row_axis == 0), (self.col_ok, col_axis == 1)) if on]
+        ok = functools.reduce(jnp.logical_and, masks)
         index = (
             self.rows if row_axis == 0 else _from_zero(ref.shape[0]),
             self.cols if col_axis == 1 else _from_zero(ref.shape[1]),
         )
         return pltriton.load(ref.at[index], mask=ok, other=0)
-
-    def _ok(self, rows: bool, cols: bool):
-        geo = self.geo
-        ok = jnp.ones((geo.bn if rows else 1, geo.bv if cols else 1), jnp.bool_)
-        if rows:
-            ok = ok & rows_ok(self.r0, self.r0, geo.bn, geo.num_rows)
-        if cols:
-            ok = ok & columns_ok(self.c0, self.c0, geo.bv, geo.num_classes)
-        return ok
 
     def hidden(self, k0):
         """``[1, bd]`` bool: hidden indices ``k0 + [0, bd)`` inside ``D``, and their slice."""
@@ -580,16 +574,16 @@ class _GpuTile:
     def x_chunk(self, k0):
         """``[bn, bd]`` of ``x``."""
         ok, ks = self.hidden(k0)
-        mask = self.tiles.row_ok & ok
+        mask = self.row_ok & ok
         return pltriton.load(self.ins["x"].at[self.rows, ks], mask=mask, other=0)
 
     def w_chunk(self, k0):
         """``[bd, bv]`` of ``w`` (``[bv, bd]`` when vd)."""
         ok, ks = self.hidden(k0)
         if self.geo.vd:
-            index, mask = (self.cols, ks), self.tiles.col_ok.T & ok
+            index, mask = (self.cols, ks), self.col_ok.T & ok
         else:
-            index, mask = (ks, self.cols), ok.T & self.tiles.col_ok
+            index, mask = (ks, self.cols), ok.T & self.col_ok
         return pltriton.load(self.ins["w"].at[index], mask=mask, other=0)
 
     def over_hidden(self, body, init):
