@@ -617,7 +617,9 @@ def linear_softmax_cross_entropy(
         ``(0, 1)``.
       block_sizes: Tile sizes, a `jax_softmax_ce.kernels.linear.BlockSizes`; None for the
         implementation's default on the platform (`BlockSizes.get_default`). The GPU schedule
-        needs powers of two of at least 16, ``block_d`` included.
+        needs powers of two of at least 16, ``block_d`` included; the compiled TPU schedule
+        needs ``block_n`` a multiple of 8 and ``block_v``, ``block_d`` multiples of 128 (or
+        each at least the whole axis).
       pallas_backend: ``"tpu"`` or ``"gpu"``: which kernel schedule ``"pallas"`` runs; None for
         the default backend's.
       interpret: Run the ``"pallas"`` kernels in interpret mode (for tests on CPU).

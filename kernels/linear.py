@@ -10,39 +10,50 @@ compositions of `kernels._tile` and they are called both by the XLA loops of
 
 Kernels (``implementation="pallas"``), two schedules of the same tile steps:
 
-- TPU (Mosaic): a grid ``(row blocks, vocab blocks)`` whose last axis is a reduction. The forward
-  kernel keeps its running ``(m, s)`` and target sums in the ``[block_n, 1]`` output blocks, which
-  stay resident while the vocabulary index moves. The backward is two kernels, as in
-  flash attention: ``d_inputs`` on the same grid, and ``d_weight``/``d_bias`` on the transposed
-  grid ``(vocab blocks, row blocks)``, each recomputing its tiles from the saved ``lse``. The
-  matmul is ``jax.lax.dot_general`` (``jnp.dot``) with float32 accumulation.
+- TPU (Mosaic): a grid ``(row blocks, vocabulary blocks, hidden chunks)`` whose last two axes are
+  reductions. Each tile's logits are summed over ``block_d`` chunks of ``D`` into a float32 VMEM
+  scratch, so no block spans the hidden size: a whole ``[block_n, D]`` block of inputs and
+  ``[D, block_v]`` block of the projection, double-buffered, would take 12 MiB of VMEM at
+  ``D = 4096`` in bf16 with the default tiles, and their float32 gradient blocks 8 or 16 MiB more,
+  against the 16 MiB that a kernel may use by default. The forward kernel keeps its running
+  ``(m, s)`` and target sums in the ``[block_n, 1]`` output blocks, which stay resident while the
+  vocabulary and chunk indices move. The backward is two kernels, as in flash attention:
+  ``d_inputs`` on the same grid, and ``d_weight``/``d_bias`` on the transposed grid
+  ``(vocab blocks, row blocks, ...)``, each recomputing its tiles from the saved ``lse``. Their
+  chunk axis has two phases: the first forms the logits and then the gradient tile, the second
+  walks the chunks again and adds ``dz W_chunkᵀ`` (or ``x_chunkᵀ dz``) into a float32 VMEM
+  accumulator of ``[block_n, D]`` (or ``[D, block_v]``), written out chunk by chunk during the last
+  reduction step; the projection (or input) chunks are read twice per tile for that. The matmul is
+  ``jax.lax.dot_general`` (``jnp.dot``) with float32 accumulation. Each kernel's VMEM need is
+  estimated from its blocks (`_tpu_vmem_limit`) and passed as its limit when it exceeds the
+  default; at ``D = 4096`` the ``d_weight`` kernel's accumulator alone is 8 MiB.
 - GPU: the Triton backend, chosen explicitly with ``pallas.triton.CompilerParams``. Mosaic GPU, the
   default GPU backend from jax 0.11, lowers no ``dot_general``: a matmul there has to be an
   ``plgpu.wgmma`` over shared-memory references fed by a TMA pipeline, which is a different kernel,
-  and one that cannot even be lowered on a CPU-only host (its lowering needs the CUDA plugin), so
-  it could not be written and checked in a session without a GPU. Triton lowers ``jnp.dot`` to
-  ``tl.dot`` (tensor cores), and is available in jax 0.10 and, deprecated but present (a
-  ``DeprecationWarning`` at each lowering), in 0.11; the reasons are spelled out in
-  `kernels.cross_entropy_gpu`. Triton holds a kernel's values in registers and shared memory, so
-  no block may span the hidden size (a ``[D, block_v]`` block of the projection at ``D = 4096``
-  and ``block_v = 512`` holds 2**21 elements, past Triton's limit of 2**20, let alone what
-  registers hold): every tile is formed as a loop
-  over ``block_d`` chunks of ``D``, each a ``tl.dot`` of a ``[block_n, block_d]`` block of inputs
-  and a ``[block_d, block_v]`` block of the projection, as Cut Cross-Entropy does. Loads are
-  masked, so ``N``, ``D`` and ``V`` are arbitrary; tiles are powers of two of at least 16
-  (``tl.dot``'s minimum). The forward is one program per row block, looping over vocabulary
-  blocks with the running log-sum-exp in registers. The backward is one kernel over
-  ``(row blocks, vocabulary blocks)``, all parallel: each program recomputes its tile, forms the
-  gradient tile, and adds ``dz W_blockᵀ`` and ``x_blockᵀ dz`` chunk by chunk of ``D`` into
-  float32 ``d_inputs`` and ``d_weight`` with atomic adds (``d_bias`` and the temperature rows
-  too). Their float32 accumulators are ``O(N D + D V)``, the bound the fused loss allows; atomic
-  float adds make the GPU gradients non-deterministic in their last bits. The accumulators are
-  padded to whole blocks because Pallas' interpreter has no masked atomic add.
+  with a different entry point on jax 0.10 and 0.11. It could be lowered from a CPU host and run in
+  Pallas' Mosaic GPU interpreter, but whether it beats this one can only be measured on a GPU,
+  which no session has had yet. Triton lowers ``jnp.dot`` to ``tl.dot`` (tensor cores), and is
+  available in jax 0.10 and, deprecated but present (a ``DeprecationWarning`` at each lowering), in
+  0.11; the reasons are spelled out in `kernels.cross_entropy_gpu`. Triton holds a kernel's values
+  in registers and shared memory, so no block may span the hidden size (a ``[D, block_v]`` block of
+  the projection at ``D = 4096`` and ``block_v = 512`` holds 2**21 elements, past Triton's limit of
+  2**20, let alone what registers hold): every tile is formed as a loop over ``block_d`` chunks of
+  ``D``, each a ``tl.dot`` of a ``[block_n, block_d]`` block of inputs and a ``[block_d, block_v]``
+  block of the projection, as Cut Cross-Entropy does. Loads are masked, so ``N``, ``D`` and ``V``
+  are arbitrary; tiles are powers of two of at least 16 (``tl.dot``'s minimum). The forward is one
+  program per row block, looping over vocabulary blocks with the running log-sum-exp in registers.
+  The backward is one kernel over ``(row blocks, vocabulary blocks)``, all parallel: each program
+  recomputes its tile, forms the gradient tile, and adds ``dz W_blockᵀ`` and ``x_blockᵀ dz`` chunk
+  by chunk of ``D`` into float32 ``d_inputs`` and ``d_weight`` with atomic adds (``d_bias`` and the
+  temperature rows too). Their float32 accumulators are ``O(N D + D V)``, the bound the fused loss
+  allows; atomic float adds make the GPU gradients non-deterministic in their last bits. The
+  accumulators are padded to whole blocks because Pallas' interpreter has no masked atomic add.
 
 Both schedules are verified in interpret mode on CPU, and lowered for their real backends from a
-CPU host (the GPU one at ``N=16384, D=4096, V=128256``, where the tests check that no tensor of
-the Triton modules exceeds one logits tile); neither has been compiled for, or timed on, a real
-TPU or GPU yet. Block sizes are reasoned, not tuned.
+CPU host at ``N=16384, D=4096, V=128256``, where the tests check that no tensor of the Triton
+modules exceeds one logits tile, and that the VMEM buffers of the Mosaic kernels fit their
+limits; neither has been compiled for, or timed on, a real TPU or GPU yet. Block sizes are
+reasoned, not tuned.
 
 Gradient filtering (Cut Cross-Entropy): with ``filter_eps > 0`` the backward skips the two
 gradient matmuls of every tile in which all ``|dl/dz'|`` (before the cotangent) are below
@@ -53,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -61,6 +73,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax_softmax_ce.kernels import _tile
 from jax_softmax_ce.kernels._tile import RowState, row_state_init
+from jax_softmax_ce.kernels.cross_entropy_gpu import from_zero
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +83,14 @@ class BlockSizes:
     Attributes:
       block_n: rows per tile; clipped to the number of rows except on GPU.
       block_v: vocabulary entries per tile; clipped to the vocabulary size except on GPU.
-      block_d: hidden entries per matmul step of the GPU schedule, which forms each tile as a
-        sum over ``block_d`` chunks of ``D``; the XLA and TPU schedules contract all of ``D`` at
-        once and ignore it.
+      block_d: hidden entries per matmul step of the Pallas schedules, which form each tile as
+        a sum over ``block_d`` chunks of ``D`` so that no block spans the hidden size; clipped
+        to ``D`` except on GPU. The XLA loops contract all of ``D`` at once and ignore it.
     """
 
     block_n: int = 1024
     block_v: int = 1024
-    block_d: int = 64
+    block_d: int = 128
 
     def __post_init__(self):
         for name in ("block_n", "block_v", "block_d"):
@@ -87,14 +100,15 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, implementation: str = "xla", platform: str | None = None) -> BlockSizes:
-        """Defaults: large tiles for XLA; for ``"pallas"``, ``(256, 512)`` tiles on TPU and
-        ``(64, 128)`` tiles in 64-wide hidden chunks on GPU (Triton matmul tiles; reasoned, not
-        yet tuned on a GPU)."""
+        """Defaults: large tiles for XLA; for ``"pallas"``, ``(256, 512)`` tiles in 512-wide
+        hidden chunks on TPU (multiples of the ``(8, 128)`` tiling, and of the MXU's 128 or
+        256) and ``(64, 128)`` tiles in 64-wide hidden chunks on GPU (Triton matmul tiles).
+        Reasoned, not yet tuned on either device."""
         if implementation == "xla":
             return cls(1024, 2048)
         if platform == "gpu":
             return cls(64, 128, 64)
-        return cls(256, 512)
+        return cls(256, 512, 512)
 
 
 def logits_tile(x: jax.Array, w: jax.Array, bias, *, vd: bool) -> jax.Array:
@@ -125,6 +139,12 @@ def rows_ok(row0, lo, rows: int, num_rows: int) -> jax.Array:
     """``[rows, 1]`` bool: global row ids ``row0 + i`` in ``[lo, num_rows)``."""
     ids = row0 + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     return (ids >= lo) & (ids < num_rows)
+
+
+def hidden_ok(k0, cols: int, hidden: int) -> jax.Array:
+    """``[1, cols]`` bool: hidden indices ``k0 + k`` inside ``[0, hidden)``, the chunk of ``D``
+    that a schedule forming its tiles chunk by chunk reads at ``k0``."""
+    return k0 + jax.lax.broadcasted_iota(jnp.int32, (1, cols), 1) < hidden
 
 
 def forward_step(state: RowState, z, target, smoothing) -> RowState:
@@ -270,8 +290,9 @@ class _Geometry:
 
     @classmethod
     def of(cls, config, problem) -> _Geometry:
-        """TPU tiles are clipped to the arrays (a ragged last block is moved back inside them);
-        GPU tiles are taken as given and their ragged ends masked, since Triton's ``dot`` needs
+        """TPU tiles are clipped to the arrays, and their ragged last blocks padded by Pallas;
+        compiled (not interpreted), they must respect Mosaic's ``(8, 128)`` tiling. GPU tiles
+        are taken as given and their ragged ends masked, since Triton's ``dot`` needs
         power-of-two tiles of at least 16 in every dimension."""
         n, d = problem.inputs.shape
         v = config.num_classes
@@ -284,7 +305,20 @@ class _Geometry:
                     f"powers of two of at least 16 (Triton's dot), got {blocks}"
                 )
             return cls(*sizes, n, v, d, config.vd)
-        return cls(min(blocks.block_n, n), min(blocks.block_v, v), d, n, v, d, config.vd)
+        sizes = (min(blocks.block_n, n), min(blocks.block_v, v), min(blocks.block_d, d))
+        tiling = ((sizes[0], n, 8), (sizes[1], v, 128), (sizes[2], d, 128))
+        if not config.interpret and any(b % t and b != size for b, size, t in tiling):
+            raise NotImplementedError(
+                f"the TPU (Mosaic) schedule of the fused kernel needs block_n a multiple of 8 "
+                f"and block_v, block_d multiples of 128, or each the whole axis (N={n}, V={v}, "
+                f"D={d}), got {blocks}"
+            )
+        return cls(*sizes, n, v, d, config.vd)
+
+    @property
+    def chunks(self) -> int:
+        """The number of ``bd`` chunks of the hidden size."""
+        return pl.cdiv(self.hidden, self.bd)
 
     def axes(self, name: str, shape):
         """``(row_axis, col_axis)`` of an operand, each an int or None."""
@@ -399,15 +433,18 @@ def _run_if_kept(keep, accumulate):
 
 
 def _pallas_call(config, kernel, ops: dict, out_shape, grid, *, name, **specs):
-    """``pallas_call`` for the configured backend; ``specs`` are the TPU BlockSpecs, or the GPU
-    kernels' ``input_output_aliases``."""
+    """``pallas_call`` for the configured backend; ``specs`` are the TPU BlockSpecs and scratch,
+    or the GPU kernels' ``input_output_aliases``."""
     if config.pallas_backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
-        interpret = config.interpret
-        if interpret:
-            interpret = pltpu.InterpretParams(out_of_bounds_reads="uninitialized")
+        params = pltpu.CompilerParams(
+            dimension_semantics=("parallel",) + ("arbitrary",) * (len(grid) - 1),
+            vmem_limit_bytes=_tpu_vmem_limit(ops, out_shape, **specs),
+        )
+        from jax_softmax_ce.kernels.cross_entropy_tpu import interpret_params
+
+        interpret = interpret_params() if config.interpret else False
     else:
         blocks = config.block_sizes
         num_warps = 8 if blocks.block_n * blocks.block_v >= 128 * 128 else 4
@@ -424,113 +461,229 @@ def _pallas_call(config, kernel, ops: dict, out_shape, grid, *, name, **specs):
     )(*ops.values())
 
 
-# ---------------------------------------------------------------- TPU: grid with resident outputs
+# The smallest default scoped VMEM limit of a TPU core (v4, v5e); v6e's is 32 MiB. VMEM itself
+# holds 16 MiB (v4), 64 MiB (v5p, v7x) or 128 MiB (v5e, v6e) per core.
+_SCOPED_VMEM_BYTES = 16 * 2**20
+# Room for the tile step's values, in float32 logits tiles (z', p, g, dz and masks).
+_TILE_TEMPORARIES = 6
+
+
+def _vmem_bytes(shape, dtype) -> int:
+    """The VMEM footprint of one buffer: its last two axes padded to Mosaic's tiling,
+    ``(8 * values per 32-bit word, 128)``."""
+    itemsize = jnp.dtype(dtype).itemsize
+    shape = (1, *shape) if len(shape) == 1 else tuple(shape)
+    sublanes = 8 * max(4 // itemsize, 1)
+    rows, cols = -(-shape[-2] // sublanes) * sublanes, -(-shape[-1] // 128) * 128
+    return math.prod(shape[:-2]) * rows * cols * itemsize
+
+
+def _tpu_vmem_limit(ops: dict, out_shape, *, in_specs, out_specs, scratch_shapes) -> int | None:
+    """An estimate of a TPU kernel's VMEM: two buffers (the pipeline's double buffering) of
+    every input and output block, the scratch, and `_TILE_TEMPORARIES` float32 logits tiles.
+    None (the compiler's default limit) when it fits in `_SCOPED_VMEM_BYTES`, else the estimate
+    plus a quarter, rounded up to a MiB. Derived from the block shapes, not measured on a TPU."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    blocks = [(s.block_shape, a.dtype) for s, a in zip(in_specs, ops.values(), strict=True)]
+    blocks += [(s.block_shape, a.dtype) for s, a in zip(out_specs, out_shape, strict=True)]
+    need = 2 * sum(_vmem_bytes(shape, dtype) for shape, dtype in blocks)
+    tile = scratch_shapes[0]  # every schedule's first scratch is its logits tile
+    vmem = [s for s in scratch_shapes if s.memory_space == pltpu.VMEM]
+    need += sum(_vmem_bytes(s.shape, s.dtype) for s in vmem)
+    need += _TILE_TEMPORARIES * _vmem_bytes(tile.shape, jnp.float32)
+    if need <= _SCOPED_VMEM_BYTES:
+        return None
+    return -(-(need * 5 // 4) // 2**20) * 2**20
+
+
+# ------------------------------------------------ TPU: a grid over hidden chunks, VMEM scratch
 
 
 def _tpu_specs(ops: dict, grid_to_blocks, geo: _Geometry):
-    """BlockSpecs of the operands for a grid whose indices map to ``(row block, column block)``."""
+    """BlockSpecs of the operands for a grid whose indices map to ``(row block, column block,
+    hidden chunk of x, hidden chunk of w)``."""
+
+    def block_and_index(name, shape):
+        if name == "x":
+            return (geo.bn, geo.bd), lambda r, c, kx, kw: (r, kx)
+        if name == "w" and geo.vd:
+            return (geo.bv, geo.bd), lambda r, c, kx, kw: (c, kw)
+        if name == "w":
+            return (geo.bd, geo.bv), lambda r, c, kx, kw: (kw, c)
+        row_axis, col_axis = geo.axes(name, shape)
+        axes = tuple("r" if a == row_axis else "c" if a == col_axis else None for a in range(2))
+        block = tuple({"r": geo.bn, "c": geo.bv}.get(a, shape[n]) for n, a in enumerate(axes))
+
+        def index(r, c, kx, kw):
+            return tuple({"r": r, "c": c}.get(a, 0) for a in axes)
+
+        return block, index
+
     specs = []
     for name, value in ops.items():
-        row_axis, col_axis = geo.axes(name, value.shape)
-        shape = tuple(
-            geo.bn if a == row_axis else geo.bv if a == col_axis else value.shape[a]
-            for a in range(2)
-        )
-
-        def index(*grid, row_axis=row_axis, col_axis=col_axis):
-            r, c = grid_to_blocks(*grid)
-            return tuple(r if a == row_axis else c if a == col_axis else 0 for a in range(2))
-
-        specs.append(pl.BlockSpec(shape, index))
+        block, index = block_and_index(name, value.shape)
+        specs.append(pl.BlockSpec(block, lambda *grid, index=index: index(*grid_to_blocks(*grid))))
     return specs
 
 
-class _TpuTile(NamedTuple):
-    """One TPU tile: its other operands, its ``x`` and ``w`` blocks (zeroed on padding, which
-    holds garbage in a ragged block), and its raw logits."""
+class _TpuTile:
+    """The tile at grid position (row block ``i``, vocabulary block ``j``). Its raw logits are
+    summed over the hidden chunks that the grid's last axis walks, into a float32 VMEM scratch,
+    so that no block spans ``D``. Padding of a ragged block (rows, columns or hidden entries
+    past the arrays) holds garbage, NaN in interpret mode, so ``x`` and ``w`` are zeroed there."""
 
-    tiles: _Tiles
-    x: jax.Array  # [bn, D]
-    w: jax.Array  # [D, bv], or [bv, D] when vd
-    z_raw: jax.Array  # [bn, bv]
+    def __init__(self, ins: dict, options, geo: _Geometry, *, i, j):
+        self.ins, self.options, self.geo = ins, options, geo
+        self.row0, self.col0 = i * geo.bn, j * geo.bv
+        self.row_ok = rows_ok(self.row0, self.row0, geo.bn, geo.num_rows)  # [bn, 1]
+        self.col_ok = columns_ok(self.col0, self.col0, geo.bv, geo.num_classes)  # [1, bv]
 
+    def x(self, k):
+        """``[bn, bd]``: hidden chunk ``k`` of the row block of ``x``."""
+        ok = self.row_ok & hidden_ok(k * self.geo.bd, self.geo.bd, self.geo.hidden)
+        x = self.ins["x"][...]
+        return jnp.where(ok, x, jnp.zeros((), x.dtype))
 
-def _tpu_tile(refs, names, options, geo: _Geometry, *, i, j):
-    """The tile at grid position (row block ``i``, vocabulary block ``j``), and the output refs."""
-    ins, out_refs = _split_refs(refs, names)
-    blocks = {k: r[...] for k, r in ins.items()}
-    others = {k: b for k, b in blocks.items() if k not in _MATMUL_OPERANDS}
-    tiles = _Tiles(others, options, geo, row0=i * geo.bn, col0=j * geo.bv)
-    zero = jnp.zeros((), blocks["x"].dtype)
-    x = jnp.where(tiles.row_ok, blocks["x"], zero)
-    w = jnp.where(tiles.col_ok.T if geo.vd else tiles.col_ok, blocks["w"], zero)
-    return _TpuTile(tiles, x, w, logits_tile(x, w, tiles.bias, vd=geo.vd)), out_refs
+    def w(self, k):
+        """``[bd, bv]`` (``[bv, bd]`` when vd): hidden chunk ``k`` of the column block of ``w``."""
+        hid = hidden_ok(k * self.geo.bd, self.geo.bd, self.geo.hidden)
+        ok = self.col_ok.T & hid if self.geo.vd else hid.T & self.col_ok
+        w = self.ins["w"][...]
+        return jnp.where(ok, w, jnp.zeros((), w.dtype))
+
+    def add_logits(self, z_ref, k):
+        """``z_ref`` becomes the sum over hidden chunks ``0..k`` of ``x_k w_k``."""
+        part = logits_tile(self.x(k), self.w(k), None, vd=self.geo.vd)
+
+        @pl.when(k == 0)
+        def _first():
+            z_ref[...] = part
+
+        @pl.when(k > 0)
+        def _next():
+            z_ref[...] += part
+
+    def tiles(self) -> _Tiles:
+        """The tile's other operands, read once its logits are complete."""
+        others = {k: r[...] for k, r in self.ins.items() if k not in _MATMUL_OPERANDS}
+        return _Tiles(others, self.options, self.geo, row0=self.row0, col0=self.col0)
+
+    @staticmethod
+    def logits(z_ref, tiles: _Tiles):
+        """The raw logits ``x W (+ b)`` of the tile, from the completed sum in ``z_ref``."""
+        z = z_ref[...]
+        return z if tiles.bias is None else z + tiles.bias.astype(z.dtype)
 
 
 def _forward_tpu_kernel(*refs, names, treedef, options, geo):
-    i, j = pl.program_id(0), pl.program_id(1)
-    tile, out_refs = _tpu_tile(refs, names, options, geo, i=i, j=j)
+    """Grid ``(row blocks, vocabulary blocks, hidden chunks)``; the running log-sum-exp and
+    target sums stay in the ``[bn, 1]`` output blocks while the last two indices move."""
+    i, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ins, (*out_refs, z_ref) = _split_refs(refs, names)
+    tile = _TpuTile(ins, options, geo, i=i, j=j)
 
-    @pl.when(j == 0)
+    @pl.when((j == 0) & (k == 0))
     def _init():
         init = row_state_init(geo.bn, out_refs[0].dtype, len(out_refs) > 4)
         for ref, value in zip(out_refs, jax.tree.leaves(init), strict=True):
             ref[...] = value
 
-    state = jax.tree.unflatten(treedef, [r[...] for r in out_refs])
-    state = forward_tile(state, tile.tiles.target(tile.z_raw, lo=j * geo.bv))
-    for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
-        ref[...] = value
+    tile.add_logits(z_ref, k)
+
+    @pl.when(k == geo.chunks - 1)
+    def _merge():
+        tiles = tile.tiles()
+        state = jax.tree.unflatten(treedef, [r[...] for r in out_refs])
+        state = forward_tile(state, tiles.target(tile.logits(z_ref, tiles), lo=tile.col0))
+        for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
+            ref[...] = value
 
 
-def _inputs_grad_tpu_kernel(*refs, names, options, geo, eps):
-    """Grid ``(row blocks, vocabulary blocks)``: ``d_inputs`` (and the temperature rows)."""
-    i, j = pl.program_id(0), pl.program_id(1)
-    tile, (dx_ref, *t_ref) = _tpu_tile(refs, names, options, geo, i=i, j=j)
+def _backward_tpu_kernel(*refs, names, options, geo, eps, wrt: str, n_extra: int):
+    """One gradient of the backward pass, on a grid whose last axis has two phases of
+    ``chunks`` steps each: the first sums the tile's logits over the hidden chunks, and its
+    last step forms the gradient tile ``dz`` (kept in VMEM); the second walks the hidden chunks
+    again, adding ``dz`` times chunk ``k`` of the other matmul operand into a float32
+    accumulator that spans the hidden size.
 
-    @pl.when(j == 0)
+    ``wrt="inputs"``: grid ``(row blocks, vocabulary blocks, 2 chunks)``, accumulating
+    ``d_inputs`` ``[bn, D]`` over vocabulary blocks (and the temperature rows, the one extra
+    output). ``wrt="weight"``: grid ``(vocabulary blocks, row blocks, 2 chunks)``, accumulating
+    ``d_weight`` ``[D, bv]`` over row blocks (and ``d_bias``). Chunk ``k`` of the accumulator is
+    copied to the output block during the last reduction step, where the output's block index
+    moves to chunk ``k``; before that it stays on chunk 0, which is not written back until then.
+    """
+    if wrt == "inputs":
+        i, j = pl.program_id(0), pl.program_id(1)
+        first, last = j == 0, j == pl.num_programs(1) - 1
+    else:
+        j, i = pl.program_id(0), pl.program_id(1)
+        first, last = i == 0, i == pl.num_programs(1) - 1
+    step, chunks = pl.program_id(2), geo.chunks
+    ins, (out_ref, *rest) = _split_refs(refs, names)
+    extra, (z_ref, dz_ref, acc_ref, *keep_ref) = rest[:n_extra], rest[n_extra:]
+    tile = _TpuTile(ins, options, geo, i=i, j=j)
+
+    @pl.when(first & (step == 0))
     def _init():
-        dx_ref[...] = jnp.zeros(dx_ref.shape, dx_ref.dtype)
-        for ref in t_ref:
+        for ref in (acc_ref, *extra):
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    grad = tile.tiles.backward(tile.z_raw, lo=j * geo.bv, filter_eps=eps, array_t=bool(t_ref))
-    for ref in t_ref:
-        ref[...] += grad.temperature_row
+    @pl.when(step < chunks)
+    def _logits():
+        tile.add_logits(z_ref, step)
 
-    def accumulate():
-        dx_ref[...] += input_grad(grad.dz, tile.w, vd=geo.vd)
+    @pl.when(step == chunks - 1)
+    def _gradient():
+        tiles = tile.tiles()
+        array_t = wrt == "inputs" and bool(extra)
+        grad = tiles.backward(
+            tile.logits(z_ref, tiles), lo=tile.col0, filter_eps=eps, array_t=array_t
+        )
+        dz_ref[...] = grad.dz
+        if keep_ref:
+            keep_ref[0][0] = grad.keep.astype(jnp.int32)
+        if wrt == "inputs":
+            for ref in extra:
+                ref[...] += grad.temperature_row
+        else:
+            _run_if_kept(grad.keep, lambda: _add_bias_grad(extra, grad.dz))
 
-    _run_if_kept(grad.keep, accumulate)
+    @pl.when(step >= chunks)
+    def _accumulate():
+        k = step - chunks
+        start = pl.multiple_of(k * geo.bd, geo.bd)
+        acc = acc_ref.at[_chunk_index(wrt, geo, pl.ds(start, geo.bd))]
+        dz = dz_ref[...]
+
+        def add():
+            if wrt == "inputs":
+                acc[...] += input_grad(dz, tile.w(k), vd=geo.vd)
+            else:
+                acc[...] += weight_grad(tile.x(k), dz, vd=geo.vd)
+
+        _run_if_kept(keep_ref[0][0] != 0 if keep_ref else None, add)
+
+        @pl.when(last)
+        def _write():
+            out_ref[...] = acc[...]
 
 
-def _weight_grad_tpu_kernel(*refs, names, options, geo, eps):
-    """Grid ``(vocabulary blocks, row blocks)``: ``d_weight`` (and ``d_bias``)."""
-    j, i = pl.program_id(0), pl.program_id(1)
-    tile, (dw_ref, *db_ref) = _tpu_tile(refs, names, options, geo, i=i, j=j)
+def _add_bias_grad(db_refs, dz):
+    for ref in db_refs:
+        ref[...] += jnp.sum(dz, axis=0, keepdims=True)
 
-    @pl.when(i == 0)
-    def _init():
-        for ref in (dw_ref, *db_ref):
-            ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    grad = tile.tiles.backward(tile.z_raw, lo=j * geo.bv, filter_eps=eps, array_t=False)
-
-    def accumulate():
-        dw_ref[...] += weight_grad(tile.x, grad.dz, vd=geo.vd)
-        for ref in db_ref:
-            ref[...] += jnp.sum(grad.dz, axis=0, keepdims=True)
-
-    _run_if_kept(grad.keep, accumulate)
+def _chunk_index(wrt: str, geo: _Geometry, hidden):
+    """The index of hidden chunk ``hidden`` (a slice) in a backward accumulator: columns of
+    ``d_inputs`` ``[bn, D]``, rows of ``d_weight`` ``[D, bv]``, columns of ``[bv, D]`` (vd)."""
+    if wrt == "inputs" or geo.vd:
+        return slice(None), hidden
+    return hidden, slice(None)
 
 
 # ------------------------------------------------- GPU: masked loads, hidden chunks, atomic adds
-
-
-def _from_zero(size: int):
-    """The slice ``[0, size)`` with an int32 start, like every other index here (a Python 0
-    would be int64 under ``jax_enable_x64`` and clash with the int32 program ids)."""
-    return pl.ds(jnp.int32(0), size)
 
 
 def _loop(n: int, body, init):
@@ -561,15 +714,14 @@ class _GpuTile:
         masks = [m for m, on in ((self.row_ok, row_axis == 0), (self.col_ok, col_axis == 1)) if on]
         ok = functools.reduce(jnp.logical_and, masks)
         index = (
-            self.rows if row_axis == 0 else _from_zero(ref.shape[0]),
-            self.cols if col_axis == 1 else _from_zero(ref.shape[1]),
+            self.rows if row_axis == 0 else from_zero(ref.shape[0]),
+            self.cols if col_axis == 1 else from_zero(ref.shape[1]),
         )
         return pltriton.load(ref.at[index], mask=ok, other=0)
 
     def hidden(self, k0):
         """``[1, bd]`` bool: hidden indices ``k0 + [0, bd)`` inside ``D``, and their slice."""
-        ok = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, self.geo.bd), 1) < self.geo.hidden
-        return ok, pl.ds(k0, self.geo.bd)
+        return hidden_ok(k0, self.geo.bd, self.geo.hidden), pl.ds(k0, self.geo.bd)
 
     def x_chunk(self, k0):
         """``[bn, bd]`` of ``x``."""
@@ -616,7 +768,7 @@ def _forward_gpu_kernel(*refs, names, treedef, options, geo):
     state = _loop(pl.cdiv(geo.num_classes, geo.bv), vocab_block, init)
     ok = rows_ok(r0, r0, geo.bn, geo.num_rows)
     for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
-        pltriton.store(ref.at[pl.ds(r0, geo.bn), _from_zero(1)], value, mask=ok)
+        pltriton.store(ref.at[pl.ds(r0, geo.bn), from_zero(1)], value, mask=ok)
     del treedef
 
 
@@ -633,12 +785,12 @@ def _backward_gpu_kernel(*refs, names, options, geo, eps, array_t: bool, has_bia
     tile = _GpuTile(ins, options, geo, r0=pl.program_id(0) * geo.bn, c0=pl.program_id(1) * geo.bv)
     grad = tile.tiles.backward(tile.logits(), lo=tile.c0, filter_eps=eps, array_t=array_t)
     if t_ref is not None:
-        pltriton.atomic_add(t_ref, (tile.rows, _from_zero(1)), grad.temperature_row)
+        pltriton.atomic_add(t_ref, (tile.rows, from_zero(1)), grad.temperature_row)
 
     def accumulate():
         if db_ref is not None:
             pltriton.atomic_add(
-                db_ref, (_from_zero(1), tile.cols), jnp.sum(grad.dz, axis=0, keepdims=True)
+                db_ref, (from_zero(1), tile.cols), jnp.sum(grad.dz, axis=0, keepdims=True)
             )
 
         def chunk(k0, carry):
@@ -668,10 +820,13 @@ def forward_pallas(options, config, problem, rows) -> RowState:
     n_out = treedef.num_leaves
     out_shape = [jax.ShapeDtypeStruct((n, 1), dtype)] * n_out
     if config.pallas_backend == "tpu":
-        kernel, grid = _forward_tpu_kernel, (pl.cdiv(n, bn), pl.cdiv(v, bv))
+        from jax.experimental.pallas import tpu as pltpu
+
+        kernel, grid = _forward_tpu_kernel, (pl.cdiv(n, bn), pl.cdiv(v, bv), geo.chunks)
         specs = dict(
-            in_specs=_tpu_specs(ops, lambda i, j: (i, j), geo),
-            out_specs=[pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] * n_out,
+            in_specs=_tpu_specs(ops, lambda i, j, k: (i, j, k, k), geo),
+            out_specs=[pl.BlockSpec((bn, 1), lambda i, j, k: (i, 0))] * n_out,
+            scratch_shapes=[pltpu.VMEM((bn, bv), dtype)],
         )
     else:
         kernel, grid, specs = _forward_gpu_kernel, (pl.cdiv(n, bn),), {}
@@ -692,42 +847,65 @@ def backward_pallas(options, config, problem, rows, lse, cotangent):
 
 def _backward_tpu(options, config, problem, geo: _Geometry, ops: dict):
     """Two kernels, as in flash attention: ``d_inputs`` on the forward's grid and ``d_weight``,
-    ``d_bias`` on the transposed grid, each accumulating in its resident output blocks."""
-    n, v, bn, bv, d = geo.num_rows, geo.num_classes, geo.bn, geo.bv, geo.hidden
+    ``d_bias`` on the transposed grid, each over two phases of hidden chunks
+    (`_backward_tpu_kernel`)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    n, v, bn, bv, bd, d = geo.num_rows, geo.num_classes, geo.bn, geo.bv, geo.bd, geo.hidden
+    kd, rows, cols = geo.chunks, pl.cdiv(n, bn), pl.cdiv(v, bv)
     dtype = _tile.accumulation_dtype(problem.inputs.dtype)
     array_t = problem.temperature is not None
     has_bias = problem.bias is not None
-    dx_shape = [jax.ShapeDtypeStruct((n, d), dtype)]
-    dx_shape += [jax.ShapeDtypeStruct((n, 1), dtype)] if array_t else []
-    dw_shape = [jax.ShapeDtypeStruct(problem.weight.shape, dtype)]
-    dw_shape += [jax.ShapeDtypeStruct((1, v), dtype)] if has_bias else []
-    dx_blocks = [pl.BlockSpec((bn, d), lambda i, j: (i, 0))]
-    dx_blocks += [pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] if array_t else []
-    if geo.vd:
-        dw_blocks = [pl.BlockSpec((bv, d), lambda j, i: (j, 0))]
-    else:
-        dw_blocks = [pl.BlockSpec((d, bv), lambda j, i: (0, j))]
-    dw_blocks += [pl.BlockSpec((1, bv), lambda j, i: (0, j))] if has_bias else []
+
+    def phase_chunks(s):
+        """Hidden chunks at step ``s``: (the one read only while forming the logits, which then
+        stays put, and the one read in both phases)."""
+        return jnp.minimum(s, kd - 1), jnp.where(s < kd, s, s - kd)
+
+    def out_chunk(is_last, s):
+        return jnp.where(is_last & (s >= kd), s - kd, 0)
+
+    def scratch(acc_shape):
+        tiles = [pltpu.VMEM((bn, bv), dtype), pltpu.VMEM((bn, bv), dtype)]  # logits, dz
+        keep = [pltpu.SMEM((1,), jnp.int32)] if config.filter_eps else []
+        return [*tiles, pltpu.VMEM(acc_shape, dtype), *keep]
+
     statics = dict(names=tuple(ops), options=options, geo=geo, eps=config.filter_eps)
+    dx_shape = [jax.ShapeDtypeStruct((n, d), dtype)]
+    dx_blocks = [pl.BlockSpec((bn, bd), lambda i, j, s: (i, out_chunk(j == cols - 1, s)))]
+    if array_t:
+        dx_shape.append(jax.ShapeDtypeStruct((n, 1), dtype))
+        dx_blocks.append(pl.BlockSpec((bn, 1), lambda i, j, s: (i, 0)))
     dx_out = _pallas_call(
         config,
-        functools.partial(_inputs_grad_tpu_kernel, **statics),
+        functools.partial(_backward_tpu_kernel, wrt="inputs", n_extra=int(array_t), **statics),
         ops,
         dx_shape,
-        (pl.cdiv(n, bn), pl.cdiv(v, bv)),
+        (rows, cols, 2 * kd),
         name="linear_ce_inputs_grad",
-        in_specs=_tpu_specs(ops, lambda i, j: (i, j), geo),
+        in_specs=_tpu_specs(ops, lambda i, j, s: (i, j, *phase_chunks(s)), geo),
         out_specs=dx_blocks,
+        scratch_shapes=scratch((bn, kd * bd)),
     )
+
+    dw_shape = [jax.ShapeDtypeStruct(problem.weight.shape, dtype)]
+    if geo.vd:
+        dw_blocks = [pl.BlockSpec((bv, bd), lambda j, i, s: (j, out_chunk(i == rows - 1, s)))]
+    else:
+        dw_blocks = [pl.BlockSpec((bd, bv), lambda j, i, s: (out_chunk(i == rows - 1, s), j))]
+    if has_bias:
+        dw_shape.append(jax.ShapeDtypeStruct((1, v), dtype))
+        dw_blocks.append(pl.BlockSpec((1, bv), lambda j, i, s: (0, j)))
     dw_out = _pallas_call(
         config,
-        functools.partial(_weight_grad_tpu_kernel, **statics),
+        functools.partial(_backward_tpu_kernel, wrt="weight", n_extra=int(has_bias), **statics),
         ops,
         dw_shape,
-        (pl.cdiv(v, bv), pl.cdiv(n, bn)),
+        (cols, rows, 2 * kd),
         name="linear_ce_weight_grad",
-        in_specs=_tpu_specs(ops, lambda j, i: (i, j), geo),
+        in_specs=_tpu_specs(ops, lambda j, i, s: (i, j, *phase_chunks(s)[::-1]), geo),
         out_specs=dw_blocks,
+        scratch_shapes=scratch((bv, kd * bd) if geo.vd else (kd * bd, bv)),
     )
     t_sum = jnp.sum(dx_out[1]) if array_t else jnp.zeros((), dtype)
     return dx_out[0], dw_out[0], dw_out[1][0] if has_bias else None, t_sum

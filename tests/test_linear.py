@@ -8,6 +8,8 @@ schedules run in interpret mode on tiny shapes.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +29,8 @@ GPU_BLOCKS, GPU_D = BlockSizes(16, 16, 16), 40
 def _pallas_args(schedule: str, d: int = D) -> tuple[int, dict]:
     """The hidden size and keyword arguments of a ``"pallas"`` call of ``schedule``: compiled
     where the test machine runs that schedule natively, interpreted elsewhere."""
-    blocks = GPU_BLOCKS if schedule == "gpu" else SMALL_BLOCKS
+    # The TPU schedule sums each tile over hidden chunks: two here, the last one ragged for odd D.
+    blocks = GPU_BLOCKS if schedule == "gpu" else BlockSizes(8, 16, -(-d // 2))
     kwargs = {"pallas_backend": schedule, "interpret": interpret(schedule), "block_sizes": blocks}
     return (GPU_D if schedule == "gpu" else d), kwargs
 
@@ -348,11 +351,12 @@ def test_gradient_filter_error_is_bounded():
     assert np.all(dx_err <= eps * np.abs(w).sum(1)[None, :] + 1e-12)
     assert np.all(dw_err <= eps * np.abs(x).sum(0)[:, None] + 1e-12)
     assert dx_err.max() > 0  # some tiles were skipped
-    for name in ("tpu", "gpu"):
+    # Two hidden chunks on TPU, whose backward then skips the second phase of a dropped tile.
+    for name, pallas_blocks in (("tpu", BlockSizes(16, 64, 8)), ("gpu", BlockSizes(16, 64))):
         out = _value_and_grads(
             "pallas",
             *[a.astype(jnp.float32) if a.dtype == jnp.float64 else a for a in args],
-            block_sizes=BlockSizes(16, 64),
+            block_sizes=pallas_blocks,
             gradient_filter_eps=eps,
             pallas_backend=name,
             interpret=interpret(name),
@@ -639,7 +643,7 @@ def test_fused_kernels_lower_for_their_backend(schedule, lowering_target):
         n=512,
         d=256,
         v=1000,
-        blocks=BlockSizes(128, 256, 64),
+        blocks=BlockSizes(128, 256, 128),
         filter_eps=2.0**-12,
         label_smoothing=0.1,
         z_loss=1e-4,
@@ -650,15 +654,18 @@ def test_fused_kernels_lower_for_their_backend(schedule, lowering_target):
     )
 
 
-def _triton_tensor_shapes(lowered) -> list[tuple[int, ...]]:
-    """The shape of every tensor in the Triton kernels of a lowered computation (each kernel is
-    a Triton module serialised into its custom call's backend config)."""
-    import re
+def test_tpu_schedule_rejects_blocks_off_the_mosaic_tiling(lowering_target):
+    """Compiled for a TPU, a hidden chunk of 64 (neither a multiple of 128 nor all of D) is
+    refused with the reason, before Mosaic sees it."""
+    with pytest.raises(NotImplementedError, match=r"block_d multiples of 128.*D=256"):
+        _lower_fused("tpu", lowering_target, n=512, d=256, v=1000, blocks=BlockSizes(128, 256, 64))
 
+
+def _kernel_calls(lowered, target: str) -> list:
+    """The attributes of every ``target`` custom call (one per kernel) of a lowered computation."""
     from jax._src.lib.mlir import ir
-    from jax._src.pallas.triton import lowering as triton_lowering
 
-    kernels = []
+    calls = []
 
     def walk(op):
         for region in op.regions:
@@ -666,12 +673,25 @@ def _triton_tensor_shapes(lowered) -> list[tuple[int, ...]]:
                 for child in block.operations:
                     attrs = child.operation.attributes
                     if child.operation.name == "stablehlo.custom_call" and (
-                        ir.StringAttr(attrs["call_target_name"]).value == "__gpu$xla.gpu.triton"
+                        ir.StringAttr(attrs["call_target_name"]).value == target
                     ):
-                        kernels.append(ir.StringAttr(attrs["mhlo.backend_config"]["ir"]))
+                        calls.append(attrs)
                     walk(child.operation)
 
     walk(lowered.compiler_ir().operation)
+    return calls
+
+
+def _triton_tensor_shapes(lowered) -> list[tuple[int, ...]]:
+    """The shape of every tensor in the Triton kernels of a lowered computation (each kernel is
+    a Triton module serialised into its custom call's backend config)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    kernels = [
+        ir.StringAttr(attrs["mhlo.backend_config"]["ir"])
+        for attrs in _kernel_calls(lowered, "__gpu$xla.gpu.triton")
+    ]
     shapes = []
     with triton_lowering._new_ir_context():
         for kernel in kernels:
@@ -693,3 +713,64 @@ def test_gpu_kernels_hold_only_tiles_at_llm_shapes(layout, lowering_target):
     )
     largest = max(int(np.prod(shape)) for shape in _triton_tensor_shapes(lowered))
     assert largest == blocks.block_n * blocks.block_v
+
+
+def _mosaic_kernels(lowered) -> list[tuple[str, dict]]:
+    """``(signature, config)`` of every Mosaic kernel of a lowered computation: the text of the
+    kernel function's signature, deserialised from its custom call's backend config, and that
+    config (which holds the kernel's VMEM limit when it sets one)."""
+    import base64
+    import json
+
+    from jax._src.interpreters import mlir
+    from jax._src.lib import tpu
+    from jax._src.lib.mlir import ir
+    from jaxlib.mlir.passmanager import PassManager
+
+    kernels = []
+    for attrs in _kernel_calls(lowered, "tpu_custom_call"):
+        config = json.loads(ir.StringAttr(attrs["backend_config"]).value_bytes)
+        context = mlir.make_ir_context()
+        tpu.register_dialect(context)
+        with context, ir.Location.unknown():
+            context.allow_unregistered_dialects = True  # the serialised ``stable_mosaic`` ops
+            module = ir.Module.parse(base64.b64decode(config["custom_call_config"]["body"]))
+            PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(module.operation)
+            text = str(module)
+        kernels.append((re.search(r"func\.func @linear_ce\w*\(.*", text).group(0), config))
+    return kernels
+
+
+def _padded_vmem_bytes(dims: str, dtype: str) -> int:
+    """Bytes of a VMEM memref ``dims`` (``"256x512x"``) of ``dtype`` (``"bf16"``), its last two
+    axes padded to Mosaic's tiling: 8 sublanes of 32-bit words by 128 lanes."""
+    itemsize = {"i8": 1, "bf16": 2, "f16": 2, "i32": 4, "f32": 4}[dtype]
+    rows, cols = (int(x) for x in dims.rstrip("x").split("x"))
+    sublanes = 8 * (4 // itemsize)
+    return -(-rows // sublanes) * sublanes * -(-cols // 128) * 128 * itemsize
+
+
+@pytest.mark.parametrize(("d", "layout"), [(4096, "dv"), (4096, "vd"), (8192, "dv")])
+def test_tpu_kernels_fit_vmem_at_llm_shapes(d, layout, lowering_target):
+    """At N=16384, V=128256 and D=4096 or 8192 (bf16) the TPU kernels lower, no pipelined block
+    spans D or V, and each kernel's VMEM (two buffers per pipelined block, plus its scratch)
+    fits the limit it declares, or the 16 MiB default when it declares none (at D=8192 the
+    ``d_weight`` accumulator alone takes 16 MiB); no limit exceeds 64 MiB, the VMEM of a v5p or
+    v7x core."""
+    n, v = 16384, 128256
+    blocks = BlockSizes.get_default("pallas", "tpu")
+    lowered = _lower_fused("tpu", lowering_target, n=n, d=d, v=v, blocks=blocks, vd=layout == "vd")
+    kernels = _mosaic_kernels(lowered)
+    assert len(kernels) == 3, "the forward kernel and the two gradient kernels"
+    largest_block = max(blocks.block_n, blocks.block_v, blocks.block_d)
+    for signature, config in kernels:
+        buffers = re.findall(r"memref<((?:\d+x)+)(\w+), #tpu.memory_space<vmem>>", signature)
+        scratch = int(re.search(r"scratch_operands = (\d+)", signature).group(1))
+        windows, scratch = buffers[: len(buffers) - scratch], buffers[len(buffers) - scratch :]
+        for dims, _ in windows:
+            assert max(int(x) for x in dims.rstrip("x").split("x")) <= largest_block, dims
+        need = 2 * sum(_padded_vmem_bytes(*b) for b in windows)
+        need += sum(_padded_vmem_bytes(*b) for b in scratch)
+        limits = [c["size"] for c in config.get("scoped_memory_configs", [])]
+        limit = limits[0] if limits else 16 * 2**20
+        assert need <= limit <= 64 * 2**20, (signature[:60], need, limit)
