@@ -13,7 +13,7 @@ import numpy as np
 
 from jax_softmax_ce import _canonical
 from jax_softmax_ce._options import Options
-from jax_softmax_ce.kernels._tile import accumulation_dtype
+from jax_softmax_ce.kernels._tile import accumulation_dtype, log_mass
 
 
 def cross_entropy(problem: _canonical.Problem, options: Options, *, integer: bool) -> jax.Array:
@@ -32,8 +32,7 @@ def cross_entropy(problem: _canonical.Problem, options: Options, *, integer: boo
     m = jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True))
     m = jnp.where(m == -np.inf, 0, m)
     s = jnp.sum(jnp.exp(z - m), axis=1, keepdims=True)
-    has_mass = s > 0
-    log_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)), 0)
+    has_mass, log_s = log_mass(s)  # a NaN s (NaN or +inf logit) stays NaN
     nll = log_s - (z - m)  # [n, v], +inf on invalid classes and at -inf logits
     lse = jnp.where(has_mass, m + log_s, -np.inf)
 

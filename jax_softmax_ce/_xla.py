@@ -188,11 +188,11 @@ def _bwd(options, integer, residuals, cotangent):
     d_logits = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=t)
     d_labels = None
     if not integer:
-        nll = _tile.label_grad_block(z, lse, where)
         scale = (1.0 - options.label_smoothing) * ct
         if class_weights is not None:
             scale = scale * class_weights
-        d_labels = jnp.where(ct != 0, scale * nll, 0).astype(labels.dtype)
+        d_labels = _tile.label_grad_block(z, lse, where, scale)
+        d_labels = jnp.where(ct != 0, d_labels, 0).astype(labels.dtype)
     d_temperature = None
     if temperature is not None:
         row = _tile.temperature_term(z, g, lse)

@@ -131,7 +131,7 @@ def _bin_sums(logits, labels, num_bins, where):
         z = jnp.where(valid, z, _tile.NEG_INF)
     m = jnp.max(z, axis=1, keepdims=True)
     s = jnp.sum(jnp.exp(z - _tile.reference_point(m)), axis=1)
-    counted = s > 0
+    counted = s != 0  # a NaN or +inf logit makes s NaN: counted, so the NaN reaches the result
     confidence = jnp.where(counted, 1.0 / jnp.where(counted, s, 1), 0)  # max_k p_k = 1 / s
     correct = (jnp.argmax(z, axis=1) == labels) & counted
     edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=dtype)
@@ -162,7 +162,8 @@ def reliability_diagram_data(
       \mathrm{acc}_b = \frac{1}{|B_b|} \sum_{i \in B_b} [\arg\max_k z_{ik} = t_i] .
 
     An empty bin has count 0 and confidence and accuracy 0 (filter on ``count > 0`` to plot).
-    Fully masked examples are not counted.
+    Fully masked examples are not counted. An example with a NaN or +inf logit is counted, with a
+    NaN confidence, in the last bin, so the NaN shows instead of the example silently missing.
 
     Args:
       logits: ``[batch_size, num_classes]`` logits (the class axis last, any batch shape).
@@ -213,7 +214,8 @@ def expected_calibration_error(
         \left| \mathrm{acc}_b - \mathrm{conf}_b \right| ,
 
     computed from per-bin sums, so empty bins contribute 0 and never a NaN. It is 0 when no example
-    counts. The gradient with respect to the logits flows through the confidences.
+    counts, and NaN when a counted example has a NaN or +inf logit. The gradient with respect to
+    the logits flows through the confidences.
 
     Args:
       logits: ``[batch_size, num_classes]`` logits (the class axis last, any batch shape).

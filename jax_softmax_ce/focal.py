@@ -25,7 +25,7 @@ def _log_softmax_and_complement(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     ref = _tile.reference_point(jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True)))
     shifted = z - ref
     s = jnp.sum(jnp.exp(shifted), axis=1, keepdims=True)
-    log_s = jnp.where(s > 0, jnp.log(jnp.where(s > 0, s, 1)), 0)
+    _, log_s = _tile.log_mass(s)
     log_p = shifted - log_s
     is_top = jnp.arange(z.shape[1]) == jnp.argmax(z, axis=1, keepdims=True)
     # A log-sum-exp of the others (shifted by their own max inside), not log(sum(e)): the sum

@@ -280,6 +280,6 @@ def backward_block(
         scale = (1.0 - config.label_smoothing) * ct
         if class_weights is not None:
             scale = scale * class_weights
-        d_labels = jnp.where(counted, scale * _tile.label_grad_block(z, lse, valid), zero)
+        d_labels = jnp.where(counted, _tile.label_grad_block(z, lse, valid, scale), zero)
     t_part = None if config.temperature is not None else _tile.temperature_term(z, g, lse)
     return d_logits, d_labels, t_part

@@ -169,6 +169,18 @@ def mix(label_smoothing: float, n_valid: jax.Array, target, smoothing):
     return (1.0 - label_smoothing) * target + share.astype(target.dtype) * smoothing
 
 
+def log_mass(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(has_mass, log s)`` of a row's sum of exponentials ``s``.
+
+    ``s = 0`` means no finite valid logit: no mass, and ``log s`` is set to 0 so that nothing
+    downstream turns NaN. A NaN ``s`` (from a NaN or +inf logit, which the row max need not see:
+    XLA's vectorised max on CPU can skip a NaN) counts as mass, so the NaN reaches the loss
+    instead of passing for an empty row.
+    """
+    has_mass = s != 0
+    return has_mass, jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)), 0)
+
+
 def row_loss(
     lse: Lse,
     target: Term,
@@ -181,10 +193,10 @@ def row_loss(
     """Final per-row ``(loss, lse)``, both ``[rows, 1]``.
 
     ``loss = W log(s) - A + z_loss lse**2``; a row with no finite valid logit has ``lse = -inf``,
-    and its loss is +inf when it puts weight on one of those classes, 0 otherwise.
+    and its loss is +inf when it puts weight on one of those classes, 0 otherwise. A NaN or +inf
+    valid logit makes ``s``, and so the loss and lse, NaN, whatever the weights (`log_mass`).
     """
-    has_mass = lse.s > 0
-    log_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, lse.s, 1)), 0)
+    has_mass, log_s = log_mass(lse.s)
     lse_value = jnp.where(has_mass, reference_point(lse.m) + log_s, NEG_INF)
     w, a = target
     if smoothing is not None:
@@ -216,7 +228,9 @@ def temperature_term(z: jax.Array, g: jax.Array, lse: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(g != 0, g * (z - lse), 0), axis=-1, keepdims=True)
 
 
-def label_grad_block(z: jax.Array, lse: jax.Array, valid) -> jax.Array:
-    """``lse - z'_k`` on valid classes, 0 elsewhere: ``dl/dy_k`` before ``(1 - e) w_k``."""
-    nll = lse - z
-    return nll if valid is None else jnp.where(valid, nll, 0)
+def label_grad_block(z: jax.Array, lse: jax.Array, valid, scale: jax.Array) -> jax.Array:
+    """``dl/dy_k = scale_k (lse - z'_k)`` on valid classes, with ``scale = (1 - e) w_k`` times
+    the cotangent (broadcast to ``z``); 0 on invalid classes and wherever ``scale_k = 0``, also
+    at a ``-inf`` logit, where ``lse - z'_k`` is +inf (0 times inf would be NaN)."""
+    g = jnp.where(scale != 0, scale * (lse - z), 0)
+    return g if valid is None else jnp.where(valid, g, 0)

@@ -122,6 +122,17 @@ def test_empty_bins_edges_and_masks():
     assert sce.expected_calibration_error(logits, labels, 10, where=np.zeros(4, bool)) == 0
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_logit_gives_nan_not_a_missing_example(bad):
+    """128 classes, wide enough for XLA's vectorised max on CPU to skip a NaN."""
+    logits = np.random.default_rng(3).normal(size=(32, 128))
+    labels = np.zeros(32, int)
+    logits[5, 7] = bad
+    assert np.isnan(sce.expected_calibration_error(logits, labels, 10))
+    diagram = sce.reliability_diagram_data(logits, labels, 10)
+    assert int(np.sum(diagram.count)) == 32 and np.isnan(diagram.confidence[-1])
+
+
 def test_ece_transformations_and_dtypes():
     logits, labels = overconfident(n=300, v=4, seed=1)
     stacked, stacked_labels = logits.reshape(3, 100, 4), labels.reshape(3, 100)

@@ -379,6 +379,59 @@ def test_nan_and_positive_infinity_give_non_finite_loss(implementation, bad):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_logit_is_never_hidden(implementation, bad):
+    """Rows of 128 classes, wide enough for XLA's vectorised max on CPU to skip a NaN, and rows
+    whose weights are all 0 at the bad class (a zero class weight on the label, probability
+    labels that are all 0): a NaN or +inf logit still gives a non-finite loss, and the clean
+    rows keep their float64 values."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(32, 128))
+    logits[0, 3] = logits[1, 100] = bad
+    labels = rng.integers(0, 128, 32)
+    labels[1] = 5
+    cw = np.ones(128)
+    cw[5] = 0.0  # row 1's label weighs nothing
+    probs = np.eye(128)[labels]
+    probs[1] = 0.0  # row 1 puts no mass on any class
+
+    integer = jax.jit(
+        lambda x, y, w: sce.softmax_cross_entropy_with_integer_labels(
+            x, y, class_weights=w, implementation=implementation
+        )
+    )
+    soft = jax.jit(lambda x, y: sce.softmax_cross_entropy(x, y, implementation=implementation))
+    x32 = jnp.asarray(logits, jnp.float32)
+    for loss, want in (
+        (integer(x32, jnp.asarray(labels), jnp.asarray(cw, jnp.float32)), cw[labels]),
+        (soft(x32, jnp.asarray(probs, jnp.float32)), probs.sum(1)),
+    ):
+        assert not np.isfinite(loss[0]) and not np.isfinite(loss[1])
+        clean = logits[2:] - logits[2:].max(1, keepdims=True)
+        nll = np.log(np.exp(clean).sum(1)) - clean[np.arange(30), labels[2:]]
+        np.testing.assert_allclose(loss[2:], want[2:] * nll, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_label_gradient_is_zero_where_class_weight_is_zero_at_negative_infinity(implementation):
+    """``dl/dy_k = w_k (lse - z_k)``: at a -inf logit ``lse - z_k`` is +inf, and a zero class
+    weight there gives 0, not NaN."""
+    logits = np.array([[0.0, 1.0, -np.inf, 2.0]])
+    probs = np.array([[0.5, 0.5, 0.0, 0.0]])
+    cw = np.array([1.0, 2.0, 0.0, 1.0])
+    grad = jax.grad(
+        lambda y: sce.softmax_cross_entropy(
+            jnp.asarray(logits, jnp.float32),
+            y,
+            class_weights=jnp.asarray(cw, jnp.float32),
+            implementation=implementation,
+        ).sum()
+    )(jnp.asarray(probs, jnp.float32))
+    lse = np.log(np.exp([0.0, 1.0, 2.0]).sum())
+    np.testing.assert_allclose(grad, [[lse, 2 * (lse - 1), 0.0, lse - 2]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_out_of_range_label_is_nan_under_jit(implementation):
     logits = jnp.zeros((3, 4), jnp.float32)
     labels = jnp.asarray([0, 4, -1])

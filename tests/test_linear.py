@@ -383,6 +383,60 @@ def test_reference_implementation_supports_forward_mode_but_not_filtering():
         )
 
 
+@pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
+def test_non_finite_logits_are_never_hidden(engine):
+    """A NaN input row, an input row whose logits overflow to +-inf, and a NaN input row whose
+    label has class weight 0 all give non-finite losses; the other rows keep their float64
+    values."""
+    implementation, _, schedule = engine.partition(":")
+    d, pallas = _pallas_args(schedule) if schedule else (D, {"block_sizes": SMALL_BLOCKS})
+    x, w, b, y = _data(d=d)
+    x[0, 0] = np.nan
+    x[1] = 3e38 * np.sign(w[:, 0])  # logits x W reach +inf
+    x[2, -1] = np.nan
+    y[2] = np.setdiff1d(np.arange(V), y[3:])[0]  # a class no other row has
+    cw = np.ones(V)
+    cw[y[2]] = 0.0
+    losses = sce.linear_softmax_cross_entropy(
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        jnp.asarray(y),
+        bias=jnp.asarray(b, jnp.float32),
+        class_weights=jnp.asarray(cw, jnp.float32),
+        implementation=implementation,
+        **pallas,
+    )
+    assert not np.any(np.isfinite(losses[:3]))
+    want = numpy_linear_ce(x[3:], w, y[3:], bias=b)[1]
+    np.testing.assert_allclose(losses[3:], want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
+def test_a_nan_logit_in_a_wide_block_is_never_hidden(engine):
+    """One NaN logit per row (a NaN bias) in ``[32, 128]`` tiles, where XLA's vectorised max on
+    CPU skips it, on a class of weight 0 that no label names: every loss is NaN."""
+    implementation, _, schedule = engine.partition(":")
+    blocks = {"tpu": BlockSizes(32, 128, 8), "gpu": BlockSizes(32, 128, 16)}
+    kwargs = {"block_sizes": blocks.get(schedule, BlockSizes(32, 128))}
+    if schedule:
+        kwargs.update(pallas_backend=schedule, interpret=interpret(schedule))
+    x, w, b, y = _data(n=32, d=16, v=128)
+    b[3] = np.nan
+    y[y == 3] = 4
+    cw = np.ones(128)
+    cw[3] = 0.0
+    losses = sce.linear_softmax_cross_entropy(
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        jnp.asarray(y),
+        bias=jnp.asarray(b, jnp.float32),
+        class_weights=jnp.asarray(cw, jnp.float32),
+        implementation=implementation,
+        **kwargs,
+    )
+    assert np.all(np.isnan(losses))
+
+
 def test_out_of_range_label_gives_nan_and_masked_label_gives_inf():
     x, w, _, y = _data()
     y = np.array(y)

@@ -389,6 +389,42 @@ def test_negative_infinite_logits(schedule):
     np.testing.assert_allclose(d_logits, dwant, rtol=2e-5, atol=2e-5)
 
 
+def test_non_finite_logits_are_never_hidden(schedule):
+    """A NaN or +inf logit in a block gives a non-finite loss, even when its row puts no weight
+    on it (a zero class weight on the label, all-zero probability labels), and the other rows
+    match the float64 reference; a -inf logit with a zero class weight gives a zero label
+    gradient, not NaN."""
+    logits, labels = make_case(LARGE_V, jnp.float32, integer=True)
+    logits = logits.at[0, 3].set(jnp.nan).at[1, 100].set(jnp.inf).at[2, 64].set(jnp.nan)
+    labels = labels.at[2].set(7)
+    cw = jnp.ones((LARGE_V,), jnp.float32).at[7].set(0.0)
+    probs = jax.nn.one_hot(labels, LARGE_V).at[2].set(0.0)
+    with pallas(schedule, jnp.float32):
+        integer = sce.softmax_cross_entropy_with_integer_labels(
+            logits, labels, class_weights=cw, implementation="pallas"
+        )
+        soft = sce.softmax_cross_entropy(logits, probs, implementation="pallas")
+    for loss in (integer, soft):
+        assert not np.any(np.isfinite(loss[:3]))
+    clean = np.arange(3, N)
+    want = reference(np.asarray(logits)[clean], np.asarray(labels)[clean], integer=True)[0]
+    np.testing.assert_allclose(soft[clean], want, rtol=2e-5)
+    np.testing.assert_allclose(integer[clean], np.asarray(cw)[labels[clean]] * want, rtol=2e-5)
+
+    neg = logits.at[:, 5].set(-jnp.inf)
+    cw = cw.at[5].set(0.0)
+    soft_labels = make_case(LARGE_V, jnp.float32, integer=False)[1]
+    with pallas(schedule, jnp.float32, jnp.float32):
+        _, _, d_labels, _ = run("pallas", neg[3:], soft_labels[3:], integer=False, class_weights=cw)
+    want = reference(
+        np.asarray(neg[3:]), np.asarray(soft_labels[3:]), integer=False, class_weights=cw
+    )[2]
+    want[:, 5] = 0.0  # the float64 formula's 0 * inf at the zero-weight -inf class
+    assert not np.any(np.isnan(d_labels))
+    np.testing.assert_array_equal(d_labels[:, 5], 0.0)
+    np.testing.assert_allclose(d_labels, want, rtol=2e-5, atol=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Transformations.
 
