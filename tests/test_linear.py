@@ -437,16 +437,54 @@ def test_a_nan_logit_in_a_wide_block_is_never_hidden(engine):
     assert np.all(np.isnan(losses))
 
 
-def test_out_of_range_label_gives_nan_and_masked_label_gives_inf():
-    x, w, _, y = _data()
+@pytest.mark.parametrize("engine", [None, "xla", "pallas:tpu", "pallas:gpu"])
+def test_out_of_range_label_gives_nan_and_masked_label_gives_inf(engine):
+    implementation, _, schedule = (engine or "").partition(":")
+    d, pallas = _pallas_args(schedule) if schedule else (D, {})
+    x, w, _, y = _data(d=d)
+    x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
     y = np.array(y)
     y[0] = V
-    out = sce.linear_softmax_cross_entropy(jnp.asarray(x), jnp.asarray(w), jnp.asarray(y))
+    kwargs = dict(implementation=implementation or None, **pallas)
+    out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), **kwargs)
     assert np.isnan(out[0]) and np.all(np.isfinite(out[1:]))
     where = np.ones((1, V), bool)
     where[0, y[1]] = False
-    out = sce.linear_softmax_cross_entropy(x, w, y, where=where)
+    out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), where=where, **kwargs)
     assert np.isposinf(out[1])
+
+
+@pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
+def test_large_logits_and_nothing_counted(engine):
+    """Logits around 1e4 keep float32 relative accuracy; a mean over no counted example is 0,
+    with zero gradients. The inputs are small multiples of 1/4, so that every logit is exact in
+    float32 and the float64 reference sees the logits the loss sees."""
+    implementation, _, schedule = engine.partition(":")
+    d, pallas = _pallas_args(schedule) if schedule else (D, {"block_sizes": SMALL_BLOCKS})
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, V, N)
+    x32 = jnp.asarray(rng.integers(-2, 3, (N, d)), jnp.float32)
+    w32 = jnp.asarray(rng.integers(-2, 3, (d, V)) / 4, jnp.float32)
+    b32 = jnp.asarray(1e4 + rng.integers(-8, 9, V) / 4, jnp.float32)
+    losses = sce.linear_softmax_cross_entropy(
+        x32, w32, jnp.asarray(y), bias=b32, implementation=implementation, **pallas
+    )
+    want = numpy_linear_ce(x32, w32, y, bias=b32)[1]
+    np.testing.assert_allclose(losses, want, rtol=3e-6)
+
+    value, grads = _value_and_grads(
+        implementation,
+        x32,
+        w32,
+        b32,
+        jnp.full_like(jnp.asarray(y), -1),
+        ignore_index=-1,
+        reduction="mean",
+        **pallas,
+    )
+    assert value == 0.0
+    for grad in grads:
+        np.testing.assert_array_equal(grad, 0.0)
 
 
 def test_compiled_temporary_memory_does_not_grow_with_logits():

@@ -425,6 +425,40 @@ def test_non_finite_logits_are_never_hidden(schedule):
     np.testing.assert_allclose(d_labels, want, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("magnitude", [1e4, 1e6])
+def test_large_logits_keep_float32_relative_accuracy(schedule, magnitude):
+    """Logits around 1e4 or 1e6, several vocabulary blocks: the loss, formed as
+    ``log(sum exp(z' - m)) - (z'_t - m)``, keeps float32 relative accuracy."""
+    rng = np.random.default_rng(11)
+    logits = jnp.asarray(magnitude + rng.normal(size=(N, LARGE_V)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, LARGE_V, N), jnp.int32)
+    with pallas(schedule, jnp.float32):
+        loss = sce.softmax_cross_entropy_with_integer_labels(
+            logits, labels, implementation="pallas"
+        )
+    want = reference(np.asarray(logits), np.asarray(labels), integer=True)[0]
+    np.testing.assert_allclose(loss, want, rtol=3e-6)
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_mean_with_nothing_counted_is_zero(schedule, integer):
+    logits, labels = make_case(SMALL_V, jnp.float32, integer=integer)
+    where = np.zeros((N, 1), bool)
+    options = {"ignore_index": int(labels[0])} if integer else {}
+    if integer:
+        labels = jnp.full_like(labels, labels[0])  # every example ignored
+        where = None
+    fn = sce.softmax_cross_entropy_with_integer_labels if integer else sce.softmax_cross_entropy
+    with pallas(schedule, jnp.float32, *(() if integer else (jnp.float32,)), np.int8):
+        value, grad = jax.value_and_grad(
+            lambda x: fn(
+                x, labels, where=where, reduction="mean", implementation="pallas", **options
+            )
+        )(logits)
+    assert value == 0.0 and value.dtype == jnp.float32
+    np.testing.assert_array_equal(grad, 0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Transformations.
 
