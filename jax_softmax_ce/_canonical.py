@@ -240,11 +240,13 @@ def counted_rows(problem: Problem, ignore_index: int | None, integer: bool) -> j
 
 
 def label_weights(labels: jax.Array, class_weights, num_classes: int, dtype) -> jax.Array:
-    """``[N]`` class weight of each integer label (NaN for a label outside ``[0, V)``)."""
-    if class_weights is None:
-        in_range = (labels >= 0) & (labels < num_classes)
-        return jnp.where(in_range, jnp.ones((), dtype), jnp.full((), np.nan, dtype))
-    return class_weights.astype(dtype).at[labels].get(mode="fill", fill_value=np.nan)
+    """``[N]`` class weight of each integer label (NaN for a label outside ``[0, V)``). The range
+    is checked here: indexing with ``mode="fill"`` would wrap a negative label around first."""
+    in_range = (labels >= 0) & (labels < num_classes)
+    weights = jnp.ones((), dtype)
+    if class_weights is not None:
+        weights = class_weights.astype(dtype).at[labels].get(mode="clip")
+    return jnp.where(in_range, weights, jnp.full((), np.nan, dtype))
 
 
 def reduce_losses(

@@ -432,12 +432,16 @@ def test_label_gradient_is_zero_where_class_weight_is_zero_at_negative_infinity(
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_out_of_range_label_is_nan_under_jit(implementation):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_out_of_range_label_is_nan_under_jit(implementation, weighted):
+    """Also with class weights, where a negative label must not wrap around to the last class's
+    weight."""
     logits = jnp.zeros((3, 4), jnp.float32)
     labels = jnp.asarray([0, 4, -1])
+    cw = jnp.asarray([1.0, 2.0, 3.0, 4.0]) if weighted else None
     fn = jax.jit(
         lambda x, y: sce.softmax_cross_entropy_with_integer_labels(
-            x, y, implementation=implementation, ignore_index=-100
+            x, y, implementation=implementation, ignore_index=-100, class_weights=cw
         )
     )
     loss = fn(logits, labels)

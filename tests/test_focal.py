@@ -109,6 +109,7 @@ def test_where_ignore_index_and_reductions(reduction):
     t[5] = 6
     t[1] = -100
     t[3] = 7  # out of range: NaN, as in optax
+    t[2] = -1  # also out of range, and it must not wrap around to alpha[-1]
     where = np.ones(z.shape, bool)
     where[4] = False  # a fully masked example counts as nothing
     where[:, 6] = False
@@ -116,7 +117,9 @@ def test_where_ignore_index_and_reductions(reduction):
     alpha = np.linspace(0.5, 2.0, 7)
     kw = dict(gamma=2.0, alpha=alpha, where=where, ignore_index=-100)
     per_example = sce.softmax_focal_loss(z, t, **kw)
-    assert np.isnan(per_example[3])
+    assert np.isnan(per_example[3]) and np.isnan(per_example[2])
+    t[2] = 2
+    per_example = sce.softmax_focal_loss(z, t, **kw)
     masked_label = sce.softmax_focal_loss(z, np.array([6, 0, 0, 0, 0, 0]), **kw)
     assert masked_label[0] == np.inf  # a label on a masked class: a class with logit -inf
     keep = np.array([0, 1, 2, 4, 5])

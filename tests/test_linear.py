@@ -444,10 +444,13 @@ def test_out_of_range_label_gives_nan_and_masked_label_gives_inf(engine):
     x, w, _, y = _data(d=d)
     x, w = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
     y = np.array(y)
-    y[0] = V
+    y[0], y[2] = V, -1
     kwargs = dict(implementation=implementation or None, **pallas)
     out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), **kwargs)
-    assert np.isnan(out[0]) and np.all(np.isfinite(out[1:]))
+    assert np.isnan(out[0]) and np.isnan(out[2]) and np.all(np.isfinite(np.delete(out, [0, 2])))
+    # With class weights, a negative label must not wrap around to the last class's weight.
+    out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), class_weights=np.ones(V), **kwargs)
+    assert np.isnan(out[0]) and np.isnan(out[2])
     where = np.ones((1, V), bool)
     where[0, y[1]] = False
     out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), where=where, **kwargs)

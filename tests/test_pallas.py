@@ -328,11 +328,16 @@ def test_float64(schedule):
 # Examples that do not count, bad labels, infinite logits.
 
 
-def test_out_of_range_label_is_nan_and_ignored_is_zero(schedule):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_out_of_range_label_is_nan_and_ignored_is_zero(schedule, weighted):
+    """With class weights too: a negative label must not wrap around to another class's weight."""
     logits, labels = make_case(LARGE_V, jnp.float32, integer=True)
     labels = labels.at[1].set(LARGE_V).at[4].set(-3).at[6].set(-100)
+    cw = jnp.ones((LARGE_V,), jnp.float32) if weighted else None
     with pallas(schedule, jnp.float32):
-        loss, d_logits, _, _ = run("pallas", logits, labels, integer=True, ignore_index=-100)
+        loss, d_logits, _, _ = run(
+            "pallas", logits, labels, integer=True, ignore_index=-100, class_weights=cw
+        )
     bad = np.zeros(N, bool)
     bad[[1, 4]] = True
     assert np.isnan(loss[bad]).all() and np.isnan(d_logits[bad]).all()
