@@ -135,11 +135,19 @@ def lse_merge(
     return Lse(m_new, s), ref, shift
 
 
+def weighted(weight: jax.Array, value: jax.Array) -> jax.Array:
+    """``weight * value``, and 0 wherever ``weight`` is 0, even where ``value`` is infinite (a
+    class with logit -inf). The infinite value sits in the branch of the ``where`` that is not
+    taken, which keeps derivatives of every order finite too: ``where(w != 0, w * v, 0)`` would
+    have the derivative ``v = inf`` times a zero cotangent, NaN, in its untaken branch."""
+    return weight * jnp.where(weight != 0, value, 0)
+
+
 def dense_term(weights: jax.Array, z: jax.Array, ref: jax.Array) -> tuple[jax.Array, jax.Array]:
     """This block's ``(sum_k a_k, sum_k a_k (z'_k - ref))``; a zero weight contributes 0, even at
     ``z' = -inf``."""
     w = jnp.sum(weights, axis=-1, keepdims=True)
-    a = jnp.sum(jnp.where(weights != 0, weights * (z - ref), 0), axis=-1, keepdims=True)
+    a = jnp.sum(weighted(weights, z - ref), axis=-1, keepdims=True)
     return w, a
 
 
@@ -147,7 +155,7 @@ def picked_term(
     weight: jax.Array, z_pick: jax.Array, ref: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """`dense_term` for one class per row: ``weight`` and ``z_pick`` are ``[rows, 1]``."""
-    return weight, jnp.where(weight != 0, weight * (z_pick - ref), 0)
+    return weight, weighted(weight, z_pick - ref)
 
 
 def term_merge(term: Term, shift: jax.Array, w: jax.Array, a: jax.Array) -> Term:
@@ -225,12 +233,12 @@ def grad_block(
 def temperature_term(z: jax.Array, g: jax.Array, lse: jax.Array) -> jax.Array:
     """``sum_k g_k (z'_k - lse)`` per row (``[rows, 1]``), the part of ``sum_k g_k z'_k`` that
     needs the logits; `grad_block` makes ``sum_k g_k = 2 z_loss lse``, which gives the rest."""
-    return jnp.sum(jnp.where(g != 0, g * (z - lse), 0), axis=-1, keepdims=True)
+    return jnp.sum(weighted(g, z - lse), axis=-1, keepdims=True)
 
 
 def label_grad_block(z: jax.Array, lse: jax.Array, valid, scale: jax.Array) -> jax.Array:
     """``dl/dy_k = scale_k (lse - z'_k)`` on valid classes, with ``scale = (1 - e) w_k`` times
     the cotangent (broadcast to ``z``); 0 on invalid classes and wherever ``scale_k = 0``, also
     at a ``-inf`` logit, where ``lse - z'_k`` is +inf (0 times inf would be NaN)."""
-    g = jnp.where(scale != 0, scale * (lse - z), 0)
+    g = weighted(scale, lse - z)
     return g if valid is None else jnp.where(valid, g, 0)

@@ -187,6 +187,19 @@ def test_fit_temperature_matches_scipy(scale):
     np.testing.assert_allclose(t, temperature_reference(logits, labels), rtol=1e-6)
 
 
+def test_fit_temperature_with_a_class_mask():
+    """A class-level ``where`` fits the temperature of the unmasked classes alone (its masked
+    -inf logits once made the Newton step's second derivative NaN, and the fit stopped at 1)."""
+    logits, labels = overconfident(n=400, v=6, scale=4.0, seed=5)
+    labels = np.minimum(labels, 4)  # class 5 is masked and never a label
+    where = (np.arange(6) < 5)[None, :]
+    np.testing.assert_allclose(
+        sce.fit_temperature(logits, labels, where=where),
+        temperature_reference(logits[:, :5], labels),
+        rtol=1e-6,
+    )
+
+
 def test_fit_temperature_float32_probability_labels_and_where():
     logits, labels = overconfident(n=400, v=6, scale=4.0, seed=3)
     t32 = sce.fit_temperature(jnp.asarray(logits, jnp.float32), labels)

@@ -797,6 +797,37 @@ def test_grad_of_grad_with_options_matches_reference(options):
     np.testing.assert_allclose(hvp("reference"), forward_mode, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("integer", [True, False])
+def test_second_derivatives_in_temperature_with_masked_classes(integer):
+    """A class-level ``where`` puts -inf logits in the backward's weighted sums: the derivatives
+    of those sums must stay finite. ``d2l/dT2`` and ``d/dT dl/dz`` against float64 central
+    differences of the NumPy reference (its loss and its analytic logits gradient)."""
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(4, 5)) * 2
+    where = np.array([[True, True, True, False, True]])
+    labels = np.array([0, 1, 2, 4]) if integer else jax.nn.softmax(rng.normal(size=(4, 5)))
+    labels = np.where(where, labels, 0) if not integer else labels
+    fn = sce.softmax_cross_entropy_with_integer_labels if integer else sce.softmax_cross_entropy
+
+    def loss(x, t):
+        return fn(x, jnp.asarray(labels), where=where, temperature=t, reduction="sum")
+
+    t0, h = 1.3, 1e-4
+
+    def ref(t):
+        return numpy_reference.cross_entropy(
+            logits, np.asarray(labels), integer=integer, where=where, temperature=t
+        )
+
+    d2 = jax.grad(jax.grad(loss, argnums=1), argnums=1)(jnp.asarray(logits), t0)
+    want = (ref(t0 + h).loss.sum() - 2 * ref(t0).loss.sum() + ref(t0 - h).loss.sum()) / h**2
+    np.testing.assert_allclose(d2, want, rtol=1e-5)
+    mixed = jax.jacobian(lambda t: jax.grad(loss)(jnp.asarray(logits), t))(t0)
+    want = (ref(t0 + h).dlogits - ref(t0 - h).dlogits) / (2 * h)
+    assert np.all(np.isfinite(mixed))
+    np.testing.assert_allclose(mixed, want, rtol=1e-6, atol=1e-8)
+
+
 def test_forward_mode_works_with_reference_only():
     rng = np.random.default_rng(11)
     logits = jnp.asarray(rng.normal(size=(2, 4)), jnp.float64)
