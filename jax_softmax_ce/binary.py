@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_softmax_ce import _canonical, _options
-from jax_softmax_ce.kernels._tile import accumulation_dtype
+from jax_softmax_ce.kernels._tile import accumulation_dtype, weighted
 
 
 def _shape(logits: jax.Array, labels: jax.Array) -> tuple[int, ...]:
@@ -189,12 +189,21 @@ def sigmoid_focal_loss(
     gamma = jnp.asarray(gamma).astype(dtype)
     cross_entropy = sigmoid_binary_cross_entropy(x, y)
     # log(1 - p_t) = log((1 - y) p + y (1 - p)), as a weighted log-sum-exp of log p and log(1 - p).
+    # At x = +-inf, p is exactly 1 or 0 and log(1 - p_t) is log(1 - y) or log(y), constant in x
+    # (-inf where the logit is certain of its label); the log-sum-exp, whose derivatives are NaN
+    # at infinite inputs, sees a finite stand-in logit there.
+    infinite = jnp.isinf(x)
+    x_safe = jnp.where(infinite, jnp.zeros((), dtype), x)
     log_not_p_t = jax.scipy.special.logsumexp(
-        jnp.stack(jnp.broadcast_arrays(jax.nn.log_sigmoid(x), jax.nn.log_sigmoid(-x)), axis=-1),
+        jnp.stack(
+            jnp.broadcast_arrays(jax.nn.log_sigmoid(x_safe), jax.nn.log_sigmoid(-x_safe)), axis=-1
+        ),
         axis=-1,
         b=jnp.stack(jnp.broadcast_arrays(1.0 - y, y), axis=-1),
     )
-    losses = cross_entropy * jnp.exp(gamma * log_not_p_t)
+    log_not_p_t = jnp.where(infinite, jnp.where(x > 0, jnp.log1p(-y), jnp.log(y)), log_not_p_t)
+    # gamma log(1 - p_t) is 0 for gamma = 0 even at p_t = 1: the factor is then exactly 1.
+    losses = cross_entropy * jnp.exp(weighted(gamma, log_not_p_t))
     if alpha is None:
         return losses
     alpha = jnp.asarray(alpha).astype(dtype)

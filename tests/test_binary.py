@@ -270,6 +270,20 @@ def test_focal_large_logits(gamma):
     np.testing.assert_allclose(grad[4:], [1.0, -1.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_infinite_logits(gamma):
+    """At +-inf the loss is 0 on the side of the label and +inf on the other, and the gradient
+    is the binary cross-entropy's (0 and +-1), the limit of the finite case; gamma=0 is the
+    binary cross-entropy exactly, also there."""
+    x = jnp.array([np.inf, -np.inf, np.inf, -np.inf, np.nan])
+    y = jnp.array([1.0, 0.0, 0.0, 1.0, 1.0])
+    out = sce.sigmoid_focal_loss(x, y, gamma=gamma)
+    np.testing.assert_array_equal(out[:4], [0.0, 0.0, np.inf, np.inf])
+    assert np.isnan(out[4])
+    grad = jax.grad(lambda x: jnp.sum(sce.sigmoid_focal_loss(x, y, gamma=gamma)[:4]))(x)
+    np.testing.assert_array_equal(grad[:4], [0.0, 0.0, 1.0, -1.0])
+
+
 def test_focal_transformations_and_dtype():
     x, y = rng_data((3, 4), seed=6)
     f = jax.jit(jax.vmap(lambda x, y: sce.sigmoid_focal_loss(x, y, alpha=0.3, gamma=1.5)))
