@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_softmax_ce.kernels._blocks import varying_axes
 from jax_softmax_ce.kernels._tile import accumulation_dtype
 
 
@@ -237,6 +238,15 @@ def counted_rows(problem: Problem, ignore_index: int | None, integer: bool) -> j
     if integer and ignore_index is not None:
         counted = counted & (problem.labels != ignore_index)
     return counted
+
+
+def like_primal(grad, primal):
+    """A gradient summed over the ``shard_map`` axes over which it varies and its primal does
+    not: a replicated operand (a projection, an array temperature) used by every shard's rows
+    gets the sum of the shards' contributions, as JAX's own transpose of the implicit
+    broadcast gives. A ``custom_vjp`` rule must return it so."""
+    extra = varying_axes(grad) - varying_axes(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
 
 
 def label_weights(labels: jax.Array, class_weights, num_classes: int, dtype) -> jax.Array:

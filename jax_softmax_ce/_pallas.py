@@ -389,6 +389,7 @@ def _kernel_backward(call, logits, labels, where, class_weights, temperature, ls
             lse2 = jnp.where(finite, lse, jnp.zeros((), dtype)) ** 2
             row = row + jnp.where(finite, 2.0 * call.options.z_loss * ct * lse2, 0)
         d_temperature = (-jnp.sum(row) / temperature.astype(dtype)).astype(temperature.dtype)
+        d_temperature = _canonical.like_primal(d_temperature, temperature)
     return d_logits, d_labels, d_temperature
 
 

@@ -126,7 +126,10 @@ def _forward(options, integer, logits, labels, where, class_weights, temperature
     _, z = _transformed(options, logits, where, temperature)
     dtype = z.dtype
     z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), temperature)
-    lse, ref, _ = _tile.lse_merge(_tile.lse_init(n, dtype), z, z_max)
+    # The empty state built like z_max, so that it carries z_max's sharding (rows sharded
+    # under an explicit mesh would not mix with a replicated constant).
+    empty = _tile.Lse(jnp.full_like(z_max, _tile.NEG_INF), jnp.zeros_like(z_max))
+    lse, ref, _ = _tile.lse_merge(empty, z, z_max)
     n_valid = _canonical.valid_count(where, n, v, dtype)
     w_row, a = _target_weights(options, integer, labels, where, class_weights, logits.shape, dtype)
     if integer:
@@ -202,6 +205,7 @@ def _bwd(options, integer, residuals, cotangent):
                 finite, 2.0 * options.z_loss * ct * jnp.where(finite, lse, 0) ** 2, 0
             )
         d_temperature = (-jnp.sum(row) / t).astype(temperature.dtype)
+        d_temperature = _canonical.like_primal(d_temperature, temperature)
     return d_logits.astype(logits.dtype), d_labels, None, None, d_temperature
 
 

@@ -153,22 +153,8 @@ def _cdiv(a: int, b: int) -> int:
 
 def _manual_axes(problem: LinearProblem) -> tuple[str, ...]:
     """The ``shard_map`` axes over which some operand varies (empty outside ``shard_map``)."""
-    axes = frozenset().union(*(_varying_axes(x) for x in problem if x is not None))
+    axes = frozenset().union(*(_canonical.varying_axes(x) for x in problem if x is not None))
     return tuple(sorted(axes))
-
-
-def _varying_axes(x) -> frozenset[str]:
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; before: aval.vma
-    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-
-
-def _like_primal(grad, primal):
-    """A gradient summed over the ``shard_map`` axes over which it varies and its primal does
-    not: a replicated projection used by every shard's tokens gets the sum of the shards'
-    contributions, as JAX's own transpose of the implicit broadcast gives."""
-    extra = _varying_axes(grad) - _varying_axes(primal)
-    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
 
 
 def _varying(tree, axes: tuple[str, ...]):
@@ -391,7 +377,7 @@ def _fused_bwd(options, config, residuals, cotangent):
         d_temperature,
     )
     return tuple(
-        None if g is None else _like_primal(g, primal)
+        None if g is None else _canonical.like_primal(g, primal)
         for g, primal in zip(grads, operands, strict=True)
     )
 

@@ -58,6 +58,26 @@ class BlockSizes:
         raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
 
 
+def varying_axes(x) -> frozenset[str]:
+    """The ``shard_map`` axes over which ``x`` varies (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; before: aval.vma
+    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def vary_alike(arrays):
+    """``arrays`` (a list), each made to vary over the union of their ``shard_map`` axes, so that
+    a kernel's outputs can be typed like any one of them (`out_struct`); unchanged outside
+    ``shard_map``."""
+    axes = frozenset().union(*(varying_axes(a) for a in arrays))
+
+    def vary(a):
+        missing = tuple(sorted(axes - varying_axes(a)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return [vary(a) for a in arrays]
+
+
 def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
     """A kernel output's shape and dtype, varying over the same ``shard_map`` axes as ``like``
     (the logits), which a ``pallas_call`` inside ``shard_map`` needs. jax 0.10 names this

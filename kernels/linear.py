@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-from jax_softmax_ce.kernels import _tile
+from jax_softmax_ce.kernels import _blocks, _tile
 from jax_softmax_ce.kernels._tile import RowState, row_state_init
 from jax_softmax_ce.kernels.cross_entropy_gpu import from_zero
 
@@ -338,7 +338,9 @@ class _Geometry:
 
 
 def _operands(problem, rows, lse=None, cotangent=None) -> dict:
-    """The kernel operands of a problem: 2-D arrays, ``where`` as int8, absent ones left out."""
+    """The kernel operands of a problem: 2-D arrays, ``where`` as int8, absent ones left out;
+    inside ``shard_map`` all varying over the same axes, so that the outputs can be typed like
+    ``x``."""
     n = problem.inputs.shape[0]
     ops = {"x": problem.inputs, "w": problem.weight}
     if problem.bias is not None:
@@ -357,7 +359,7 @@ def _operands(problem, rows, lse=None, cotangent=None) -> dict:
     if problem.temperature is not None:
         dtype = _tile.accumulation_dtype(problem.inputs.dtype)
         ops["temperature"] = problem.temperature.astype(dtype).reshape(1, 1)
-    return ops
+    return dict(zip(ops, _blocks.vary_alike(list(ops.values())), strict=True))
 
 
 class _Tiles:
@@ -818,7 +820,7 @@ def forward_pallas(options, config, problem, rows) -> RowState:
     ops = _operands(problem, rows)
     treedef = _state_treedef(dtype, bool(options.label_smoothing))
     n_out = treedef.num_leaves
-    out_shape = [jax.ShapeDtypeStruct((n, 1), dtype)] * n_out
+    out_shape = [_blocks.out_struct((n, 1), dtype, ops["x"])] * n_out
     if config.pallas_backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
@@ -871,10 +873,10 @@ def _backward_tpu(options, config, problem, geo: _Geometry, ops: dict):
         return [*tiles, pltpu.VMEM(acc_shape, dtype), *keep]
 
     statics = dict(names=tuple(ops), options=options, geo=geo, eps=config.filter_eps)
-    dx_shape = [jax.ShapeDtypeStruct((n, d), dtype)]
+    dx_shape = [_blocks.out_struct((n, d), dtype, ops["x"])]
     dx_blocks = [pl.BlockSpec((bn, bd), lambda i, j, s: (i, out_chunk(j == cols - 1, s)))]
     if array_t:
-        dx_shape.append(jax.ShapeDtypeStruct((n, 1), dtype))
+        dx_shape.append(_blocks.out_struct((n, 1), dtype, ops["x"]))
         dx_blocks.append(pl.BlockSpec((bn, 1), lambda i, j, s: (i, 0)))
     dx_out = _pallas_call(
         config,
@@ -888,13 +890,13 @@ def _backward_tpu(options, config, problem, geo: _Geometry, ops: dict):
         scratch_shapes=scratch((bn, kd * bd)),
     )
 
-    dw_shape = [jax.ShapeDtypeStruct(problem.weight.shape, dtype)]
+    dw_shape = [_blocks.out_struct(problem.weight.shape, dtype, ops["x"])]
     if geo.vd:
         dw_blocks = [pl.BlockSpec((bv, bd), lambda j, i, s: (j, out_chunk(i == rows - 1, s)))]
     else:
         dw_blocks = [pl.BlockSpec((bd, bv), lambda j, i, s: (out_chunk(i == rows - 1, s), j))]
     if has_bias:
-        dw_shape.append(jax.ShapeDtypeStruct((1, v), dtype))
+        dw_shape.append(_blocks.out_struct((1, v), dtype, ops["x"]))
         dw_blocks.append(pl.BlockSpec((1, bv), lambda j, i, s: (0, j)))
     dw_out = _pallas_call(
         config,
@@ -927,6 +929,8 @@ def _backward_gpu(options, config, problem, geo: _Geometry, ops: dict):
         accumulators["db"] = jnp.zeros((1, cols_p), dtype)
     if array_t:
         accumulators["t"] = jnp.zeros((rows_p, 1), dtype)
+    varying = _blocks.vary_alike([*accumulators.values(), ops["x"]])[:-1]
+    accumulators = dict(zip(accumulators, varying, strict=True))
     kernel = functools.partial(
         _backward_gpu_kernel,
         names=tuple(ops),
@@ -940,7 +944,7 @@ def _backward_gpu(options, config, problem, geo: _Geometry, ops: dict):
         config,
         kernel,
         {**ops, **accumulators},
-        [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in accumulators.values()],
+        [_blocks.out_struct(a.shape, a.dtype, ops["x"]) for a in accumulators.values()],
         (pl.cdiv(n, bn), pl.cdiv(v, bv)),
         name="linear_ce_backward",
         input_output_aliases={len(ops) + k: k for k in range(len(accumulators))},

@@ -895,29 +895,68 @@ def test_sharded_inputs_under_jit(implementation, spec, mesh):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_inside_shard_map_data_parallel(implementation, mesh):
+    """With a replicated array temperature: its gradient comes back summed over the shards, as
+    JAX's autodiff gives for a replicated operand (a custom_vjp rule has to do that itself)."""
     rng = np.random.default_rng(14)
     logits = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 12, 8))
+    temperature = jnp.asarray(1.3, jnp.float32)
     spec = PartitionSpec("d")
 
-    def per_shard(x, y):
-        loss, grad = jax.value_and_grad(
-            lambda x: sce.softmax_cross_entropy_with_integer_labels(
-                x, y, reduction="sum", implementation=implementation
-            )
-        )(x)
-        return jax.lax.psum(loss, "d"), grad
+    def per_shard(x, y, t):
+        loss, (grad, d_t) = jax.value_and_grad(
+            lambda x, t: sce.softmax_cross_entropy_with_integer_labels(
+                x, y, temperature=t, reduction="sum", implementation=implementation
+            ),
+            argnums=(0, 1),
+        )(x, t)
+        return jax.lax.psum(loss, "d"), grad, d_t
 
     fn = jax.jit(
         jax.shard_map(
-            per_shard, mesh=mesh, in_specs=(spec, spec), out_specs=(PartitionSpec(), spec)
+            per_shard,
+            mesh=mesh,
+            in_specs=(spec, spec, PartitionSpec()),
+            out_specs=(PartitionSpec(), spec, PartitionSpec()),
         )
     )
     sharding = NamedSharding(mesh, spec)
-    value, grad = fn(jax.device_put(logits, sharding), jax.device_put(labels, sharding))
-    ref = numpy_reference.cross_entropy(f64(logits), f64(labels), integer=True)
+    value, grad, d_t = fn(
+        jax.device_put(logits, sharding), jax.device_put(labels, sharding), temperature
+    )
+    ref = numpy_reference.cross_entropy(f64(logits), f64(labels), integer=True, temperature=1.3)
     np.testing.assert_allclose(value, ref.loss.sum(), rtol=1e-6)
     np.testing.assert_allclose(f64(grad), ref.dlogits, atol=1e-6)
+    np.testing.assert_allclose(d_t, ref.dtemperature, rtol=1e-5)
+
+
+def test_xla_with_rows_sharded_over_an_explicit_mesh(mesh):
+    """Rows sharded over an explicit mesh under jit: values and gradients as unsharded (the
+    log-sum-exp's empty state once was a replicated constant, which explicit sharding would not
+    mix with the sharded rows)."""
+    rng = np.random.default_rng(15)
+    logits = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 12, 8))
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(8, 12)), jnp.float32))
+    explicit = jax.make_mesh(
+        mesh.axis_sizes, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,)
+    )
+    ref = numpy_reference.cross_entropy(f64(logits), f64(labels), integer=True, z_loss=1e-2)
+    soft = numpy_reference.cross_entropy(f64(logits), f64(probs), integer=False, z_loss=1e-2)
+    for fn, y, want in (
+        (sce.softmax_cross_entropy_with_integer_labels, labels, ref),
+        (sce.softmax_cross_entropy, probs, soft),
+    ):
+        loss = jax.jit(
+            jax.value_and_grad(
+                lambda x, y, fn=fn: fn(x, y, z_loss=1e-2, reduction="sum", implementation="xla")
+            )
+        )
+        with jax.set_mesh(explicit):
+            rows = PartitionSpec("d")
+            value, grad = loss(jax.device_put(logits, rows), jax.device_put(y, rows))
+        np.testing.assert_allclose(value, want.loss.sum(), rtol=1e-6)
+        np.testing.assert_allclose(f64(grad), want.dlogits, atol=1e-6)
 
 
 def test_pallas_is_never_a_silent_fallback():

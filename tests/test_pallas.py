@@ -629,31 +629,33 @@ def test_inside_shard_map(schedule, mesh):
     labels = jnp.asarray(rng.integers(0, SMALL_V, 16), jnp.int32)
     spec = jax.sharding.PartitionSpec("d")
 
-    def per_shard(impl, x, y):
-        def total(x):
+    def per_shard(impl, x, y, t):
+        def total(x, t):
             return sce.softmax_cross_entropy_with_integer_labels(
-                x, y, label_smoothing=0.1, reduction="sum", implementation=impl
+                x, y, label_smoothing=0.1, temperature=t, reduction="sum", implementation=impl
             )
 
-        loss, grad = jax.value_and_grad(total)(x)
-        return jax.lax.psum(loss, "d"), grad
+        loss, (grad, d_t) = jax.value_and_grad(total, argnums=(0, 1))(x, t)
+        return jax.lax.psum(loss, "d"), grad, d_t
 
     def sharded(impl):
+        replicated = jax.sharding.PartitionSpec()
         fn = jax.shard_map(
             functools.partial(per_shard, impl),
             mesh=mesh,
-            in_specs=(spec, spec),
-            out_specs=(jax.sharding.PartitionSpec(), spec),
+            in_specs=(spec, spec, replicated),
+            out_specs=(replicated, spec, replicated),
             check_vma=check_vma,
         )
         put = functools.partial(jax.device_put, device=jax.NamedSharding(mesh, spec))
-        return jax.jit(fn)(put(logits), put(labels))
+        return jax.jit(fn)(put(logits), put(labels), jnp.asarray(1.3, jnp.float32))
 
     with pallas(schedule, jnp.float32):
         got = sharded("pallas")
     want = sharded("xla")
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5)  # the replicated T's gradient, summed
 
 
 def test_explicitly_sharded_inputs_raise(schedule, mesh):
