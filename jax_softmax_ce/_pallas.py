@@ -241,12 +241,13 @@ def _row_leaves(config: _blocks.Config, inputs: _blocks.Inputs) -> _blocks.Input
     )
 
 
-def _folding(kernel, row_leaves):
+def folding(kernel, row_leaves, *, rows_out: bool = True):
     """``kernel(*leaves)`` with a vmap rule that folds batch axes into rows.
 
-    ``row_leaves`` says for each operand whether its leading axis is the row axis; every output
-    is row-leading. A batched operand that is not per row cannot be folded and makes the kernel
-    run once per batch element.
+    ``row_leaves`` says for each operand whether its leading axis is the row axis; with
+    ``rows_out`` every output is row-leading too. A batched operand that is not per row, or an
+    output that is not per row (``rows_out=False``, a gradient summed over rows), cannot be
+    folded and makes the kernel run once per batch element.
     """
 
     @jax.custom_batching.custom_vmap
@@ -255,7 +256,8 @@ def _folding(kernel, row_leaves):
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *leaves):
-        if any(b and not r for b, r in zip(in_batched, row_leaves, strict=True)):
+        foldable = rows_out and all(r or not b for b, r in zip(in_batched, row_leaves, strict=True))
+        if not foldable:
             batched = [x for x, b in zip(leaves, in_batched, strict=True) if b]
 
             def one(xs):
@@ -295,7 +297,7 @@ def _run_forward(call: _Call, inputs: _blocks.Inputs):
             )
         )
 
-    return _folding(kernel, row_leaves)(*leaves)
+    return folding(kernel, row_leaves)(*leaves)
 
 
 def _run_backward(call: _Call, inputs: _blocks.Inputs, residuals: _blocks.Residuals):
@@ -310,7 +312,7 @@ def _run_backward(call: _Call, inputs: _blocks.Inputs, residuals: _blocks.Residu
         )
         return tuple(x for x in grads if x is not None)
 
-    outs = list(_folding(kernel, row_leaves)(*leaves))
+    outs = list(folding(kernel, row_leaves)(*leaves))
     d_logits = outs.pop(0)
     d_labels = None if call.integer else outs.pop(0)
     t_row = None if call.config.temperature is not None else outs.pop(0)
@@ -408,7 +410,7 @@ def _kernel_backward_bwd(call, operands, cotangents):
 
     diff = (True, not call.integer, temperature is not None, True)
     primals = (logits, labels, temperature, ct)
-    d_logits, d_labels, d_temperature, d_ct = _vjp_some(grads, primals, diff, cotangents)
+    d_logits, d_labels, d_temperature, d_ct = vjp_some(grads, primals, diff, cotangents)
     zero = jnp.zeros_like
     return d_logits, d_labels, None, None, d_temperature, zero(lse), zero(w_total), d_ct
 
@@ -416,7 +418,7 @@ def _kernel_backward_bwd(call, operands, cotangents):
 _kernel_backward.defvjp(_kernel_backward_fwd, _kernel_backward_bwd)
 
 
-def _vjp_some(fn, primals, differentiable, cotangent):
+def vjp_some(fn, primals, differentiable, cotangent):
     """``jax.vjp`` of ``fn(*primals)`` with respect to the ``differentiable`` primals only;
     None for the others."""
 
@@ -439,4 +441,4 @@ def _xla_vjp(call: _Call, fn, operands, cotangent):
         return fn(call, logits, labels, where, class_weights, temperature)
 
     diff = (True, not call.integer, temperature is not None)
-    return _vjp_some(f, (logits, labels, temperature), diff, cotangent)
+    return vjp_some(f, (logits, labels, temperature), diff, cotangent)

@@ -30,7 +30,7 @@ import numpy as np
 
 from jax_softmax_ce import _canonical, _options, _reference
 from jax_softmax_ce._options import Options
-from jax_softmax_ce._pallas import EXPLICIT_SHARDING
+from jax_softmax_ce._pallas import EXPLICIT_SHARDING, folding, vjp_some
 from jax_softmax_ce.kernels import _tile
 from jax_softmax_ce.kernels import linear as _kernels
 from jax_softmax_ce.kernels.linear import BlockSizes
@@ -316,13 +316,61 @@ def _backward_xla(options, config, problem: LinearProblem, rows: Rows, lse, ct):
 def _forward_engine(config: Config):
     if config.engine == "xla":
         return _forward_xla
-    return _kernels.forward_pallas
+    return _forward_pallas
 
 
 def _backward_engine(config: Config):
     if config.engine == "xla":
         return _backward_xla
-    return _kernels.backward_pallas
+    return _backward_pallas
+
+
+def _row_leaves(problem: LinearProblem, rows: Rows, *residuals) -> list[bool]:
+    """For each array leaf of ``(problem, rows, *residuals)``: whether its leading axis is the
+    row axis (per token) rather than shared by all rows (the projection, a per-class mask)."""
+    n = problem.inputs.shape[0]
+    where = problem.where
+
+    def flag(x, per_row):
+        return None if x is None else per_row
+
+    tree = (
+        LinearProblem(
+            True,
+            False,
+            flag(problem.bias, False),
+            True,
+            flag(where, where is not None and where.shape[0] == n),
+            flag(problem.class_weights, False),
+            flag(problem.temperature, False),
+        ),
+        Rows(True, True, rows.n_valid.shape[0] == n, True, True),
+        *(True for _ in residuals),
+    )
+    return jax.tree.leaves(tree)
+
+
+def _forward_pallas(options: Options, config: Config, problem: LinearProblem, rows: Rows):
+    """The Pallas forward kernel; under ``vmap`` the batch axes are folded into rows (one
+    kernel over all tokens, as for the cross-entropy kernels), since Pallas' batching of the
+    TPU grid does not reach the TPU interpreter's grid semantics."""
+    leaves, tree = jax.tree.flatten((problem, rows))
+
+    def kernel(*leaves):
+        return _kernels.forward_pallas(options, config, *jax.tree.unflatten(tree, leaves))
+
+    return folding(kernel, _row_leaves(problem, rows))(*leaves)
+
+
+def _backward_pallas(options: Options, config: Config, problem, rows, lse, ct):
+    """The Pallas backward kernels; under ``vmap`` they run once per batch element, since the
+    projection's gradient is a sum over rows that folding would merge across the batch."""
+    leaves, tree = jax.tree.flatten((problem, rows, lse, ct))
+
+    def kernel(*leaves):
+        return _kernels.backward_pallas(options, config, *jax.tree.unflatten(tree, leaves))
+
+    return folding(kernel, _row_leaves(problem, rows, lse, ct), rows_out=False)(*leaves)
 
 
 def _losses(options: Options, config: Config, problem: LinearProblem):
@@ -348,12 +396,25 @@ def _fused(options, config, inputs, weight, bias, labels, where, class_weights, 
 
 
 def _fused_fwd(options, config, *operands):
-    loss, lse = _losses(options, config, LinearProblem(*operands))
+    if config.engine == "pallas":
+        loss, lse = _kernel_losses(options, config, operands)
+    else:
+        loss, lse = _losses(options, config, LinearProblem(*operands))
     return loss, (*operands, lse)
 
 
 def _fused_bwd(options, config, residuals, cotangent):
     *operands, lse = residuals
+    grads = _kernel_grads if config.engine == "pallas" else _operand_grads
+    return grads(options, config, tuple(operands), lse, cotangent)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _operand_grads(options, config, operands, lse, cotangent):
+    """The gradients for every operand of `_fused` (None where there is none), from the saved
+    ``lse`` and the losses' cotangent."""
     problem = LinearProblem(*operands)
     rows = _rows(options, problem, config.num_classes)
     dtype = lse.dtype
@@ -382,7 +443,69 @@ def _fused_bwd(options, config, residuals, cotangent):
     )
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+# The Pallas kernels have no derivative rules of their own. As in the cross-entropy's "pallas"
+# implementation, each is wrapped in a custom_vjp whose rule is XLA's: the forward's is the
+# derivative of the XLA losses, the backward's the derivative of XLA's first derivative, which
+# recomputes lse from the operands (so lse gets a zero cotangent). grad of grad is then exact.
+_DIFFERENTIABLE = (True, True, True, False, False, False, True)  # inputs, weight, bias, T
+
+
+def _xla_grads(options, config, operands, cotangent):
+    """`_fused`'s gradients for ``operands`` and the losses' ``cotangent``, by the XLA engine."""
+    config = dataclasses.replace(
+        config, engine="xla", block_sizes=BlockSizes.get_default("xla"), interpret=False
+    )
+
+    def losses(*operands):
+        return _fused(options, config, *operands)
+
+    return vjp_some(losses, operands, _differentiable(operands), cotangent)
+
+
+def _differentiable(operands) -> tuple[bool, ...]:
+    return tuple(x is not None and d for x, d in zip(operands, _DIFFERENTIABLE, strict=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_losses(options, config, operands):
+    """``(losses, lse)`` by the Pallas forward kernel."""
+    return _losses(options, config, LinearProblem(*operands))
+
+
+def _kernel_losses_fwd(options, config, operands):
+    return _kernel_losses(options, config, operands), operands
+
+
+def _kernel_losses_bwd(options, config, operands, cotangents):
+    # lse feeds only _kernel_grads, whose rule gives it a zero cotangent.
+    return (_xla_grads(options, config, operands, cotangents[0]),)
+
+
+_kernel_losses.defvjp(_kernel_losses_fwd, _kernel_losses_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_grads(options, config, operands, lse, cotangent):
+    """`_operand_grads` by the Pallas backward kernels."""
+    return _operand_grads(options, config, operands, lse, cotangent)
+
+
+def _kernel_grads_fwd(options, config, operands, lse, cotangent):
+    return _kernel_grads(options, config, operands, lse, cotangent), (operands, lse, cotangent)
+
+
+def _kernel_grads_bwd(options, config, residuals, cotangents):
+    operands, lse, cotangent = residuals
+
+    def grads(ct, *operands):
+        return _xla_grads(options, config, operands, ct)
+
+    primals = (cotangent, *operands)
+    d_ct, *d_operands = vjp_some(grads, primals, (True, *_differentiable(operands)), cotangents)
+    return tuple(d_operands), jnp.zeros_like(lse), d_ct
+
+
+_kernel_grads.defvjp(_kernel_grads_fwd, _kernel_grads_bwd)
 
 
 def _blockwise(problem: LinearProblem, options: Options, config: Config) -> jax.Array:
@@ -571,7 +694,10 @@ def linear_softmax_cross_entropy(
       interpret mode. ``implementation=None`` picks ``"xla"``. On GPU the backward pass adds
       each tile's contributions to ``d_inputs`` and ``d_weight`` with float32 atomic adds (as
       Cut Cross-Entropy does), so those gradients may differ in their last bits between runs;
-      the other schedules are deterministic.
+      the other schedules are deterministic. Its kernels have no derivative rules of their
+      own: their ``custom_vjp`` rules are the XLA implementation's, so reverse over reverse
+      (``grad`` of ``grad``) is exact, and under ``vmap`` the forward kernel folds the batch
+      into rows while the backward runs once per batch element.
     - Sharded operands. Inside ``shard_map`` every implementation runs on its shard, and the
       gradient of an operand that does not vary over a mesh axis (a replicated ``weight`` in data
       parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,

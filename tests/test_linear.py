@@ -571,6 +571,55 @@ def test_grad_of_grad_is_the_softmax_hessian(layout):
     np.testing.assert_allclose(hvp, _numpy_input_hvp(x, w, b, u), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+def test_pallas_grad_of_grad_is_the_softmax_hessian(schedule):
+    """The Pallas kernels have no derivative rules; their custom_vjp rules are XLA's, so grad of
+    grad is exact: the input Hessian-vector product against float64 NumPy."""
+    d, pallas = _pallas_args(schedule)
+    x, w, b, y = _data(seed=21, d=d)
+    u = np.random.default_rng(22).normal(size=x.shape)
+
+    def loss(x):
+        return sce.linear_softmax_cross_entropy(
+            x,
+            jnp.asarray(w),
+            jnp.asarray(y),
+            bias=jnp.asarray(b),
+            reduction="sum",
+            implementation="pallas",
+            **pallas,
+        )
+
+    hvp = jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), jnp.asarray(u)))(jnp.asarray(x))
+    assert hvp.shape == x.shape and hvp.dtype == jnp.float64
+    np.testing.assert_allclose(hvp, _numpy_input_hvp(x, w, b, u), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+def test_pallas_under_vmap(schedule):
+    """vmap over a batch of token blocks sharing the projection: losses, and per-batch gradients
+    (vmap of grad), against float64 NumPy per batch element."""
+    d, pallas = _pallas_args(schedule)
+    x, w, b, y = _data(seed=27, n=24, d=d)
+    x3, y3 = x.reshape(2, 12, d), y.reshape(2, 12)
+
+    def loss(x, w, y):
+        return sce.linear_softmax_cross_entropy(
+            x, w, y, bias=jnp.asarray(b), implementation="pallas", **pallas
+        )
+
+    args = (jnp.asarray(x3, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(y3))
+    losses = jax.vmap(loss, in_axes=(0, None, 0))(*args)
+    grads = jax.vmap(
+        jax.grad(lambda x, w, y: loss(x, w, y).sum(), argnums=(0, 1)), in_axes=(0, None, 0)
+    )(*args)
+    for k in range(2):
+        want = numpy_linear_ce(x3[k], w, y3[k], bias=b)
+        np.testing.assert_allclose(losses[k], want[1], rtol=2e-5)
+        np.testing.assert_allclose(grads[0][k], want[2], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(grads[1][k], want[3], rtol=2e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("name", ["smoothing_weights", "zloss_softcap_temperature", "where_full"])
 def test_grad_of_grad_with_options_matches_reference(name):
     """Second derivatives with respect to inputs and weight, through the custom_vjp's backward
