@@ -85,8 +85,9 @@ def check_logits(logits) -> jax.Array:
     return check_floating("logits", logits)
 
 
-def layout(shape: tuple[int, ...], axis) -> Layout:
-    """Validates ``axis`` (an int or a tuple of ints) against the logits' shape."""
+def layout(shape: tuple[int, ...], axis, name: str = "logits") -> Layout:
+    """Validates ``axis`` (an int or a tuple of ints) against the shape of the operand ``name``
+    (the logits, or the log-predictions of a divergence)."""
     ndim = len(shape)
     if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
         axes = (int(axis),)
@@ -99,14 +100,14 @@ def layout(shape: tuple[int, ...], axis) -> Layout:
     else:
         raise ValueError(f"axis must be an int or a non-empty tuple of ints, got {axis!r}")
     if any(not -ndim <= a < ndim for a in axes):
-        raise ValueError(f"axis {axis} is out of range for logits of shape {shape}")
+        raise ValueError(f"axis {axis} is out of range for {name} of shape {shape}")
     class_axes = tuple(a % ndim for a in axes)
     if len(set(class_axes)) != len(class_axes):
-        raise ValueError(f"axis {axis} names an axis twice (logits shape {shape})")
+        raise ValueError(f"axis {axis} names an axis twice ({name} shape {shape})")
     batch_axes = tuple(a for a in range(ndim) if a not in class_axes)
     num_classes = math.prod(shape[a] for a in class_axes)
     if num_classes == 0:
-        raise ValueError(f"logits of shape {shape} have no classes along axis {axis}")
+        raise ValueError(f"{name} of shape {shape} have no classes along axis {axis}")
     return Layout(batch_axes, class_axes, tuple(shape[a] for a in batch_axes), num_classes)
 
 
@@ -165,15 +166,18 @@ def make_problem(
     )
 
 
-def mask(where, logits_shape: tuple[int, ...], lay: Layout, axis) -> jax.Array | None:
+def mask(
+    where, logits_shape: tuple[int, ...], lay: Layout, axis, name: str = "logits"
+) -> jax.Array | None:
     """The ``where`` mask as ``[N, 1]``, ``[1, V]`` or ``[N, V]`` booleans.
 
     A ``where`` of lower rank than the logits masks whole examples (optax's rule: the class axes
-    are inserted); otherwise it broadcasts against the logits.
+    are inserted); otherwise it broadcasts against the logits (the operand ``name``).
     """
     if where is None:
         return None
     where = jnp.asarray(where)
+    given = where.shape
     if where.dtype != jnp.bool_:
         where = where.astype(jnp.bool_)
     ndim = len(logits_shape)
@@ -181,8 +185,7 @@ def mask(where, logits_shape: tuple[int, ...], lay: Layout, axis) -> jax.Array |
         where = jnp.expand_dims(where, lay.class_axes)
     if where.ndim != ndim or not _broadcasts_to(where.shape, logits_shape):
         raise ValueError(
-            f"where shape {where.shape} does not broadcast to logits shape {logits_shape} "
-            f"(axis {axis})"
+            f"where shape {given} does not broadcast to {name} shape {logits_shape} (axis {axis})"
         )
     per_row = all(where.shape[a] == 1 for a in lay.class_axes)
     per_class = not per_row and all(where.shape[a] == 1 for a in lay.batch_axes)

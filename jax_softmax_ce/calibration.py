@@ -47,8 +47,10 @@ def inverse_frequency_weights(
     .. math::
       w_k = \frac{N}{V \, n_k} \quad (n_k > 0), \qquad w_k = 0 \quad (n_k = 0),
 
-    scikit-learn's ``compute_class_weight("balanced")`` for the classes that occur, and 0 for
-    classes that never occur (scikit-learn raises there). Labels outside ``[0, num_classes)``,
+    scikit-learn's ``compute_class_weight("balanced", classes=np.arange(V), y=...)`` when every
+    class occurs. A class that never occurs gets 0 (scikit-learn raises there), and the others
+    keep the factor ``N / (V n_k)`` with ``V`` counting every class, so they are not rescaled to
+    make up for it. Labels outside ``[0, num_classes)``,
     such as an ``ignore_index``, and labels where ``where`` is False are not counted. The result
     feeds ``class_weights=`` of the cross-entropy directly; with ``reduction="mean"`` every class
     then carries the same total weight.

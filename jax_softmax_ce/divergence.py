@@ -22,16 +22,18 @@ def _rows(log_predictions, targets, axis, where, target_name: str):
             f"{target_name} shape {targets.shape} does not broadcast to log_predictions shape "
             f"{log_predictions.shape}"
         )
-    # An empty class axis sums to 0, as in optax; the layout itself needs at least one class.
+    # An empty class axis sums to 0, as in optax, and an empty batch gives an empty result; the
+    # layout itself needs at least one class, and one row to reshape.
     shape = log_predictions.shape
-    lay = _canonical.layout(tuple(max(n, 1) for n in shape), axis)
+    name = "log_predictions"
+    lay = _canonical.layout(tuple(max(n, 1) for n in shape), axis, name)
     dtype = accumulation_dtype(log_predictions.dtype)
-    if any(shape[a] == 0 for a in lay.class_axes):
+    if 0 in shape:
         empty = jnp.zeros((0,) * 2, dtype)
         return empty, empty, None, lay._replace(batch_shape=tuple(shape[a] for a in lay.batch_axes))
     log_p = lay.to_rows(log_predictions).astype(dtype)
     t = _canonical.probability_labels(targets, log_predictions, lay).astype(dtype)
-    valid = _canonical.mask(where, log_predictions.shape, lay, axis)
+    valid = _canonical.mask(where, log_predictions.shape, lay, axis, name)
     if valid is not None:
         log_p = jnp.where(valid, log_p, 0)
         t = jnp.where(valid, t, 0)
@@ -140,6 +142,9 @@ def kl_divergence_with_log_targets(
     """
     log_p, log_q, valid, lay = _rows(log_predictions, log_targets, axis, where, "log_targets")
     absent = log_q == -jnp.inf
+    # An absent class contributes 0, but a NaN prediction there still makes the result NaN.
+    zero_or_nan = jnp.where(jnp.isnan(log_p), jnp.nan, 0).astype(log_p.dtype)
     log_q = jnp.where(absent, 0, log_q)
     log_p = jnp.where(absent, 0, log_p)
-    return _sum_valid(jnp.where(absent, 0, jnp.exp(log_q) * (log_q - log_p)), valid, lay)
+    terms = jnp.where(absent, zero_or_nan, jnp.exp(log_q) * (log_q - log_p))
+    return _sum_valid(terms, valid, lay)

@@ -591,7 +591,7 @@ def test_smoothing_mass_goes_to_valid_classes_only():
                 jnp.zeros((2, 3)), jnp.zeros((2, 3)), where=jnp.ones((3,), bool)
             ),
             ValueError,
-            r"where shape \(3, 1\) does not broadcast to logits shape \(2, 3\)",
+            r"where shape \(3,\) does not broadcast to logits shape \(2, 3\)",
         ),
         (
             lambda: sce.softmax_cross_entropy(

@@ -136,10 +136,25 @@ def test_errors():
         ValueError, match=r"targets shape \(2, 4\) does not broadcast to log_predictions"
     ):
         sce.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
-    with pytest.raises(ValueError, match=r"where shape"):
+    with pytest.raises(
+        ValueError, match=r"where shape \(4,\) does not broadcast to log_predictions shape"
+    ):
         sce.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)), where=jnp.ones((4,), bool))
-    with pytest.raises(ValueError, match="axis 2 is out of range"):
+    with pytest.raises(ValueError, match="axis 2 is out of range for log_predictions"):
         sce.kl_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)), axis=2)
+
+
+def test_empty_batch_and_nan_prediction_on_an_absent_class():
+    """An empty batch gives an empty result, as optax's; a NaN prediction on a class the target
+    does not have still makes the divergence NaN (the class's term is 0 only for numbers)."""
+    for fn in (sce.kl_divergence, sce.kl_divergence_with_log_targets):
+        out = fn(jnp.zeros((0, 3)), jnp.zeros((0, 3)))
+        assert out.shape == optax.kl_divergence(jnp.zeros((0, 3)), jnp.zeros((0, 3))).shape
+    log_p = jnp.array([[np.nan, 0.0], [-np.inf, 0.0]])
+    out = sce.kl_divergence_with_log_targets(log_p, jnp.array([[-np.inf, 0.0]] * 2))
+    assert np.isnan(out[0]) and out[1] == 0.0
+    out = sce.kl_divergence(log_p, jnp.array([[0.0, 1.0]] * 2))
+    assert np.isnan(out[0]) and out[1] == 0.0
 
 
 def test_transformations():
