@@ -3,6 +3,8 @@ element, in plain jnp (autodiff only, so forward mode and Hessians work)."""
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,11 @@ def sigmoid_focal_loss(
       The losses, of the broadcast shape of ``logits`` and ``labels``; float32 for 16-bit
       logits, the logits' dtype otherwise.
 
+    Raises:
+      TypeError: integer logits.
+      ValueError: ``labels`` or ``alpha`` that do not broadcast to the loss shape (``alpha``
+        may not widen it), a Python ``gamma < 0`` or ``alpha`` outside ``[0, 1]``.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> import jax_softmax_ce as sce
@@ -183,9 +190,14 @@ def sigmoid_focal_loss(
     """
     logits = _canonical.check_logits(logits)
     labels = jnp.asarray(labels)
+    shape = _shape(logits, labels)
     dtype = accumulation_dtype(logits.dtype)
-    x = logits.astype(dtype)
-    y = labels.astype(dtype)
+    x = jnp.broadcast_to(logits.astype(dtype), shape)
+    y = _operand("labels", labels, shape, dtype)
+    if isinstance(gamma, numbers.Real) and not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+    if isinstance(alpha, numbers.Real) and not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     gamma = jnp.asarray(gamma).astype(dtype)
     cross_entropy = sigmoid_binary_cross_entropy(x, y)
     # log(1 - p_t) = log((1 - y) p + y (1 - p)), as a weighted log-sum-exp of log p and log(1 - p).
@@ -206,5 +218,5 @@ def sigmoid_focal_loss(
     losses = cross_entropy * jnp.exp(weighted(gamma, log_not_p_t))
     if alpha is None:
         return losses
-    alpha = jnp.asarray(alpha).astype(dtype)
+    alpha = _operand("alpha", alpha, shape, dtype)  # must not widen the loss shape
     return (alpha * y + (1.0 - alpha) * (1.0 - y)) * losses

@@ -284,6 +284,27 @@ def test_focal_infinite_logits(gamma):
     np.testing.assert_array_equal(grad[:4], [0.0, 0.0, 1.0, -1.0])
 
 
+def test_focal_errors():
+    x, y = jnp.zeros((2, 4)), jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"alpha shape \(3,\) does not broadcast"):
+        sce.sigmoid_focal_loss(x, y, alpha=jnp.ones(3) / 2)
+    with pytest.raises(ValueError, match=r"alpha shape \(2, 1, 4\) does not broadcast"):
+        sce.sigmoid_focal_loss(x, y, alpha=jnp.ones((2, 1, 4)) / 2)  # it would widen the loss
+    with pytest.raises(ValueError, match=r"labels shape \(3,\) does not broadcast"):
+        sce.sigmoid_focal_loss(x, jnp.ones(3))
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
+        sce.sigmoid_focal_loss(x, y, gamma=-1.0)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        sce.sigmoid_focal_loss(x, y, alpha=2.0)
+    with pytest.raises(TypeError, match="logits"):
+        sce.sigmoid_focal_loss(jnp.zeros((2, 4), jnp.int32), y)
+    # An array alpha of the class axis broadcasts, as in optax.
+    per_class = sce.sigmoid_focal_loss(x, y, alpha=jnp.array([0.1, 0.2, 0.3, 0.4]))
+    np.testing.assert_allclose(
+        per_class[0], np.array([0.1, 0.2, 0.3, 0.4]) * focal_reference(0.0, 1.0)
+    )
+
+
 def test_focal_transformations_and_dtype():
     x, y = rng_data((3, 4), seed=6)
     f = jax.jit(jax.vmap(lambda x, y: sce.sigmoid_focal_loss(x, y, alpha=0.3, gamma=1.5)))
