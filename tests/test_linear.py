@@ -8,6 +8,7 @@ schedules run in interpret mode on tiny shapes.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -383,6 +384,20 @@ def test_reference_implementation_supports_forward_mode_but_not_filtering():
         )
 
 
+def _float32_losses(implementation, x, w, b, y, class_weights, **kwargs):
+    """Per-example losses of float32 ``x``, ``w``, ``b`` with class weights."""
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return sce.linear_softmax_cross_entropy(
+        f32(x),
+        f32(w),
+        jnp.asarray(y),
+        bias=f32(b),
+        class_weights=f32(class_weights),
+        implementation=implementation,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
 def test_non_finite_logits_are_never_hidden(engine):
     """A NaN input row, an input row whose logits overflow to +-inf, and a NaN input row whose
@@ -397,15 +412,7 @@ def test_non_finite_logits_are_never_hidden(engine):
     y[2] = np.setdiff1d(np.arange(V), y[3:])[0]  # a class no other row has
     cw = np.ones(V)
     cw[y[2]] = 0.0
-    losses = sce.linear_softmax_cross_entropy(
-        jnp.asarray(x, jnp.float32),
-        jnp.asarray(w, jnp.float32),
-        jnp.asarray(y),
-        bias=jnp.asarray(b, jnp.float32),
-        class_weights=jnp.asarray(cw, jnp.float32),
-        implementation=implementation,
-        **pallas,
-    )
+    losses = _float32_losses(implementation, x, w, b, y, cw, **pallas)
     assert not np.any(np.isfinite(losses[:3]))
     want = numpy_linear_ce(x[3:], w, y[3:], bias=b)[1]
     np.testing.assert_allclose(losses[3:], want, rtol=2e-5)
@@ -425,15 +432,7 @@ def test_a_nan_logit_in_a_wide_block_is_never_hidden(engine):
     y[y == 3] = 4
     cw = np.ones(128)
     cw[3] = 0.0
-    losses = sce.linear_softmax_cross_entropy(
-        jnp.asarray(x, jnp.float32),
-        jnp.asarray(w, jnp.float32),
-        jnp.asarray(y),
-        bias=jnp.asarray(b, jnp.float32),
-        class_weights=jnp.asarray(cw, jnp.float32),
-        implementation=implementation,
-        **kwargs,
-    )
+    losses = _float32_losses(implementation, x, w, b, y, cw, **kwargs)
     assert np.all(np.isnan(losses))
 
 
