@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from jax_softmax_ce import _canonical, _options, _pallas, _reference, _xla
 from jax_softmax_ce._options import Options
@@ -48,6 +49,15 @@ def _loss(
     reduction = _options.check_reduction(reduction)
     implementation = _options.check_implementation(implementation)
     logits = _canonical.check_logits(logits)
+    if 0 in logits.shape:
+        # No classes: every example has no valid class, so loss 0 and nothing counts (optax's
+        # sum over an empty class axis is 0 too; its tests take an all-False mask this way).
+        # The axis is still validated, on a shape with the empty axes widened to one.
+        lay = _canonical.layout(tuple(max(n, 1) for n in logits.shape), axis)
+        if any(logits.shape[a] == 0 for a in lay.class_axes):
+            batch_shape = tuple(logits.shape[a] for a in lay.batch_axes)
+            shape = batch_shape if reduction == "none" else ()
+            return jnp.zeros(shape, accumulation_dtype(logits.dtype))
     lay = _canonical.layout(logits.shape, axis)
     labels = _canonical.labels_to_rows(labels, logits, lay, axis, integer=integer)
     array_temperature = _canonical.array_temperature(temperature)
@@ -113,6 +123,8 @@ def softmax_cross_entropy(
       ``where`` to exclude a class.
     - The label gradient at a -inf logit is +inf; ``implementation="reference"`` (plain autodiff)
       gives 0 there for a class without label mass.
+    - An empty class axis (``num_classes == 0``, e.g. logits indexed by an all-False mask) gives
+      loss 0 per example, as optax's empty sum does: no example has a valid class.
 
     Args:
       logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape
@@ -211,7 +223,8 @@ def softmax_cross_entropy_with_integer_labels(
     is not ``ignore_index`` gives a NaN loss (as in optax), since a value cannot raise under
     ``jit``. A label on a class masked out by ``where`` gives +inf: an invalid class is a class
     with logit -inf. With ``logit_softcap=c`` a -inf logit is capped to ``-c`` like any other
-    logit; ``where`` is the way to exclude a class.
+    logit; ``where`` is the way to exclude a class. An empty class axis gives loss 0 per
+    example: no example has a valid class.
 
     Args:
       logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape

@@ -431,6 +431,28 @@ def test_label_gradient_is_zero_where_class_weight_is_zero_at_negative_infinity(
     np.testing.assert_allclose(grad, [[lse, 2 * (lse - 1), 0.0, lse - 2]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", [None, *IMPLEMENTATIONS])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_class_axis_is_zero_as_in_optax(implementation, reduction):
+    """optax's own mask test takes ``preds[mask]`` for a random mask, which is empty when the
+    mask is all False: its empty sum is 0, and so is ours (no example has a valid class)."""
+    for shape in [(0,), (3, 0)]:
+        logits, probs = jnp.zeros(shape), jnp.zeros(shape)
+        want = optax.softmax_cross_entropy(logits, probs)
+        loss = sce.softmax_cross_entropy(
+            logits, probs, reduction=reduction, implementation=implementation
+        )
+        assert loss.shape == (want.shape if reduction == "none" else ())
+        np.testing.assert_array_equal(loss, 0.0)
+        grad = jax.grad(lambda x, y: jnp.sum(sce.softmax_cross_entropy(x, y)))(logits, probs)
+        assert grad.shape == shape
+    labels = jnp.zeros((3,), jnp.int32)
+    loss = sce.softmax_cross_entropy_with_integer_labels(
+        jnp.zeros((3, 0)), labels, reduction=reduction, implementation=implementation
+    )
+    np.testing.assert_array_equal(loss, 0.0)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_out_of_range_label_is_nan_under_jit(implementation, weighted):
