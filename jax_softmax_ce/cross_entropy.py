@@ -142,7 +142,9 @@ def softmax_cross_entropy(
       implementation: None (the fastest available), ``"xla"``, ``"pallas"`` or ``"reference"``.
         ``"reference"`` is plain autodiff, the one that supports forward mode (``jax.jvp``,
         ``jax.hessian``); the others are ``custom_vjp`` functions and support reverse mode
-        (including ``grad`` of ``grad``) only.
+        (including ``grad`` of ``grad``) only. ``"pallas"`` runs per shard inside
+        ``shard_map``; given arrays with an explicit sharding under ``jit`` it raises
+        ``NotImplementedError`` (``"xla"`` takes them).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
@@ -243,6 +245,8 @@ def softmax_cross_entropy_with_integer_labels(
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
       implementation: None (the fastest available), ``"xla"``, ``"pallas"`` or ``"reference"``
         (plain autodiff: the only one with forward mode, ``jax.jvp`` and ``jax.hessian``).
+        ``"pallas"`` runs per shard inside ``shard_map``; given arrays with an explicit sharding
+        under ``jit`` it raises ``NotImplementedError`` (``"xla"`` takes them).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
