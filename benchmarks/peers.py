@@ -89,6 +89,15 @@ def _jax_ce(per_example_or_reason):
     return build
 
 
+def _mosaic_gpu_probe(case):
+    """`benchmarks.mosaic_gpu_probe`, the Mosaic GPU candidate for the GPU kernel's backend."""
+    if case["device"] != "gpu":
+        raise Skip("the Mosaic GPU probe runs on an NVIDIA GPU only (tests interpret it on CPU)")
+    from benchmarks import mosaic_gpu_probe
+
+    return _jax_ce(mosaic_gpu_probe.per_example)(case)
+
+
 # ----------------------------------------------------------------------------- JAX, linear
 
 
@@ -358,6 +367,7 @@ def implementations(suite: str, device: str) -> list[Implementation]:
     if suite == "ce":
         candidates = _benchmark.cross_entropy_candidates(OURS, backend=device)
         found = [Implementation(name, _jax_ce(fn)) for name, fn in candidates.items()]
+        found.append(Implementation("probe:mosaic_gpu", _mosaic_gpu_probe))
         found.append(Implementation("torch:F.cross_entropy", _torch_cross_entropy))
         found.append(Implementation("liger:LigerCrossEntropyLoss", _liger_cross_entropy))
     else:

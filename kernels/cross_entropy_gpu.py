@@ -38,6 +38,11 @@ to end (interpret mode, and lowering for CUDA), and it is selected explicitly th
 exactly that message), and a port to ``plgpu.kernel`` once Triton is removed from Pallas, or sooner
 if a GPU session measures this kernel short of its goals.
 
+The choice is to be measured, not assumed: ``benchmarks/mosaic_gpu_probe.py`` is the plain loss
+(no options) on Mosaic GPU, with TMA-pipelined, swizzled blocks, and the benchmark harness times it
+beside this kernel in the same GPU run (``probe:mosaic_gpu``; `benchmarks.goals` reports both
+against the goals). Its docstring lists what a full port would have to solve.
+
 Status: validated on CPU in interpret mode only. Not yet compiled, run or timed on a GPU.
 """
 

@@ -137,6 +137,7 @@ def test_gpu_goals_read_from_harness_json(tmp_path):
         _result("jax_softmax_ce:pallas", "ce", ce_shape, 1.0, peak=gradient, frac=0.9),
         _result("jax_softmax_ce:xla", "ce", ce_shape, 2.0, temp=10**6, output=gradient, frac=0.5),
         _result("liger:LigerCrossEntropyLoss", "ce", ce_shape, 1.5),
+        _result("probe:mosaic_gpu", "ce", ce_shape, 2.0, peak=gradient, frac=0.85),
         _result("optax", "ce", {"n": 8, "v": 200}, 100.0),  # another case: ignored
     ]}  # fmt: skip
     linear = {"results": [
@@ -159,6 +160,9 @@ def test_gpu_goals_read_from_harness_json(tmp_path):
     assert xla["speedup_vs_optax"]["value"] == 1.5 and not xla["speedup_vs_optax"]["pass"]
     assert xla["time_vs_liger"]["pass"] is False
     assert xla["extra_memory_vs_gradient_plus_rows"]["pass"] is False  # temp + output > bound
+    probe = summary["ce"]["probe:mosaic_gpu"]  # the Mosaic GPU probe, against the same goals
+    assert probe["bandwidth_fraction_of_copy"]["value"] == 0.85
+    assert probe["speedup_vs_optax"]["value"] == 1.5 and not probe["speedup_vs_optax"]["pass"]
     fused = summary["linear"]["jax_softmax_ce.linear:xla"]
     np.testing.assert_allclose(fused["time_vs_materialised"]["value"], 1.1)
     assert fused["time_vs_materialised"]["pass"] is True
