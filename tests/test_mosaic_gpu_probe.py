@@ -15,8 +15,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks import mosaic_gpu_probe as probe
 
-# Ragged in both directions: 104 rows are one strip of 64 and one of 40; 576 columns are 4.5
-# blocks of 128 (float32) and 2.25 blocks of 256 (bfloat16).
+# Ragged in both directions: 104 rows are one strip of 64 and one of 40; 576 columns are 9
+# blocks of 64 (float32) and 4.5 blocks of 128 (bfloat16).
 N, V = 104, 576
 DTYPES = [jnp.float32, jnp.bfloat16]
 
@@ -44,7 +44,12 @@ def _float64_loss_and_grad(logits, labels, cotangent):
     not hasattr(plgpu, "InterpretGPUParams"), reason="the Mosaic GPU interpreter needs jax >= 0.11"
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_interpreted_values_and_gradients(dtype):
+@pytest.mark.parametrize("min_programs", [probe.MIN_PROGRAMS, 6])
+def test_interpreted_values_and_gradients(dtype, min_programs, monkeypatch):
+    # The default splits the vocabulary into one block per program. With 6 programs for 2 row
+    # strips, each split takes several blocks; in bfloat16 (5 blocks, 3 splits of 2) the last
+    # split runs a whole block past V.
+    monkeypatch.setattr(probe, "MIN_PROGRAMS", min_programs)
     logits, labels, cotangent = _problem(dtype)
     loss_fn = functools.partial(probe.per_example, interpret=True)
 
