@@ -16,10 +16,12 @@
 #   1. setup: the carried wheels and the project (no network there); nvidia-smi and the package
 #      versions -> device.txt.
 #   2. tests: the GPU schedules' tests (test_pallas.py, test_linear.py), compiled for the GPU, not
-#      interpreted; at most TESTS_S seconds (default 150) -> tests.txt.
+#      interpreted; at most TESTS_S seconds (default 150), and only as much as leaves the bench
+#      240 s (so none with SESSION_S <= 240) -> tests.txt.
 #   3. bench: the ce and linear suites, the goal cases first (V=128256, bfloat16 before float32),
-#      then the rest of the grids until the time left is spent. The harness rewrites its JSON
-#      after every measurement, so a cut run keeps what it measured -> results/.
+#      then the rest of the grids: it starts no measurement later than 75 s before the session's
+#      end, and is killed 30 s before it. The harness rewrites its JSON after every measurement,
+#      so a cut run keeps what it measured -> results/.
 #   4. goals: python -m benchmarks.goals on that JSON -> results/goals_gpu.{json,md}.
 # All of it lands in $OUT/gpu_session.tar.gz (the tool returns at most 8 files), with device.txt,
 # tests.txt, goals_gpu.md and session.log beside it to read at once.
@@ -29,7 +31,8 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 SESSION_S=${SESSION_S:-540}
 TESTS_S=${TESTS_S:-150}
-# For a dry run of the plumbing on a CPU: DEVICE=cpu BENCH_ARGS="--quick ..." OUT=/tmp/out.
+# For a dry run of the plumbing on a CPU: DEVICE=cpu BENCH_ARGS="--n 16 ..." OUT=/tmp/out, and
+# unpack it into a scratch folder (unpack's second argument).
 DEVICE=${DEVICE:-gpu}
 BENCH_ARGS=${BENCH_ARGS:-}
 WHEELS=("liger-kernel==0.8.5" "cut-cross-entropy==25.1.1" "setuptools==80.9.0")
@@ -46,9 +49,19 @@ fetch() {
 }
 
 unpack() {
-  local tmp results=${2:-benchmarks/results} readme=${3:-README.md}
+  local tmp results=${2:-} readme=${3:-README.md}
   tmp=$(mktemp -d)
   tar -xzf "$1/gpu_session.tar.gz" -C "$tmp" || return 1
+  if [ -z "$results" ]; then
+    # The committed results take a GPU run's files only: a CPU dry run's would replace the
+    # committed CPU results and README tables.
+    if ! compgen -G "$tmp/gpu/results/*_gpu*.json" >/dev/null; then
+      echo "no *_gpu*.json in $1/gpu_session.tar.gz (a CPU dry run?): nothing copied;" \
+        "name a results folder and README to unpack it there" >&2
+      return 1
+    fi
+    results=benchmarks/results
+  fi
   cp "$tmp"/gpu/results/* "$results/"
   for f in device.txt tests.txt session.log; do
     [ ! -f "$tmp/gpu/$f" ] || cp "$tmp/gpu/$f" "$results/gpu_$f"
@@ -108,9 +121,10 @@ bench() {
 }
 
 goals() {
-  "$PY" -m benchmarks.goals --ce "$WORK/results/ce_$DEVICE.json" \
-    --linear "$WORK/results/linear_$DEVICE.json" --out "$WORK/results/goals_$DEVICE.json" |
-    tee "$WORK/results/goals_$DEVICE.md"
+  # Whichever files the harness wrote (ce_<device>.json, or ce_<device>_quick.json with --quick).
+  local ce=("$WORK/results/ce_$DEVICE"*.json) linear=("$WORK/results/linear_$DEVICE"*.json)
+  "$PY" -m benchmarks.goals --ce "${ce[0]}" --linear "${linear[0]}" \
+    --out "$WORK/results/goals_$DEVICE.json" | tee "$WORK/results/goals_$DEVICE.md"
 }
 
 session() {

@@ -72,6 +72,9 @@ def _parse(argv) -> argparse.Namespace:
         help="start no measurement after this many seconds; the rest are recorded as skipped",
     )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
+    parser.add_argument(
+        "--note", default="", help="a sentence to record with the run (e.g. what else ran)"
+    )
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -238,8 +241,10 @@ def main(argv=None) -> list[pathlib.Path]:
             "grid": _grid(suite, args),
             "results": [],
         }
-        if args.device == "cpu":
-            records[suite]["note"] = NOTE_CPU
+        note = " ".join(filter(None, [NOTE_CPU if args.device == "cpu" else "", args.note]))
+        if note:
+            records[suite]["note"] = note
+        records[suite]["loadavg_1min_before"] = os.getloadavg()[0]
     implementations = {suite: _implementations(suite, args) for suite in suites}
     plan = _plan(suites, args)
     started = time.perf_counter()
@@ -262,6 +267,8 @@ def main(argv=None) -> list[pathlib.Path]:
     written = []
     for suite in suites:
         record, stem = records[suite], stems[suite]
+        record["loadavg_1min_after"] = os.getloadavg()[0]
+        _write_json(stem.with_suffix(".json"), record)
         md_path = stem.with_suffix(".md")
         md_path.write_text(report.markdown(record))
         written += [stem.with_suffix(".json"), md_path]

@@ -227,6 +227,12 @@ def test_gpu_session_script_runs_end_to_end_on_cpu(tmp_path):
     log = (out / "session.log").read_text()
     assert "== bench" in log and "== goals" in log and "== tests" not in log
 
+    # Into the committed results (no folder named), unpack takes a GPU run only.
+    refused = subprocess.run(
+        ["bash", script, "unpack", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "nothing copied" in refused.stderr
+
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- table:ce_cpu -->\nold\n<!-- /table:ce_cpu -->\n")
     unpack = subprocess.run(
