@@ -139,7 +139,8 @@ def softmax_cross_entropy(
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first (Gemma 2).
       temperature: ``T > 0``, a Python float or a differentiable scalar array.
       reduction: ``"none"`` (per-example losses), ``"sum"`` or ``"mean"``.
-      implementation: None (the fastest available), ``"xla"``, ``"pallas"`` or ``"reference"``.
+      implementation: None (the automatic choice: ``"xla"`` on every platform until a kernel
+        has been measured faster there), ``"xla"``, ``"pallas"`` or ``"reference"``.
         ``"reference"`` is plain autodiff, the one that supports forward mode (``jax.jvp``,
         ``jax.hessian``); the others are ``custom_vjp`` functions and support reverse mode
         (including ``grad`` of ``grad``) only. ``"pallas"`` runs per shard inside
@@ -243,7 +244,8 @@ def softmax_cross_entropy_with_integer_labels(
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first.
       temperature: ``T > 0``, a Python float or a differentiable scalar array.
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
-      implementation: None (the fastest available), ``"xla"``, ``"pallas"`` or ``"reference"``
+      implementation: None (the automatic choice: ``"xla"`` on every platform until a kernel
+        has been measured faster there), ``"xla"``, ``"pallas"`` or ``"reference"``
         (plain autodiff: the only one with forward mode, ``jax.jvp`` and ``jax.hessian``).
         ``"pallas"`` runs per shard inside ``shard_map``; given arrays with an explicit sharding
         under ``jit`` it raises ``NotImplementedError`` (``"xla"`` takes them).
