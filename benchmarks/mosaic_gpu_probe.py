@@ -64,7 +64,7 @@ def _block_v(dtype) -> int:
     return BLOCK_BYTES // (BLOCK_N * np.dtype(dtype).itemsize)
 
 
-def _row_bytes_elements(dtype) -> int:
+def _tile_width(dtype) -> int:
     """Elements in one 128-byte swizzled row of ``dtype``: the tile width of the logits blocks."""
     return 128 // np.dtype(dtype).itemsize
 
@@ -74,7 +74,7 @@ def _check(logits, labels) -> None:
         raise NotImplementedError(
             f"the probe takes logits [N, V] and labels [N], got {logits.shape} and {labels.shape}"
         )
-    tile = (8, _row_bytes_elements(logits.dtype))
+    tile = (8, _tile_width(logits.dtype))
     if logits.shape[0] % tile[0] or logits.shape[1] % tile[1]:
         raise NotImplementedError(
             f"the probe needs N and V multiples of {tile} for {np.dtype(logits.dtype).name} "
@@ -142,7 +142,7 @@ class _Grid:
 def _transforms(dtype):
     """Shared-memory blocks in 8-row tiles of one swizzled 128-byte row each."""
     return (
-        plgpu.TilingTransform((8, _row_bytes_elements(dtype))),
+        plgpu.TilingTransform((8, _tile_width(dtype))),
         plgpu.SwizzleTransform(128),
     )
 
