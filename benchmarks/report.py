@@ -136,10 +136,10 @@ def update_readme(readme: pathlib.Path, results: pathlib.Path) -> str:
         path = results / f"{name}.json"
         if path.exists():
             body = readme_table(json.loads(path.read_text()), f"benchmarks/results/{path.name}")
+        elif name.endswith("_gpu"):
+            body = f"**Not measured yet**: no session so far has had a GPU (no `{name}.json`)."
         else:
             body = f"Not measured yet: no `{name}.json` in `benchmarks/results/`."
-            if name.endswith("_gpu"):
-                body = f"**Not measured yet**: no session so far has had a GPU (no `{name}.json`)."
         i = text.index(start) + len(start)
         j = text.index(end, i)
         text = f"{text[:i]}\n{body}\n{text[j:]}"
