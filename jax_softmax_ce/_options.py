@@ -8,6 +8,7 @@ The public layer turns the caller's keyword arguments into one `Options` (static
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -63,8 +64,8 @@ def make_options(
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     if logit_softcap is not None:
         logit_softcap = _python_float("logit_softcap", logit_softcap)
-        if not logit_softcap > 0.0:
-            raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+        if not 0.0 < logit_softcap < math.inf:
+            raise ValueError(f"logit_softcap must be > 0 and finite, or None, got {logit_softcap}")
     if temperature_is_array:
         temperature = None
     else:

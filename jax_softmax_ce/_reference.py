@@ -13,7 +13,7 @@ import numpy as np
 
 from jax_softmax_ce import _canonical
 from jax_softmax_ce._options import Options
-from jax_softmax_ce.kernels._tile import accumulation_dtype, log_mass
+from jax_softmax_ce.kernels._tile import accumulation_dtype, log_mass, transform
 
 
 def cross_entropy(problem: _canonical.Problem, options: Options, *, integer: bool) -> jax.Array:
@@ -21,10 +21,8 @@ def cross_entropy(problem: _canonical.Problem, options: Options, *, integer: boo
     logits, labels, where, class_weights, temperature = problem
     n, v = logits.shape
     dtype = accumulation_dtype(logits.dtype)
-    z = logits.astype(dtype)
-    if options.logit_softcap is not None:
-        z = options.logit_softcap * jnp.tanh(z / options.logit_softcap)
-    z = z / (options.temperature if temperature is None else temperature.astype(dtype))
+    t = options.temperature if temperature is None else temperature.astype(dtype)
+    z = transform(logits.astype(dtype), softcap=options.logit_softcap, temperature=t)
     valid = jnp.ones((n, v), jnp.bool_) if where is None else jnp.broadcast_to(where, (n, v))
     z = jnp.where(valid, z, -np.inf)
 

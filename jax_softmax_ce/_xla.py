@@ -74,13 +74,7 @@ def _transform_rows(options: Options, rows, temperature):
     """`_tile.transform` of a ``[N, 1]`` value picked from the raw logits."""
     dtype = _tile.accumulation_dtype(rows.dtype)
     t = options.temperature if temperature is None else temperature.astype(dtype)
-    rows = rows.astype(dtype)
-    if options.logit_softcap is not None:  # finite at -inf, and so are its derivatives
-        return _tile.transform(rows, softcap=options.logit_softcap, temperature=t)
-    # -inf / T would carry an infinite derivative in T into grad of grad.
-    low = rows == _tile.NEG_INF
-    z = _tile.transform(jnp.where(low, 0, rows), softcap=None, temperature=t)
-    return jnp.where(low, _tile.NEG_INF, z)
+    return _tile.transform(rows.astype(dtype), softcap=options.logit_softcap, temperature=t)
 
 
 def _vocabulary_is_sharded(x) -> bool:
@@ -106,8 +100,7 @@ def _target_logit(options: Options, logits, labels, where, temperature):
     """``z'_t`` per row, ``[N, 1]``: -inf where the target class is invalid.
 
     Picked from the raw logits behind a barrier (so that XLA does not share an upcast copy), then
-    transformed, then masked: the softcap maps a -inf logit to ``-c``, but an invalid class
-    stays at -inf.
+    transformed, then masked: an invalid class is at -inf.
     """
     raw = jax.lax.optimization_barrier(logits)
     z_pick = _transform_rows(options, _pick(raw, labels, -jnp.inf), temperature)

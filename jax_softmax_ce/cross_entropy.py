@@ -119,8 +119,8 @@ def softmax_cross_entropy(
       ``sum(where=...)`` drops it; the gradient with respect to those labels is 0.
     - A finite, valid label mass on a class whose logit is -inf gives a loss of +inf.
     - ``"mean"`` divides by the number of counted examples; fully masked examples do not count.
-    - With ``logit_softcap=c`` a -inf logit is capped to ``-c`` like any other logit; use
-      ``where`` to exclude a class.
+    - The softcap ``c tanh(z / c)`` applies to finite logits; a -inf logit stays -inf (a class
+      of probability 0) and a +inf logit stays +inf (a non-finite loss), as without a softcap.
     - The label gradient at a -inf logit is +inf; ``implementation="reference"`` (plain autodiff)
       gives 0 there for a class without label mass.
     - An empty class axis (``num_classes == 0``, e.g. logits indexed by an all-False mask) gives
@@ -225,9 +225,9 @@ def softmax_cross_entropy_with_integer_labels(
     over counted examples, and 0 when nothing counts. A label outside ``[0, num_classes)`` that
     is not ``ignore_index`` gives a NaN loss (as in optax), since a value cannot raise under
     ``jit``. A label on a class masked out by ``where`` gives +inf: an invalid class is a class
-    with logit -inf. With ``logit_softcap=c`` a -inf logit is capped to ``-c`` like any other
-    logit; ``where`` is the way to exclude a class. An empty class axis gives loss 0 per
-    example: no example has a valid class.
+    with logit -inf. The softcap applies to finite logits: a -inf logit stays a class of
+    probability 0 and a +inf logit still makes the loss non-finite. An empty class axis gives
+    loss 0 per example: no example has a valid class.
 
     Args:
       logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape

@@ -29,16 +29,28 @@ def accumulation_dtype(dtype) -> np.dtype:
 
 
 def transform(z: jax.Array, *, softcap: float | None, temperature) -> jax.Array:
-    """``z' = softcap(z) / T``; ``temperature`` is a Python float or a scalar array."""
+    """``z' = softcap(z) / T``; ``temperature`` is a Python float or a scalar array.
+
+    Infinite logits stay as they are: a -inf logit is a class of probability 0 and a +inf logit
+    makes the loss non-finite, with or without a softcap (``c tanh(z / c)`` alone would turn
+    them into ``-c`` and ``c``). Only finite values enter the formula, so that none of its
+    derivatives (in ``z`` or in an array ``T``) meets ``0 * inf``.
+    """
+    unit_temperature = isinstance(temperature, float) and temperature == 1.0
+    if softcap is None and unit_temperature:
+        return z
+    infinite = jnp.abs(z) == np.inf
+    finite = jnp.where(infinite, jnp.zeros((), z.dtype), z)
     if softcap is not None:
-        z = softcap * jnp.tanh(z / softcap)
-    if not (isinstance(temperature, float) and temperature == 1.0):
-        z = z / temperature
-    return z
+        finite = softcap * jnp.tanh(finite / softcap)
+    if not unit_temperature:
+        finite = finite / temperature
+    return jnp.where(infinite, z, finite)
 
 
 def transform_vjp(z: jax.Array, g: jax.Array, *, softcap: float | None, temperature) -> jax.Array:
-    """Chain rule of `transform`: ``g * dz'/dz`` for raw logits ``z`` and ``g = dl/dz'``."""
+    """Chain rule of `transform`: ``g * dz'/dz`` for raw logits ``z`` and ``g = dl/dz'``; the
+    softcap's derivative is taken as its limit 0 at an infinite logit."""
     if not (isinstance(temperature, float) and temperature == 1.0):
         g = g / temperature
     if softcap is not None:

@@ -56,7 +56,11 @@ def cross_entropy(
     dlabels = None if integer else np.zeros((n, v))
     dtemperature = 0.0
     with np.errstate(all="ignore"):
-        capped = u if logit_softcap is None else logit_softcap * np.tanh(u / logit_softcap)
+        capped = (
+            u
+            if logit_softcap is None
+            else np.where(np.isinf(u), u, logit_softcap * np.tanh(u / logit_softcap))
+        )
         z_all = capped / temperature
         dcap = np.ones_like(u) if logit_softcap is None else 1.0 - np.tanh(u / logit_softcap) ** 2
     for i in range(n):

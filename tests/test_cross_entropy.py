@@ -366,6 +366,36 @@ def test_negative_infinity_logits(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_infinite_logits_with_softcap_and_array_temperature(implementation, softcap):
+    """The softcap caps finite logits only: a -inf logit stays a class of probability 0 (a
+    target on it gives +inf) and a +inf logit gives a non-finite loss, as without a softcap. The
+    gradients in the logits and in an array temperature stay finite at -inf and match float64."""
+    inf = np.inf
+
+    def loss_fn(x, t):
+        return sce.softmax_cross_entropy_with_integer_labels(
+            x, jnp.zeros(x.shape[0], jnp.int32), logit_softcap=softcap, temperature=t,
+            implementation=implementation,
+        )  # fmt: skip
+
+    t = jnp.float32(1.7)
+    bad = loss_fn(jnp.asarray([[0.0, inf, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]]), t)
+    assert not np.isfinite(bad[0]) and np.isfinite(bad[1])
+    logits = jnp.asarray([[0.0, -inf, 1.0, 3.0], [-inf, 2.0, 0.5, 0.0]])
+    loss = loss_fn(logits, t)
+    assert np.isfinite(loss[0]) and loss[1] == np.inf
+    want = numpy_reference.cross_entropy(
+        f64(logits[:1]), np.zeros(1), integer=True, logit_softcap=softcap, temperature=1.7
+    )
+    np.testing.assert_allclose(loss[0], want.loss[0], rtol=1e-6)
+    gx, gt = jax.grad(lambda x, t: loss_fn(x, t)[0], argnums=(0, 1))(logits, t)
+    assert np.all(np.isfinite(gx)) and np.isfinite(gt)
+    np.testing.assert_allclose(f64(gx[0]), want.dlogits[0], atol=1e-6)
+    np.testing.assert_allclose(gt, want.dtemperature, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_and_positive_infinity_give_non_finite_loss(implementation, bad):
     logits = jnp.asarray([[0.0, bad, 1.0], [0.0, 1.0, 2.0]], jnp.float32)
@@ -654,6 +684,13 @@ def test_smoothing_mass_goes_to_valid_classes_only():
             ),
             ValueError,
             "logit_softcap must be > 0",
+        ),
+        (
+            lambda: sce.softmax_cross_entropy(
+                jnp.zeros((2, 3)), jnp.zeros((2, 3)), logit_softcap=float("inf")
+            ),
+            ValueError,
+            "logit_softcap must be > 0 and finite",
         ),
         (
             lambda: sce.softmax_cross_entropy(

@@ -58,7 +58,11 @@ def numpy_linear_ce(
     n, v = x.shape[0], w.shape[1]
     u = x @ w + (0 if bias is None else np.asarray(bias, np.float64))
     t = float(temperature)
-    s = u if logit_softcap is None else logit_softcap * np.tanh(u / logit_softcap)
+    s = (
+        u
+        if logit_softcap is None
+        else np.where(np.isinf(u), u, logit_softcap * np.tanh(u / logit_softcap))
+    )
     zp = s / t
     valid = np.ones((n, v), bool) if where is None else np.broadcast_to(where, (n, v))
     cw = np.ones(v) if class_weights is None else np.asarray(class_weights, np.float64)
@@ -399,10 +403,11 @@ def _float32_losses(implementation, x, w, b, y, class_weights, **kwargs):
 
 
 @pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
-def test_non_finite_logits_are_never_hidden(engine):
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_non_finite_logits_are_never_hidden(engine, softcap):
     """A NaN input row, an input row whose logits overflow to +-inf, and a NaN input row whose
-    label has class weight 0 all give non-finite losses; the other rows keep their float64
-    values."""
+    label has class weight 0 all give non-finite losses, with or without a softcap (it caps
+    finite logits only); the other rows keep their float64 values."""
     implementation, _, schedule = engine.partition(":")
     d, pallas = _pallas_args(schedule) if schedule else (D, {"block_sizes": SMALL_BLOCKS})
     x, w, b, y = _data(d=d)
@@ -412,9 +417,9 @@ def test_non_finite_logits_are_never_hidden(engine):
     y[2] = np.setdiff1d(np.arange(V), y[3:])[0]  # a class no other row has
     cw = np.ones(V)
     cw[y[2]] = 0.0
-    losses = _float32_losses(implementation, x, w, b, y, cw, **pallas)
+    losses = _float32_losses(implementation, x, w, b, y, cw, logit_softcap=softcap, **pallas)
     assert not np.any(np.isfinite(losses[:3]))
-    want = numpy_linear_ce(x[3:], w, y[3:], bias=b)[1]
+    want = numpy_linear_ce(x[3:], w, y[3:], bias=b, logit_softcap=softcap)[1]
     np.testing.assert_allclose(losses[3:], want, rtol=2e-5)
 
 

@@ -75,7 +75,11 @@ def reference(
     w = np.ones(v) if class_weights is None else np.asarray(class_weights, np.float64)
     e = label_smoothing
     with np.errstate(all="ignore"):
-        capped = u if logit_softcap is None else logit_softcap * np.tanh(u / logit_softcap)
+        capped = (
+            u
+            if logit_softcap is None
+            else np.where(np.isinf(u), u, logit_softcap * np.tanh(u / logit_softcap))
+        )
         dcap = 1.0 if logit_softcap is None else 1.0 - np.tanh(u / logit_softcap) ** 2
         z = np.where(valid, capped / t, -np.inf)
         m = z.max(1, keepdims=True)
