@@ -161,7 +161,7 @@ def make_problem(
         logits=lay.to_rows(logits),
         labels=labels,
         where=mask(where, logits.shape, lay, axis),
-        class_weights=class_weights(weights, lay, logits.dtype),
+        class_weights=class_weights(weights, lay, logits.dtype, logits.shape),
         temperature=temperature,
     )
 
@@ -199,14 +199,18 @@ def mask(
     return lay.to_rows(jnp.broadcast_to(where, logits_shape))
 
 
-def class_weights(weights, lay: Layout, dtype) -> jax.Array | None:
+def class_weights(
+    weights, lay: Layout, dtype, logits_shape: tuple[int, ...], name: str = "logits"
+) -> jax.Array | None:
+    """``[V]`` class weights in the accumulation dtype; ``name`` and ``logits_shape`` describe
+    the logits in the error message."""
     if weights is None:
         return None
     weights = jnp.asarray(weights)
     if weights.shape != (lay.num_classes,):
         raise ValueError(
             f"class_weights shape {weights.shape} must be [{lay.num_classes}], the number of "
-            f"classes of the logits"
+            f"classes of the {name} (shape {logits_shape})"
         )
     return jax.lax.stop_gradient(weights.astype(accumulation_dtype(dtype)))
 

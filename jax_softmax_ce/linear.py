@@ -36,6 +36,7 @@ from jax_softmax_ce.kernels import linear as _kernels
 from jax_softmax_ce.kernels.linear import BlockSizes
 
 WEIGHT_LAYOUTS = ("dv", "vd")
+LOGITS = "logits inputs @ weight"  # how errors name the logits the caller never passed
 PALLAS_BACKENDS = ("tpu", "gpu")
 
 
@@ -792,8 +793,10 @@ def linear_softmax_cross_entropy(
         weight=weight,
         bias=bias,
         labels=jnp.broadcast_to(labels, lay.batch_shape).reshape(lay.num_rows),
-        where=_canonical.mask(where, logits_shape, lay, -1),
-        class_weights=_canonical.class_weights(class_weights, lay, inputs.dtype),
+        where=_canonical.mask(where, logits_shape, lay, -1, LOGITS),
+        class_weights=_canonical.class_weights(
+            class_weights, lay, inputs.dtype, logits_shape, LOGITS
+        ),
         temperature=array_temperature,
     )
     if implementation is None:

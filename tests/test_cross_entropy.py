@@ -657,7 +657,7 @@ def test_smoothing_mass_goes_to_valid_classes_only():
                 jnp.zeros((2, 3)), jnp.zeros((2, 3)), class_weights=jnp.ones(4)
             ),
             ValueError,
-            r"class_weights shape \(4,\) must be \[3\]",
+            r"class_weights shape \(4,\) must be \[3\], .* logits \(shape \(2, 3\)\)",
         ),
         (
             lambda: sce.softmax_cross_entropy(
