@@ -91,6 +91,12 @@ def using(**settings):
         _settings = previous
 
 
+def trace_key() -> tuple:
+    """What this module reads from the environment while a call is traced (the `Settings` and
+    ``$JAX_SOFTMAX_CE_PALLAS_PLATFORM``), for a cache of traced calls to key on."""
+    return _settings, os.environ.get(PLATFORM_ENV)
+
+
 def default_platform() -> str:
     backend = jax.default_backend()
     if backend == "tpu":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -28,6 +29,17 @@ def choose_implementation(problem: _canonical.Problem, options: Options) -> str:
     """What ``implementation=None`` runs: ``"xla"`` on every platform for now."""
     del problem, options
     return "xla"
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "options", "integer", "pallas"))
+def _per_example(problem, *, implementation: str, options: Options, integer: bool, pallas):
+    """``IMPLEMENTATIONS[implementation]`` under a ``jit`` keyed by the static options, so that an
+    eager call reuses what an earlier call of the same shapes and options compiled (a kernel or a
+    loop would otherwise be traced and compiled anew on every call); inside a caller's ``jit``
+    it is inlined. ``pallas`` (`_pallas.trace_key`) is only part of the key: the settings that
+    the ``"pallas"`` implementation reads while it is traced."""
+    del pallas
+    return IMPLEMENTATIONS[implementation](problem, options, integer=integer)
 
 
 def _loss(
@@ -74,7 +86,13 @@ def _loss(
     )
     if implementation is None:
         implementation = choose_implementation(problem, options)
-    losses = IMPLEMENTATIONS[implementation](problem, options, integer=integer)
+    losses = _per_example(
+        problem,
+        implementation=implementation,
+        options=options,
+        integer=integer,
+        pallas=_pallas.trace_key(),
+    )
     return _canonical.reduce_losses(
         losses,
         problem,

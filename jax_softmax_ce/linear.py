@@ -561,12 +561,17 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
 }
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _run_implementation(implementation, problem: LinearProblem, options, config) -> jax.Array:
     """Per-example losses from one implementation. Operands with an explicit sharding (data- or
     vocabulary-parallel under ``jit``) are handed to XLA's partitioner: the blockwise loops run
     under `jax.sharding.auto_axes`, since their dynamic slices have no explicit-sharding rule,
     and the losses come back sharded like the inputs' rows. Pallas kernels cannot be partitioned
-    that way and raise; inside ``shard_map`` every implementation runs per shard."""
+    that way and raise; inside ``shard_map`` every implementation runs per shard.
+
+    Jitted with the static parts as its key, so that an eager call reuses what an earlier call
+    of the same shapes and options compiled (the loops and kernels would otherwise be traced and
+    compiled anew on every call); inside a caller's ``jit`` it is inlined."""
     mesh = _canonical.explicit_mesh(problem)
     if mesh is None:
         return implementation(problem, options, config)

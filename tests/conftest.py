@@ -49,3 +49,19 @@ def lowering_target():
         return jax.sharding.use_abstract_mesh(mesh)
 
     return target
+
+
+_COMPILES: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **_kwargs: (
+        _COMPILES.append(event) if event.endswith("backend_compile_duration") else None
+    )
+)
+
+
+@pytest.fixture
+def compilations():
+    """``compilations()``: how many XLA compilations this process ran since the test began (a
+    listener on jax.monitoring's compile events)."""
+    start = len(_COMPILES)
+    return lambda: len(_COMPILES) - start

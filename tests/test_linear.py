@@ -402,6 +402,30 @@ def _float32_losses(implementation, x, w, b, y, class_weights, **kwargs):
     )
 
 
+@pytest.mark.parametrize("engine", ["xla", "pallas:tpu"])
+def test_eager_calls_compile_once(engine, compilations):
+    """A second eager call with the same shapes and options reuses what the first compiled (the
+    blockwise loops and the kernels used to be traced and compiled again on every call)."""
+    implementation, _, schedule = engine.partition(":")
+    d, pallas = _pallas_args(schedule) if schedule else (D, {"block_sizes": SMALL_BLOCKS})
+    (x, w, b, y), (x2, *_) = _data(d=d), _data(d=d, seed=1)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    args = [f32(x), f32(x2), f32(w), f32(b), jnp.asarray(y)]
+
+    def loss(inputs):
+        return sce.linear_softmax_cross_entropy(
+            inputs, args[2], args[4], bias=args[3], implementation=implementation, **pallas
+        )
+
+    first = loss(args[0])
+    before = compilations()
+    second = loss(args[1])
+    assert compilations() == before
+    for inputs, got in ((x, first), (x2, second)):
+        want = numpy_linear_ce(inputs, w, y, bias=b)[1]
+        np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
 @pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_non_finite_logits_are_never_hidden(engine, softcap):

@@ -559,6 +559,32 @@ def test_unsupported_blocks_raise(schedule):
             sce.softmax_cross_entropy_with_integer_labels(logits, labels, implementation="pallas")
 
 
+def test_eager_calls_compile_once(schedule, compilations):
+    """A second eager call with the same shapes and options reuses the compiled kernels (it used
+    to trace and compile them again); changed settings are traced anew, not served stale."""
+    rng = np.random.default_rng(9)
+    logits = [jnp.asarray(rng.normal(size=(N, SMALL_V)), jnp.float32) for _ in range(2)]
+    labels = jnp.asarray(rng.integers(0, SMALL_V, N), jnp.int32)
+    with pallas(schedule, jnp.float32):
+        first = sce.softmax_cross_entropy_with_integer_labels(
+            logits[0], labels, implementation="pallas"
+        )
+        before = compilations()
+        second = sce.softmax_cross_entropy_with_integer_labels(
+            logits[1], labels, implementation="pallas"
+        )
+        assert compilations() == before
+    for x, loss in zip(logits, (first, second), strict=True):
+        want = reference(x, labels, integer=True)[0]
+        np.testing.assert_allclose(np.asarray(loss, np.float64), want, rtol=1e-5, atol=1e-6)
+    bad = BlockSizes(12, 100)  # fits neither schedule
+    with _pallas.using(platform=schedule, block_sizes=bad, interpret=interpret(schedule)):
+        with pytest.raises(NotImplementedError, match="block"):
+            sce.softmax_cross_entropy_with_integer_labels(
+                logits[1], labels, implementation="pallas"
+            )
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
 def test_compiled_on_cpu_raises(schedule):
     logits, labels = make_case(SMALL_V, jnp.float32, integer=True)
