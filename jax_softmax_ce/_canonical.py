@@ -256,6 +256,22 @@ def like_primal(grad, primal):
     return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
 
 
+def temperature_gradient(terms, lse, ct, temperature, z_loss: float):
+    """``dl/dT`` of an array temperature, typed like it: ``-(sum of terms + z-loss part) / T``.
+
+    ``terms`` are the rows' `_tile.temperature_term` values (or their sum), already times the
+    cotangent; the z-loss part ``2 z_loss ct lse**2`` of each row with a finite ``lse`` is the
+    rest of ``sum_k g_k z'_k``. ``lse`` and ``ct`` are per row, of one shape."""
+    dtype = lse.dtype
+    total = jnp.sum(terms)
+    if z_loss:
+        finite = jnp.isfinite(lse)
+        lse2 = jnp.where(finite, lse, jnp.zeros((), dtype)) ** 2
+        total = total + jnp.sum(jnp.where(finite, 2.0 * z_loss * ct * lse2, 0))
+    grad = (-total / temperature.astype(dtype)).astype(temperature.dtype)
+    return like_primal(grad, temperature)
+
+
 def label_weights(labels: jax.Array, class_weights, num_classes: int, dtype) -> jax.Array:
     """``[N]`` class weight of each integer label (NaN for a label outside ``[0, V)``). The range
     is checked here: indexing with ``mode="fill"`` would wrap a negative label around first."""

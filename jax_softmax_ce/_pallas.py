@@ -390,14 +390,9 @@ def _kernel_backward(call, logits, labels, where, class_weights, temperature, ls
     d_logits, d_labels, t_row = _run_backward(call, inputs, residuals)
     d_temperature = None
     if temperature is not None:
-        dtype = lse.dtype
-        row = t_row[:, 0]
-        if call.options.z_loss:
-            finite = jnp.isfinite(lse)
-            lse2 = jnp.where(finite, lse, jnp.zeros((), dtype)) ** 2
-            row = row + jnp.where(finite, 2.0 * call.options.z_loss * ct * lse2, 0)
-        d_temperature = (-jnp.sum(row) / temperature.astype(dtype)).astype(temperature.dtype)
-        d_temperature = _canonical.like_primal(d_temperature, temperature)
+        d_temperature = _canonical.temperature_gradient(
+            t_row, lse, ct, temperature, call.options.z_loss
+        )
     return d_logits, d_labels, d_temperature
 
 

@@ -191,14 +191,9 @@ def _bwd(options, integer, residuals, cotangent):
         d_labels = jnp.where(ct != 0, d_labels, 0).astype(labels.dtype)
     d_temperature = None
     if temperature is not None:
-        row = _tile.temperature_term(z, g, lse)
-        if options.z_loss:
-            finite = jnp.isfinite(lse)
-            row = row + jnp.where(
-                finite, 2.0 * options.z_loss * ct * jnp.where(finite, lse, 0) ** 2, 0
-            )
-        d_temperature = (-jnp.sum(row) / t).astype(temperature.dtype)
-        d_temperature = _canonical.like_primal(d_temperature, temperature)
+        d_temperature = _canonical.temperature_gradient(
+            _tile.temperature_term(z, g, lse), lse, ct, temperature, options.z_loss
+        )
     return d_logits.astype(logits.dtype), d_labels, None, None, d_temperature
 
 

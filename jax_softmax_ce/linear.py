@@ -423,12 +423,9 @@ def _operand_grads(options, config, operands, lse, cotangent):
     dx, dw, db, t_sum = _backward_engine(config)(options, config, problem, rows, lse[:, None], ct)
     d_temperature = None
     if problem.temperature is not None:
-        t = problem.temperature.astype(dtype)
-        if options.z_loss:
-            finite = jnp.isfinite(lse)
-            lse2 = jnp.where(finite, lse, 0) ** 2
-            t_sum = t_sum + jnp.sum(jnp.where(finite, 2.0 * options.z_loss * ct[:, 0] * lse2, 0))
-        d_temperature = (-t_sum / t).astype(problem.temperature.dtype)
+        d_temperature = _canonical.temperature_gradient(
+            t_sum, lse, ct[:, 0], problem.temperature, options.z_loss
+        )
     grads = (
         dx.astype(problem.inputs.dtype),
         dw.astype(problem.weight.dtype),
