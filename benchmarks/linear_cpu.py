@@ -48,9 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax_softmax_ce.kernels.linear import BlockSizes
 
 import jax_softmax_ce as sce
+from jax_softmax_ce import BlockSizes
 
 DEFAULT_SHAPES = ("8192x1024x32768", "8192x512x32768")
 GOAL_SHAPE = (8192, 512, 32768)
@@ -215,9 +215,8 @@ def run_shape(
                 w,
                 y,
                 reduction="mean",
-                implementation="xla",
+                implementation=sce.Xla(block_sizes),
                 gradient_filter_eps=eps,
-                block_sizes=block_sizes,
             )
 
         return loss
@@ -283,7 +282,7 @@ def main(argv=None):
         help="standard deviation of the logits; a trained model's are sharper than 1",
     )
     args = parser.parse_args(argv)
-    default = BlockSizes.get_default("xla")
+    default = BlockSizes.get_default("xla", num_rows=1, num_classes=1, dtype=None, hidden=1)
     block_sizes = BlockSizes(args.block_n or default.block_n, args.block_v or default.block_v)
     load_before = os.getloadavg()[0]
     runs = []

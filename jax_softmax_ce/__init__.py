@@ -1,5 +1,8 @@
 """Softmax cross-entropy losses for JAX: optax-compatible, with every option, and memory-lean."""
 
+from jax_softmax_ce._options import BlockSizes as BlockSizes
+from jax_softmax_ce._options import Pallas as Pallas
+from jax_softmax_ce._options import Xla as Xla
 from jax_softmax_ce._version import __version__ as __version__
 from jax_softmax_ce.binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jax_softmax_ce.binary import sigmoid_focal_loss as sigmoid_focal_loss

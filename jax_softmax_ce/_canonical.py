@@ -1,11 +1,24 @@
-"""From the caller's shapes to the canonical ``[N, V]`` problem, validated once.
+"""From the caller's shapes to the canonical ``[N, V]`` problem, validated once, and the per-row
+facts that every implementation reads.
 
-Implementations receive a `Problem` and never see ``axis``, tuples of axes, broadcasting or Python
-validation. Every error here names the argument and the shapes involved.
+Both the logits losses and the fused loss canonicalise into one `Problem`, whose logits are either
+an ``[N, V]`` array or a `Linear` projection ``inputs @ weight (+ bias)`` that an implementation
+forms blockwise. The per-row rules are written here and nowhere else:
+
+- `Rows`: each integer label's weight (the class weight of the label; 0 for an ignored example;
+  NaN for a label outside ``[0, V)``, since a value cannot raise under ``jit``), the number of
+  valid classes of each row, and which rows count (not ignored, with a valid class);
+- `mask_kind`: how the ``where`` mask is laid out (``"row"``, ``"col"`` or ``"full"``);
+- `temperature`: the temperature every formula divides by (NaN for a non-positive array
+  temperature, like an out-of-range label);
+- `reduce`: the reductions, with PyTorch's weighted mean.
+
+Every error here names the argument and the shapes involved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import NamedTuple
@@ -14,27 +27,99 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_softmax_ce.kernels._blocks import varying_axes
-from jax_softmax_ce.kernels._tile import accumulation_dtype
+from jax_softmax_ce._options import Options
+from jax_softmax_ce._util import accumulation_dtype, varying_axes
+from jax_softmax_ce.kernels import _blocks
+
+LINEAR_LOGITS = "logits inputs @ weight"  # how errors name the logits the caller never passed
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """Logits ``inputs @ weight (+ bias)`` that are never materialised.
+
+    Attributes:
+      inputs: ``[N, D]`` (``[..., D]`` before canonicalisation).
+      weight: ``[D, V]``, or ``[V, D]`` when ``vd`` (the tied layout).
+      bias: None or ``[V]``.
+      vd: the weight layout (static).
+    """
+
+    inputs: jax.Array
+    weight: jax.Array
+    bias: jax.Array | None
+    vd: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0 if self.vd else 1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the logits."""
+        return (*self.inputs.shape[:-1], self.num_classes)
+
+    @property
+    def dtype(self):
+        return self.inputs.dtype
+
+
+class Rows(NamedTuple):
+    """The per-row facts, as ``[N, 1]`` columns (``n_valid`` may be ``[1, 1]``, shared).
+
+    Attributes:
+      label_weight: integer labels only (else None): the class weight of each label (1 without
+        class weights), 0 for an ignored example, NaN for a label outside ``[0, V)``; in the
+        accumulation dtype.
+      n_valid: the number of valid classes, in the accumulation dtype: ``[N, 1]`` for a
+        ``"row"`` or ``"full"`` mask, else ``[1, 1]``.
+      counted: bool, the examples that count: not ignored, and with at least one valid class.
+    """
+
+    label_weight: jax.Array | None
+    n_valid: jax.Array
+    counted: jax.Array
 
 
 class Problem(NamedTuple):
     """Canonical operands of one loss call (a pytree; absent operands are None).
 
     Attributes:
-      logits: ``[N, V]`` floating logits, in the caller's dtype.
-      labels: ``[N]`` integer labels, or ``[N, V]`` probabilities.
-      where: None, or a boolean mask of shape ``[N, 1]`` (whole examples), ``[1, V]`` (a
-        vocabulary mask shared by every example) or ``[N, V]``.
-      class_weights: None, or ``[V]`` in the accumulation dtype.
+      logits: ``[N, V]`` floating logits in the caller's dtype, or a `Linear` projection.
+      labels: ``[N]`` int32 labels (-1 for a label outside ``[0, V)``), or ``[N, V]``
+        probabilities.
+      where: None, or a boolean mask of shape ``[N, 1]``, ``[1, V]`` or ``[N, V]``
+        (`Options.mask` names which).
+      class_weights: None, or ``[V]`` in the accumulation dtype (no gradient).
       temperature: None, or a scalar array (a Python temperature lives in `Options`).
+      rows: the per-row facts.
     """
 
-    logits: jax.Array
+    logits: jax.Array | Linear
     labels: jax.Array
     where: jax.Array | None
     class_weights: jax.Array | None
     temperature: jax.Array | None
+    rows: Rows
+
+    @property
+    def num_rows(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        logits = self.logits
+        return logits.num_classes if isinstance(logits, Linear) else logits.shape[1]
+
+    @property
+    def dtype(self):
+        """The dtype of the logits (of the inputs for a `Linear` problem)."""
+        return self.logits.dtype
+
+    @property
+    def accumulation_dtype(self) -> np.dtype:
+        return accumulation_dtype(self.logits.dtype)
 
 
 class Layout(NamedTuple):
@@ -61,9 +146,9 @@ class Layout(NamedTuple):
 
 def explicit_mesh(arrays):
     """The mesh of the first array whose type names a mesh axis (an explicit sharding under
-    ``jit``), or None. ``arrays`` may hold None."""
-    for x in arrays:
-        sharding = None if x is None else getattr(jax.typeof(x), "sharding", None)
+    ``jit``), or None. ``arrays`` is a pytree."""
+    for x in jax.tree.leaves(arrays):
+        sharding = getattr(jax.typeof(x), "sharding", None)
         spec = getattr(sharding, "spec", None)
         if spec is not None and any(axis is not None for axis in spec):
             return sharding.mesh
@@ -111,14 +196,15 @@ def layout(shape: tuple[int, ...], axis, name: str = "logits") -> Layout:
     return Layout(batch_axes, class_axes, tuple(shape[a] for a in batch_axes), num_classes)
 
 
-def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     try:
         return np.broadcast_shapes(shape, target) == tuple(target)
     except ValueError:
         return False
 
 
-def integer_labels(labels, logits_shape, lay: Layout, axis) -> jax.Array:
+def integer_labels(labels, logits_shape, lay: Layout, axis, name: str = "logits") -> jax.Array:
+    """``[N]`` integer labels in the caller's integer dtype."""
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(
@@ -126,17 +212,18 @@ def integer_labels(labels, logits_shape, lay: Layout, axis) -> jax.Array:
             f"{labels.dtype} with shape {labels.shape}; use softmax_cross_entropy for "
             f"probability labels"
         )
-    if not _broadcasts_to(labels.shape, lay.batch_shape):
+    if not broadcasts_to(labels.shape, lay.batch_shape):
         raise ValueError(
-            f"labels shape {labels.shape} does not match logits shape {logits_shape} "
+            f"labels shape {labels.shape} does not match {name} shape {logits_shape} "
             f"without axis {axis} (expected {lay.batch_shape})"
         )
     return jnp.broadcast_to(labels, lay.batch_shape).reshape(lay.num_rows)
 
 
 def probability_labels(labels, logits: jax.Array, lay: Layout) -> jax.Array:
+    """``[N, V]`` probability labels (a non-floating array is cast to the logits' dtype)."""
     labels = jnp.asarray(labels)
-    if not _broadcasts_to(labels.shape, logits.shape):
+    if not broadcasts_to(labels.shape, logits.shape):
         raise ValueError(
             f"labels shape {labels.shape} does not broadcast to logits shape {logits.shape}"
         )
@@ -145,25 +232,15 @@ def probability_labels(labels, logits: jax.Array, lay: Layout) -> jax.Array:
     return lay.to_rows(jnp.broadcast_to(labels, logits.shape))
 
 
-def labels_to_rows(labels, logits: jax.Array, lay: Layout, axis, *, integer: bool) -> jax.Array:
-    """``[N]`` integer labels, or ``[N, V]`` probability labels."""
-    if integer:
-        return integer_labels(labels, logits.shape, lay, axis)
-    return probability_labels(labels, logits, lay)
-
-
-def make_problem(
-    logits: jax.Array, labels: jax.Array, lay: Layout, axis, *, where, weights, temperature
-) -> Problem:
-    """The `Problem` of checked ``logits`` and of labels from `labels_to_rows`; ``where`` and the
-    class ``weights`` are validated here, ``temperature`` is None or from `array_temperature`."""
-    return Problem(
-        logits=lay.to_rows(logits),
-        labels=labels,
-        where=mask(where, logits.shape, lay, axis),
-        class_weights=class_weights(weights, lay, logits.dtype, logits.shape),
-        temperature=temperature,
-    )
+def check_where(where):
+    """``where`` as an array, refusing a Python int: that is ``ignore_index`` passed by
+    position, since ``where`` is the fourth positional argument, as in optax."""
+    if isinstance(where, numbers.Integral) and not isinstance(where, (bool, np.bool_)):
+        raise TypeError(
+            f"where must be a boolean mask, got the integer {where!r}: where is the fourth "
+            f"positional argument (as in optax), so pass ignore_index={where!r} by keyword"
+        )
+    return None if where is None else jnp.asarray(where)
 
 
 def mask(
@@ -171,8 +248,9 @@ def mask(
 ) -> jax.Array | None:
     """The ``where`` mask as ``[N, 1]``, ``[1, V]`` or ``[N, V]`` booleans.
 
-    A ``where`` of lower rank than the logits masks whole examples (optax's rule: the class axes
-    are inserted); otherwise it broadcasts against the logits (the operand ``name``).
+    A ``where`` with the rank of the batch shape masks whole examples (optax's rule: the class
+    axes are inserted); a scalar or a mask of the logits' rank broadcasts against the logits
+    (the operand ``name``).
     """
     if where is None:
         return None
@@ -181,11 +259,24 @@ def mask(
     if where.dtype != jnp.bool_:
         where = where.astype(jnp.bool_)
     ndim = len(logits_shape)
-    if where.ndim == ndim - len(lay.class_axes) and where.ndim != ndim:
+    batch_rank = ndim - len(lay.class_axes)
+    if where.ndim == batch_rank and where.ndim != ndim:
         where = jnp.expand_dims(where, lay.class_axes)
-    if where.ndim != ndim or not _broadcasts_to(where.shape, logits_shape):
+    elif where.ndim == 0:
+        where = where.reshape((1,) * ndim)
+    if where.ndim != ndim or not broadcasts_to(where.shape, logits_shape):
+        class_shape = tuple(logits_shape[a] for a in lay.class_axes)
+        suggestion = tuple(1 if a in lay.batch_axes else n for a, n in enumerate(logits_shape))
+        hint = (
+            f"; to mask classes, give it the {name}' rank: shape {suggestion}"
+            if given == class_shape
+            else ""
+        )
         raise ValueError(
-            f"where shape {given} does not broadcast to {name} shape {logits_shape} (axis {axis})"
+            f"where shape {given} does not broadcast to {name} shape {logits_shape} (axis "
+            f"{axis}): a where of the batch's rank ({batch_rank}) masks whole examples and must "
+            f"broadcast to the batch shape {lay.batch_shape}; one of the {name}' rank ({ndim}) "
+            f"masks classes and must broadcast to {logits_shape}{hint}"
         )
     per_row = all(where.shape[a] == 1 for a in lay.class_axes)
     per_class = not per_row and all(where.shape[a] == 1 for a in lay.batch_axes)
@@ -197,6 +288,14 @@ def mask(
         where = jnp.transpose(jnp.broadcast_to(where, target), lay.perm)
         return where.reshape(1, lay.num_classes)
     return lay.to_rows(jnp.broadcast_to(where, logits_shape))
+
+
+def mask_kind(where: jax.Array | None) -> str | None:
+    """`Options.mask` of a canonical mask: None, ``"row"``, ``"col"`` or ``"full"``."""
+    if where is None:
+        return None
+    rows, cols = where.shape
+    return "row" if cols == 1 else "col" if rows == 1 else "full"
 
 
 def class_weights(
@@ -227,24 +326,105 @@ def array_temperature(temperature) -> jax.Array | None:
     return temperature
 
 
-def valid_count(where: jax.Array | None, num_rows: int, num_classes: int, dtype) -> jax.Array:
-    """``[N, 1]`` (or ``[1, 1]``) number of valid classes per row, in ``dtype``."""
+def rows(options: Options, labels, where, weights, num_classes: int, dtype) -> Rows:
+    """The per-row facts of canonical ``[N]`` integer (or ``[N, V]`` probability) ``labels``,
+    in the caller's integer dtype, so that a label that does not fit in int32 is still out of
+    range."""
+    n = labels.shape[0]
     if where is None:
-        return jnp.full((1, 1), num_classes, dtype)
-    if where.shape[1] == 1:
-        return where.astype(dtype) * num_classes
-    return jnp.sum(where, axis=1, keepdims=True, dtype=dtype)
+        n_valid = jnp.full((1, 1), num_classes, dtype)
+        counted = jnp.ones((n, 1), jnp.bool_)
+    elif where.shape[1] == 1:
+        n_valid = where.astype(dtype) * num_classes
+        counted = where
+    else:
+        n_valid = jnp.sum(where, axis=1, keepdims=True, dtype=dtype)
+        counted = jnp.broadcast_to(jnp.any(where, axis=1, keepdims=True), (n, 1))
+    label_weight = None
+    if options.integer:
+        in_range = (labels >= 0) & (labels < num_classes)
+        # The range is checked first: indexing with mode="fill" would wrap a negative label.
+        weight = jnp.ones((n,), dtype)
+        if weights is not None:
+            weight = weights.astype(dtype).at[labels].get(mode="clip")
+        weight = jnp.where(in_range, weight, jnp.full((), np.nan, dtype))
+        if options.ignore_index is not None:
+            ignored = labels == options.ignore_index
+            weight = jnp.where(ignored, jnp.zeros((), dtype), weight)
+            counted = counted & ~ignored[:, None]
+        label_weight = weight[:, None]
+    return Rows(label_weight, n_valid, counted)
 
 
-def counted_rows(problem: Problem, ignore_index: int | None, integer: bool) -> jax.Array:
-    """``[N]`` bool: the examples that count (not ignored, and with at least one valid class)."""
-    n = problem.logits.shape[0]
-    counted = jnp.ones((n,), jnp.bool_)
-    if problem.where is not None:
-        counted = jnp.broadcast_to(jnp.any(problem.where, axis=1), (n,))
-    if integer and ignore_index is not None:
-        counted = counted & (problem.labels != ignore_index)
-    return counted
+def canonicalise(
+    logits, labels, axis, where, weights, temperature, options: Options
+) -> tuple[Problem, Options, Layout]:
+    """The `Problem` of one call, the `Options` with its mask kind set, and the `Layout` of the
+    caller's logits. ``logits`` is a floating array, or a `Linear` with ``[..., D]`` inputs
+    (checked by the caller); ``temperature`` is None or from `array_temperature`."""
+    linear = isinstance(logits, Linear)
+    name = LINEAR_LOGITS if linear else "logits"
+    shape = logits.shape
+    lay = layout(shape, -1 if linear else axis, name)
+    if options.integer:
+        labels = integer_labels(labels, shape, lay, axis, name)
+    else:
+        labels = probability_labels(labels, logits, lay)
+    where = mask(where, shape, lay, axis, name)
+    weights = class_weights(weights, lay, logits.dtype, shape, name)
+    options = dataclasses.replace(options, mask=mask_kind(where), vd=linear and logits.vd)
+    dtype = accumulation_dtype(logits.dtype)
+    facts = rows(options, labels, where, weights, lay.num_classes, dtype)
+    if options.integer:
+        in_range = (labels >= 0) & (labels < lay.num_classes)
+        labels = jnp.where(in_range, labels, -1).astype(jnp.int32)
+    if linear:
+        inputs = logits.inputs.reshape(lay.num_rows, logits.inputs.shape[-1])
+        logits = dataclasses.replace(logits, inputs=inputs)
+    else:
+        logits = lay.to_rows(logits)
+    return Problem(logits, labels, where, weights, temperature, facts), options, lay
+
+
+def temperature(options: Options, problem: Problem, dtype=None):
+    """The temperature ``T`` that every formula divides by: `Options`' Python float, or the
+    array operand in ``dtype`` (the accumulation dtype by default), NaN where it is not
+    positive, which makes every loss NaN (a value cannot raise under ``jit``)."""
+    t = problem.temperature
+    if t is None:
+        return options.temperature
+    t = t.astype(dtype or problem.accumulation_dtype)
+    return jnp.where(t > 0, t, jnp.full((), np.nan, t.dtype))
+
+
+def operands(options: Options, problem: Problem, **saved) -> _blocks.Operands:
+    """The kernel operands of ``problem`` (and the backward's ``lse``, ``w_total`` and ``ct``,
+    each ``[N, 1]``): two-dimensional, the ``where`` mask as int8 (``[N, V]``) or int32, the
+    temperature resolved (`_canonical.temperature`); inside ``shard_map`` all varying over the
+    same axes, so that the outputs can be typed like any of them."""
+    dtype = problem.accumulation_dtype
+    logits, rows = problem.logits, problem.rows
+    fused = isinstance(logits, Linear)
+    where = problem.where
+    if where is not None:
+        where = where.astype(jnp.int8 if options.mask == "full" else jnp.int32)
+    bias = logits.bias if fused else None
+    ops = _blocks.Operands(
+        logits=None if fused else logits,
+        x=logits.inputs if fused else None,
+        w=logits.weight if fused else None,
+        bias=None if bias is None else bias.astype(dtype)[None, :],
+        labels=problem.labels[:, None] if options.integer else problem.labels,
+        label_weight=rows.label_weight,
+        where=where,
+        class_weights=None if problem.class_weights is None else problem.class_weights[None, :],
+        n_valid=rows.n_valid if saved and options.label_smoothing else None,
+        temperature=None
+        if problem.temperature is None
+        else jnp.reshape(temperature(options, problem), (1, 1)),
+        **saved,
+    )
+    return _blocks.Operands(*_blocks.vary_alike(list(ops)))
 
 
 def like_primal(grad, primal):
@@ -256,38 +436,28 @@ def like_primal(grad, primal):
     return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
 
 
-def temperature_gradient(terms, lse, ct, temperature, z_loss: float):
-    """``dl/dT`` of an array temperature, typed like it: ``-(sum of terms + z-loss part) / T``.
+def temperature_gradient(terms, lse, ct, problem: Problem, options: Options):
+    """``dl/dT`` of the array temperature, typed like it: ``-(sum of terms + z-loss part) / T``.
 
     ``terms`` are the rows' `_tile.temperature_term` values (or their sum), already times the
     cotangent; the z-loss part ``2 z_loss ct lse**2`` of each row with a finite ``lse`` is the
     rest of ``sum_k g_k z'_k``. ``lse`` and ``ct`` are per row, of one shape."""
     dtype = lse.dtype
     total = jnp.sum(terms)
-    if z_loss:
+    if options.z_loss:
         finite = jnp.isfinite(lse)
         lse2 = jnp.where(finite, lse, jnp.zeros((), dtype)) ** 2
-        total = total + jnp.sum(jnp.where(finite, 2.0 * z_loss * ct * lse2, 0))
-    grad = (-total / temperature.astype(dtype)).astype(temperature.dtype)
-    return like_primal(grad, temperature)
+        total = total + jnp.sum(jnp.where(finite, 2.0 * options.z_loss * ct * lse2, 0))
+    t = problem.temperature
+    grad = (-total / temperature(options, problem, dtype)).astype(t.dtype)
+    return like_primal(grad, t)
 
 
-def label_weights(labels: jax.Array, class_weights, num_classes: int, dtype) -> jax.Array:
-    """``[N]`` class weight of each integer label (NaN for a label outside ``[0, V)``). The range
-    is checked here: indexing with ``mode="fill"`` would wrap a negative label around first."""
-    in_range = (labels >= 0) & (labels < num_classes)
-    weights = jnp.ones((), dtype)
-    if class_weights is not None:
-        weights = class_weights.astype(dtype).at[labels].get(mode="clip")
-    return jnp.where(in_range, weights, jnp.full((), np.nan, dtype))
-
-
-def reduce_losses(
+def reduce(
     losses: jax.Array,
-    problem: Problem,
+    counted: jax.Array,
+    weights: jax.Array | None,
     *,
-    ignore_index: int | None,
-    integer: bool,
     reduction: str,
     batch_shape: tuple[int, ...],
     dtype,
@@ -295,9 +465,9 @@ def reduce_losses(
     """Applies ``reduction`` to per-example losses ``[N]`` (already 0 where an example does not
     count) and casts to the output ``dtype``.
 
-    ``"mean"`` is PyTorch's weighted mean ``sum_i l_i / sum_i c_i`` over counted examples, with
-    ``c_i`` the class weight of an integer label (1 without class weights, and 1 for probability
-    labels); it is 0 when nothing counts.
+    ``"mean"`` is PyTorch's weighted mean ``sum_i l_i / sum_i c_i`` over the ``counted``
+    examples (``[N]`` bool), with ``c_i`` from ``weights`` (``[N]``, the class weight of each
+    integer label; None for 1 each); it is 0 when nothing counts.
     """
     losses = losses.astype(dtype)
     if reduction == "none":
@@ -305,12 +475,23 @@ def reduce_losses(
     total = jnp.sum(losses)
     if reduction == "sum":
         return total
-    counted = counted_rows(problem, ignore_index, integer)
-    if integer and problem.class_weights is not None:
-        num_classes = problem.logits.shape[1]
-        weights = label_weights(problem.labels, problem.class_weights, num_classes, dtype)
-        denominator = jnp.sum(jnp.where(counted, weights, 0)).astype(dtype)
-    else:
+    if weights is None:
         denominator = jnp.sum(counted, dtype=dtype)
+    else:
+        denominator = jnp.sum(jnp.where(counted, weights, 0)).astype(dtype)
     nonzero = denominator != 0
     return jnp.where(nonzero, total / jnp.where(nonzero, denominator, 1), jnp.zeros((), dtype))
+
+
+def reduce_problem(losses, problem: Problem, options: Options, *, reduction, batch_shape, dtype):
+    """`reduce` of a problem's per-example losses: the weighted mean divides by the label
+    weights where there are class weights and integer labels."""
+    weighted = options.integer and problem.class_weights is not None
+    return reduce(
+        losses,
+        problem.rows.counted[:, 0],
+        problem.rows.label_weight[:, 0] if weighted else None,
+        reduction=reduction,
+        batch_shape=batch_shape,
+        dtype=dtype,
+    )

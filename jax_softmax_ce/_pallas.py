@@ -1,57 +1,71 @@
-"""The ``"pallas"`` implementation: vocabulary-tiled kernels around a ``custom_vjp``.
+"""The ``"pallas"`` implementation: the vocabulary-tiled kernels of both losses, the schedule
+chosen when lowering, and first derivatives from the kernels.
 
-The forward kernel streams the logits once and writes the per-example loss, the float32
-log-sum-exp and the total target weight ``sum_k w_k q_k``; the backward kernel streams them
-once more and writes the gradient in the logits' dtype. Two schedules share the block math of
-`kernels._blocks` (itself made of `kernels._tile`): ``"tpu"`` (Mosaic, a reduction grid axis
-over the vocabulary) and ``"gpu"`` (Triton, an in-kernel loop over the vocabulary).
+Forward, a kernel streams the logits once (or forms them tile by tile from ``inputs @ weight``)
+and writes each row's float32 accumulators, from which XLA finishes the loss, the log-sum-exp and
+the total target weight ``W`` (`_tile.finish`, O(N)). Backward, a kernel streams them once more
+and writes the gradient, from the saved ``lse`` and ``W``. Four schedules share the block math
+of `kernels._blocks`: the logits losses' ``cross_entropy_tpu`` (Mosaic, a reduction grid axis
+over the vocabulary) and ``cross_entropy_gpu`` (Triton, an in-kernel loop), and the fused loss's
+``linear_tpu`` and ``linear_gpu``.
 
-The schedule follows the default backend. On CPU the kernels run in Pallas' interpreter (the TPU
-one with race detection, out-of-bounds reads raising and NaN for uninitialised memory), with the
-schedule named by the environment variable ``JAX_SOFTMAX_CE_PALLAS_PLATFORM`` (``"tpu"``
-unless set) or by `using`.
+Which schedule runs is decided when the computation is lowered, by ``lax.platform_dependent``:
+the Mosaic kernel when lowering for a TPU, the Triton kernel for a CUDA or ROCm GPU, and on a CPU
+the GPU schedule in Pallas' interpreter (the generic one: the strict TPU interpreter orders its
+host callbacks, an effect that a ``platform_dependent`` branch cannot carry when another branch
+is lowered). A platform whose kernel cannot take the case (blocks off its tiling, float64 on a
+TPU, a schedule named for another platform) gets a branch that raises ``NotImplementedError``
+with the reason when, and only when, it is lowered: an explicit choice never falls back.
+`Pallas.interpret` runs one schedule in the interpreter on every platform instead.
 
-Transformations. ``vmap`` folds batch axes into rows (a ``custom_vmap`` around each kernel), so a
-batched call is one kernel launch; a batched ``class_weights``, vocabulary mask or temperature,
-which cannot be folded, runs the kernel once per batch element under ``lax.map``. ``grad`` runs
-the backward kernel. ``grad`` of ``grad`` differentiates the ``"xla"`` implementation's
-``custom_vjp``: each kernel is wrapped in a ``custom_vjp`` whose rule is the XLA computation
-of the same quantity, so first derivatives come from the kernels and higher ones from XLA.
+Derivatives (`with_kernels`): the loss is a ``custom_vjp`` whose first derivatives come from the
+backward kernel; each kernel is itself wrapped in a ``custom_vjp`` whose rule differentiates the
+``"xla"`` implementation, so that ``grad`` of ``grad`` is exact. ``vmap`` folds batch axes into
+rows (a ``custom_vmap`` around each kernel), so a batched call is one kernel launch; a batched
+operand that is not per row (class weights, a vocabulary mask, a temperature, the fused loss's
+projection) makes the kernel run once per batch element under ``lax.map``.
 
 Decisions where the spec is silent:
 
-- The per-example ``n_valid`` (label smoothing) and the counted-example mask are computed by
-  XLA from the ``where`` mask before the kernels run; an ``[N, V]`` mask is read as int8.
-- Integer labels are read as int32; the weight of each label (NaN when outside ``[0, V)``,
-  computed from the original integers) travels beside them, so a label that does not fit in
-  int32 still gives NaN.
 - Zero examples return an empty result without launching a kernel.
-- Inside ``shard_map`` each shard runs its own kernels (the outputs vary over the logits'
-  manual axes). Arrays with an explicit sharding under ``jit`` raise `NotImplementedError`:
-  a ``pallas_call`` needs manual axes, and an implicit all-gather would be a silent cost.
+- Inside ``shard_map`` each shard runs its own kernels. Arrays with an explicit sharding under
+  ``jit`` raise ``NotImplementedError``: a ``pallas_call`` needs manual axes, and an implicit
+  all-gather would be a silent cost.
 - The automatic choice (``implementation=None``) never picks this implementation until a
   platform has measured it faster than ``"xla"``; none has.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
 
 from jax_softmax_ce import _canonical, _xla
-from jax_softmax_ce._options import Options
-from jax_softmax_ce.kernels import _blocks, cross_entropy_gpu, cross_entropy_tpu
-from jax_softmax_ce.kernels._blocks import BlockSizes
-from jax_softmax_ce.kernels._tile import accumulation_dtype
+from jax_softmax_ce._canonical import Linear, Problem
+from jax_softmax_ce._options import BlockSizes, Options, Pallas, Xla
+from jax_softmax_ce.kernels import (
+    _blocks,
+    _tile,
+    cross_entropy_gpu,
+    cross_entropy_tpu,
+    linear_gpu,
+    linear_tpu,
+)
 
-SCHEDULES = {"tpu": cross_entropy_tpu, "gpu": cross_entropy_gpu}
-PLATFORM_ENV = "JAX_SOFTMAX_CE_PALLAS_PLATFORM"
+KERNELS = {
+    (False, "tpu"): cross_entropy_tpu,
+    (False, "gpu"): cross_entropy_gpu,
+    (True, "tpu"): linear_tpu,
+    (True, "gpu"): linear_gpu,
+}
+# The schedule each platform compiles; a CPU runs the GPU schedule in the interpreter.
+NATIVE = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}
+PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
 
 EXPLICIT_SHARDING = (
     'implementation="pallas" does not take arrays with an explicit sharding under jit; '
@@ -59,387 +73,258 @@ EXPLICIT_SHARDING = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How `cross_entropy` runs when the caller does not say.
+# ------------------------------------------------------------------------------ derivatives
 
-    Attributes:
-      platform: ``"tpu"`` or ``"gpu"`` schedule, or None for the default backend's (on CPU:
-        ``$JAX_SOFTMAX_CE_PALLAS_PLATFORM``, else ``"tpu"``).
-      block_sizes: None for `BlockSizes.get_default`.
-      interpret: None to interpret exactly when the default backend is CPU.
+
+def with_kernels(forward, backward, xla):
+    """The per-example losses of ``xla(options, problem)``, computed by kernels.
+
+    ``forward(options, config, problem)`` returns ``(losses, saved)`` and
+    ``backward(options, config, problem, saved, ct)`` the problem's cotangent. First derivatives
+    come from ``backward``; every higher one is ``xla``'s: each kernel call is a ``custom_vjp``
+    whose rule differentiates ``xla``. The ``saved`` statistics (``lse``, ``W``) get a zero
+    cotangent: they feed only ``backward``, whose rule recomputes them from the operands, so
+    their whole influence reaches the operands' cotangent.
     """
 
-    platform: str | None = None
-    block_sizes: BlockSizes | None = None
-    interpret: bool | None = None
+    def xla_grads(options, problem, ct):
+        """The cotangent of the operands that have one (as ``backward`` returns it)."""
+        grads = jax.vjp(functools.partial(xla, options), problem)[1](ct)[0]
+        labels = None if options.integer else grads.labels
+        return Problem(grads.logits, labels, None, None, grads.temperature, None)
 
-
-_settings = Settings()
-
-
-@contextlib.contextmanager
-def using(**settings):
-    """Temporarily changes the `Settings` of ``implementation="pallas"`` (for tests and
-    benchmarks); takes effect when a function is traced, not inside a jit cache hit."""
-    global _settings
-    previous = _settings
-    _settings = dataclasses.replace(_settings, **settings)
-    try:
-        yield
-    finally:
-        _settings = previous
-
-
-def trace_key() -> tuple:
-    """What this module reads from the environment while a call is traced (the `Settings` and
-    ``$JAX_SOFTMAX_CE_PALLAS_PLATFORM``), for a cache of traced calls to key on."""
-    return _settings, os.environ.get(PLATFORM_ENV)
-
-
-def default_platform() -> str:
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return "tpu"
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    platform = os.environ.get(PLATFORM_ENV, "tpu")
-    if platform not in SCHEDULES:
-        raise ValueError(f"${PLATFORM_ENV} must be one of {tuple(SCHEDULES)}, got {platform!r}")
-    return platform
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    """Everything static about one call (a ``nondiff_argnums`` entry)."""
-
-    options: Options
-    integer: bool
-    config: _blocks.Config
-    platform: str
-    blocks: BlockSizes
-    interpret: bool
-
-
-def cross_entropy(
-    problem: _canonical.Problem,
-    options: Options,
-    *,
-    integer: bool,
-    block_sizes: BlockSizes | None = None,
-    platform: str | None = None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Per-example losses ``[N]`` in the accumulation dtype, 0 for examples that do not count.
-
-    Args:
-      problem: The canonical ``[N, V]`` operands.
-      options: The static options.
-      integer: Whether ``problem.labels`` are integer labels.
-      block_sizes: Kernel blocks; None for `Settings` or `BlockSizes.get_default`.
-      platform: ``"tpu"`` or ``"gpu"`` schedule; None for `Settings` or the default backend.
-      interpret: Run in Pallas' CPU interpreter; None for `Settings`, else on CPU only.
-
-    Raises:
-      NotImplementedError: blocks that do not fit the schedule, or a dtype or platform the
-        schedule cannot run compiled.
-    """
-    settings = _settings
-    platform = platform or settings.platform or default_platform()
-    if platform not in SCHEDULES:
-        raise ValueError(f"platform must be one of {tuple(SCHEDULES)}, got {platform!r}")
-    if interpret is None:
-        interpret = settings.interpret
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    logits = problem.logits
-    n, v = logits.shape
-    blocks = block_sizes or settings.block_sizes
-    blocks = blocks or BlockSizes.get_default(n, v, logits.dtype, platform)
-    _check(problem, integer, platform, blocks, interpret)
-    if n == 0:
-        return jnp.zeros((0,), accumulation_dtype(logits.dtype))
-    where_kind = None
-    if problem.where is not None:
-        rows, cols = problem.where.shape
-        where_kind = "row" if cols == 1 else "col" if rows == 1 else "full"
-    config = _blocks.Config(
-        integer=integer,
-        where=where_kind,
-        label_smoothing=options.label_smoothing,
-        z_loss=options.z_loss,
-        softcap=options.logit_softcap,
-        temperature=options.temperature,
+    kernel_forward = jax.custom_vjp(forward, nondiff_argnums=(0, 1))
+    kernel_forward.defvjp(
+        lambda options, config, problem: (kernel_forward(options, config, problem), problem),
+        lambda options, config, problem, cts: (xla_grads(options, problem, cts[0]),),
     )
-    call = _Call(options, integer, config, platform, blocks, bool(interpret))
-    return _cross_entropy(call, *problem)
+
+    kernel_backward = jax.custom_vjp(backward, nondiff_argnums=(0, 1))
+
+    def backward_rule(options, config, residuals, cotangent):
+        problem, saved, ct = residuals
+        _, vjp = jax.vjp(functools.partial(xla_grads, options), problem, ct)
+        d_problem, d_ct = vjp(cotangent)
+        return d_problem, jax.tree.map(jnp.zeros_like, saved), d_ct
+
+    kernel_backward.defvjp(
+        lambda options, config, problem, saved, ct: (
+            kernel_backward(options, config, problem, saved, ct),
+            (problem, saved, ct),
+        ),
+        backward_rule,
+    )
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+    def losses(options, config, problem):
+        return forward(options, config, problem)[0]
+
+    def losses_fwd(options, config, problem):
+        out, saved = kernel_forward(options, config, problem)
+        return out, (problem, saved)
+
+    def losses_bwd(options, config, residuals, ct):
+        problem, saved = residuals
+        return (kernel_backward(options, config, problem, saved, ct),)
+
+    losses.defvjp(losses_fwd, losses_bwd)
+    return losses
 
 
-def _check(problem, integer: bool, platform: str, blocks: BlockSizes, interpret: bool) -> None:
-    logits = problem.logits
-    row_dtypes = [logits.dtype]
-    if not integer:
-        row_dtypes.append(problem.labels.dtype)
-    if problem.where is not None and min(problem.where.shape) > 1:
-        row_dtypes.append(np.int8)
-    reason = _blocks.block_error(blocks, platform, row_dtypes)
-    if reason is not None:
+# --------------------------------------------------------- operands, schedules and platforms
+
+
+def _refused(reason: str):
+    """A primitive that passes its operands through and whose lowering raises
+    ``NotImplementedError(reason)``: the branch of a platform that cannot take the case."""
+    primitive = jex_core.Primitive("jax_softmax_ce_refused")
+    primitive.multiple_results = True
+    primitive.def_impl(lambda *args: args)
+    primitive.def_abstract_eval(lambda *avals: avals)
+
+    def lowering(ctx, *args):
         raise NotImplementedError(f'implementation="pallas": {reason}')
-    if _canonical.explicit_mesh(problem) is not None:
-        raise NotImplementedError(EXPLICIT_SHARDING)
-    backend = jax.default_backend()
-    if not interpret:
-        if backend == "cpu":
-            raise NotImplementedError(
-                'implementation="pallas" runs on CPU only in interpret mode (interpret=True)'
-            )
-        if (platform == "tpu") != (backend == "tpu"):
-            raise NotImplementedError(
-                f'implementation="pallas": the {platform!r} schedule cannot run compiled on '
-                f"the {backend!r} backend; use interpret mode or the matching schedule"
-            )
-        if platform == "tpu" and any(np.dtype(d).itemsize > 4 for d in row_dtypes):
-            raise NotImplementedError(
-                f'implementation="pallas": the TPU has no float64 (logits {logits.dtype})'
-            )
+
+    mlir.register_lowering(primitive, lowering)
+    return primitive
 
 
-def _inputs(call: _Call, logits, labels, where, class_weights, temperature) -> _blocks.Inputs:
-    n, v = logits.shape
-    dtype = accumulation_dtype(logits.dtype)
-    options = call.options
-    label_weight = None
-    if call.integer:
-        label_weight = _canonical.label_weights(labels, class_weights, v, dtype)
-        if options.ignore_index is not None:
-            ignored = labels == options.ignore_index
-            label_weight = jnp.where(ignored, jnp.zeros((), dtype), label_weight)
-        label_weight = label_weight[:, None]
-        labels = labels.astype(jnp.int32)[:, None]
-    mask = None
-    if where is not None:
-        mask = where.astype(jnp.int8 if call.config.where == "full" else jnp.int32)
-    n_valid = None
-    if options.label_smoothing:
-        n_valid = _canonical.valid_count(where, n, v, dtype)
-    return _blocks.Inputs(
-        logits=logits,
-        labels=labels,
-        label_weight=label_weight,
-        where=mask,
-        class_weights=None if class_weights is None else class_weights[None, :].astype(dtype),
-        n_valid=n_valid,
-        temperature=None if temperature is None else temperature.astype(dtype).reshape(1, 1),
+@functools.cache
+def refusal(reason: str):
+    """`_refused`, one primitive per reason."""
+    return _refused(reason)
+
+
+def _refusing(kernel, reason: str):
+    """``kernel`` (interpreted, so that it traces with any blocks) behind `refusal`: its outputs
+    have the right types, and lowering it raises with ``reason``."""
+
+    def branch(ops):
+        out = kernel(ops)
+        leaves, tree = jax.tree.flatten(out)
+        return jax.tree.unflatten(tree, refusal(reason).bind(*leaves))
+
+    return branch
+
+
+def _blocks_for(config: Pallas, schedule: str, options: Options, ops) -> BlockSizes:
+    """The configured blocks, or the schedule's default; the fused loss's hidden chunk is the
+    default one where the configured blocks leave it None."""
+    fused = ops.x is not None
+    logits = ops.x if fused else ops.logits
+    default = BlockSizes.get_default(
+        schedule,
+        num_rows=logits.shape[0],
+        num_classes=ops.w.shape[0 if options.vd else 1] if fused else logits.shape[1],
+        dtype=logits.dtype,
+        hidden=logits.shape[1] if fused else None,
     )
+    blocks = config.block_sizes or default
+    if fused and blocks.block_d is None:
+        blocks = BlockSizes(blocks.block_n, blocks.block_v, default.block_d)
+    return blocks
 
 
-def _row_leaves(config: _blocks.Config, inputs: _blocks.Inputs) -> _blocks.Inputs:
-    """Which forward operands are per row (foldable under vmap) and which are shared."""
-    per_row_mask = config.where in ("row", "full")
-    return _blocks.Inputs(
-        logits=True,
-        labels=True,
-        label_weight=None if inputs.label_weight is None else True,
-        where=None if inputs.where is None else per_row_mask,
-        class_weights=None if inputs.class_weights is None else False,
-        n_valid=None if inputs.n_valid is None else per_row_mask,
-        temperature=None if inputs.temperature is None else False,
-    )
+def _interpreter(schedule: str):
+    """What ``pallas_call`` takes to interpret ``schedule`` strictly: the TPU interpreter with
+    race detection, or the generic one."""
+    return cross_entropy_tpu.interpret_params() if schedule == "tpu" else True
 
 
-def folding(kernel, row_leaves, *, rows_out: bool = True):
-    """``kernel(*leaves)`` with a vmap rule that folds batch axes into rows.
+def branches(options: Options, config: Pallas, ops: _blocks.Operands, step: str) -> dict:
+    """``{platform: kernel}`` for ``lax.platform_dependent`` (one entry, under the key None,
+    when ``config.interpret``): ``step`` is ``"forward"`` or ``"backward"``."""
+    fused = ops.x is not None
 
-    ``row_leaves`` says for each operand whether its leading axis is the row axis; with
-    ``rows_out`` every output is row-leading too. A batched operand that is not per row, or an
-    output that is not per row (``rows_out=False``, a gradient summed over rows), cannot be
-    folded and makes the kernel run once per batch element.
-    """
+    def kernel(schedule, interpret):
+        module = KERNELS[fused, schedule]
+        blocks = _blocks_for(config, schedule, options, ops)
+        return functools.partial(
+            getattr(module, step), options, blocks=blocks, interpret=interpret
+        ), blocks
+
+    if config.interpret:
+        schedule = config.schedule or "gpu"
+        return {None: kernel(schedule, _interpreter(schedule))[0]}
+    dtype = (ops.x if fused else ops.logits).dtype
+    out = {}
+    for platform in PLATFORMS:
+        schedule = config.schedule or NATIVE.get(platform, "gpu")
+        if platform == "cpu":
+            out[platform] = kernel(schedule, True)[0]
+            continue
+        if platform == "rocm":  # the same kernel as CUDA's: one branch for both
+            out[platform] = out["cuda"]
+            continue
+        compiled, blocks = kernel(schedule, False)
+        reason = None
+        if schedule != NATIVE[platform]:
+            reason = (
+                f"the {schedule!r} schedule does not compile for a {platform!r} device; "
+                f"pass Pallas(interpret=True) to run it in the interpreter"
+            )
+        elif platform == "tpu" and np.dtype(dtype).itemsize > 4:
+            reason = f"the TPU has no float64 ({'inputs' if fused else 'logits'} {dtype})"
+        else:
+            reason = _blocks.block_error(schedule, blocks, ops, options)
+        out[platform] = compiled if reason is None else _refusing(kernel(schedule, True)[0], reason)
+    return out
+
+
+def launch(options: Options, config: Pallas, ops: _blocks.Operands, step: str, *, rows_out=True):
+    """``(call, leaves)``: ``call(*leaves)`` runs ``step`` of the kernels on ``ops``, the
+    schedule chosen when lowering, with a ``vmap`` rule that folds batch axes into rows.
+
+    With ``rows_out`` every output is per row too; a batched operand that is not per row, or an
+    output that is not (``rows_out=False``, a gradient summed over rows), cannot be folded and
+    makes the kernel run once per batch element."""
+    table = branches(options, config, ops, step)
+    leaves, tree = jax.tree.flatten(ops)
+    row_leaves = jax.tree.leaves(_blocks.per_row(ops, options))
 
     @jax.custom_batching.custom_vmap
     def call(*leaves):
-        return kernel(*leaves)
+        ops = jax.tree.unflatten(tree, leaves)
+        if None in table:
+            return table[None](ops)
+        return jax.lax.platform_dependent(ops, **table)
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *leaves):
-        foldable = rows_out and all(r or not b for b, r in zip(in_batched, row_leaves, strict=True))
-        if not foldable:
-            batched = [x for x, b in zip(leaves, in_batched, strict=True) if b]
+        pairs = list(zip(leaves, in_batched, row_leaves, strict=True))
+        if not (rows_out and all(r or not b for _, b, r in pairs)):
 
             def one(xs):
                 it = iter(xs)
-                return call(
-                    *(next(it) if b else x for x, b in zip(leaves, in_batched, strict=True))
-                )
+                return call(*(next(it) if b else x for x, b, _ in pairs))
 
-            out = jax.lax.map(one, batched)
+            out = jax.lax.map(one, [x for x, b, _ in pairs if b])
         else:
             folded = []
-            for x, b, r in zip(leaves, in_batched, row_leaves, strict=True):
+            for x, b, r in pairs:
                 if r and not b:
                     x = jnp.broadcast_to(x, (axis_size, *x.shape))
                 if r:
                     x = x.reshape(axis_size * x.shape[1], *x.shape[2:])
                 folded.append(x)
-            out = call(*folded)
-            out = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), out)
+            out = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), call(*folded))
         return out, jax.tree.map(lambda _: True, out)
 
-    return call
+    return call, leaves
 
 
-def _run_forward(call: _Call, inputs: _blocks.Inputs):
-    schedule = SCHEDULES[call.platform]
-    leaves, tree = jax.tree.flatten(inputs)
-    row_leaves = jax.tree.leaves(_row_leaves(call.config, inputs))
+# ------------------------------------------------------------------------ forward, backward
 
-    def kernel(*leaves):
-        return tuple(
-            schedule.forward(
-                call.config,
-                jax.tree.unflatten(tree, leaves),
-                blocks=call.blocks,
-                interpret=call.interpret,
-            )
+
+def forward(options: Options, config: Pallas, problem: Problem):
+    """``(losses [N], (lse, w_total))``: the forward kernel's per-example losses (0 for examples
+    that do not count), and what the backward kernel needs."""
+    if _canonical.explicit_mesh(problem) is not None:
+        raise NotImplementedError(EXPLICIT_SHARDING)
+    rows = problem.rows
+    call, leaves = launch(options, config, _canonical.operands(options, problem), "forward")
+    loss, lse, w_total = _tile.finish(
+        call(*leaves),
+        rows.label_weight,
+        rows.n_valid,
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
+    )
+    return jnp.where(rows.counted, loss, jnp.zeros((), loss.dtype))[:, 0], (lse, w_total)
+
+
+def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> Problem:
+    """The cotangent of ``problem`` (None where there is none) from the backward kernels."""
+    lse, w_total = saved
+    rows = problem.rows
+    dtype = lse.dtype
+    ct = jnp.where(rows.counted, ct.astype(dtype)[:, None], jnp.zeros((), dtype))
+    ops = _canonical.operands(options, problem, lse=lse, w_total=w_total, ct=ct)
+    logits = problem.logits
+    fused = isinstance(logits, Linear)
+    call, leaves = launch(options, config, ops, "backward", rows_out=not fused)
+    if fused:
+        d_inputs, d_weight, d_bias, t_terms = call(*leaves)
+        d_logits = Linear(
+            d_inputs.astype(logits.inputs.dtype),
+            _canonical.like_primal(d_weight.astype(logits.weight.dtype), logits.weight),
+            None
+            if d_bias is None
+            else _canonical.like_primal(d_bias.astype(logits.bias.dtype), logits.bias),
+            logits.vd,
         )
-
-    return folding(kernel, row_leaves)(*leaves)
-
-
-def _run_backward(call: _Call, inputs: _blocks.Inputs, residuals: _blocks.Residuals):
-    schedule = SCHEDULES[call.platform]
-    leaves, tree = jax.tree.flatten((inputs, residuals))
-    row_leaves = [*jax.tree.leaves(_row_leaves(call.config, inputs)), True, True, True]
-
-    def kernel(*leaves):
-        inputs, residuals = jax.tree.unflatten(tree, leaves)
-        grads = schedule.backward(
-            call.config, inputs, residuals, blocks=call.blocks, interpret=call.interpret
-        )
-        return tuple(x for x in grads if x is not None)
-
-    outs = list(folding(kernel, row_leaves)(*leaves))
-    d_logits = outs.pop(0)
-    d_labels = None if call.integer else outs.pop(0)
-    t_row = None if call.config.temperature is not None else outs.pop(0)
-    return d_logits, d_labels, t_row
-
-
-def _xla_losses(call: _Call, logits, labels, where, class_weights, temperature):
-    problem = _canonical.Problem(logits, labels, where, class_weights, temperature)
-    return _xla.cross_entropy(problem, call.options, integer=call.integer)
-
-
-def _counted(call: _Call, logits, labels, where, class_weights, temperature):
-    problem = _canonical.Problem(logits, labels, where, class_weights, temperature)
-    return _canonical.counted_rows(problem, call.options.ignore_index, call.integer)
-
-
-# The loss: forward kernel, backward kernel. Its fwd and bwd call the two kernel functions
-# below, each a custom_vjp whose own rule is XLA's, so that grad of grad is exact.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _cross_entropy(call, logits, labels, where, class_weights, temperature):
-    return _cross_entropy_fwd(call, logits, labels, where, class_weights, temperature)[0]
-
-
-def _cross_entropy_fwd(call, logits, labels, where, class_weights, temperature):
-    operands = (logits, labels, where, class_weights, temperature)
-    loss, lse, w_total = _kernel_forward(call, *operands)
-    counted = _counted(call, *operands)
-    dtype = loss.dtype
-    return jnp.where(counted, loss, jnp.zeros((), dtype)), (operands, lse, w_total, counted)
-
-
-def _cross_entropy_bwd(call, residuals, cotangent):
-    operands, lse, w_total, counted = residuals
-    ct = jnp.where(counted, cotangent.astype(lse.dtype), jnp.zeros((), lse.dtype))
-    d_logits, d_labels, d_temperature = _kernel_backward(call, *operands, lse, w_total, ct)
-    return d_logits, d_labels, None, None, d_temperature
-
-
-_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_forward(call, logits, labels, where, class_weights, temperature):
-    """``(loss, lse, w_total)``, each ``[N]``; the loss not yet zeroed where not counted."""
-    inputs = _inputs(call, logits, labels, where, class_weights, temperature)
-    loss, lse, w_total = _run_forward(call, inputs)
-    return loss[:, 0], lse[:, 0], w_total[:, 0]
-
-
-def _kernel_forward_fwd(call, *operands):
-    return _kernel_forward(call, *operands), operands
-
-
-def _kernel_forward_bwd(call, operands, cotangents):
-    # lse and w_total only feed _kernel_backward, whose rule gives them a zero cotangent (it
-    # recomputes them from the logits), so only the loss cotangent carries information.
-    d_logits, d_labels, d_temperature = _xla_vjp(call, _xla_losses, operands, cotangents[0])
-    return d_logits, d_labels, None, None, d_temperature
-
-
-_kernel_forward.defvjp(_kernel_forward_fwd, _kernel_forward_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_backward(call, logits, labels, where, class_weights, temperature, lse, w_total, ct):
-    """``(d_logits, d_labels, d_temperature)`` from the backward kernel; None where absent."""
-    inputs = _inputs(call, logits, labels, where, class_weights, temperature)
-    residuals = _blocks.Residuals(lse[:, None], w_total[:, None], ct[:, None])
-    d_logits, d_labels, t_row = _run_backward(call, inputs, residuals)
+        d_labels = None
+    else:
+        d_logits, d_labels, t_terms = call(*leaves)
     d_temperature = None
-    if temperature is not None:
-        d_temperature = _canonical.temperature_gradient(
-            t_row, lse, ct, temperature, call.options.z_loss
-        )
-    return d_logits, d_labels, d_temperature
+    if problem.temperature is not None:
+        d_temperature = _canonical.temperature_gradient(t_terms, lse, ct, problem, options)
+    return Problem(d_logits, d_labels, None, None, d_temperature, None)
 
 
-def _kernel_backward_fwd(call, *operands):
-    return _kernel_backward(call, *operands), operands
+def xla_losses(options: Options, problem: Problem) -> jax.Array:
+    """The ``"xla"`` implementation's losses, whose derivatives the kernels' rules take."""
+    return _xla.losses(options, Xla(), problem)
 
 
-def _kernel_backward_bwd(call, operands, cotangents):
-    # The rule differentiates XLA's first derivative, which recomputes lse and w_total from the
-    # logits: their whole influence is in the logits' cotangent, and theirs is zero.
-    logits, labels, where, class_weights, temperature, lse, w_total, ct = operands
-
-    def grads(logits, labels, temperature, ct):
-        operands = (logits, labels, where, class_weights, temperature)
-        return _xla_vjp(call, _xla_losses, operands, ct)
-
-    diff = (True, not call.integer, temperature is not None, True)
-    primals = (logits, labels, temperature, ct)
-    d_logits, d_labels, d_temperature, d_ct = vjp_some(grads, primals, diff, cotangents)
-    zero = jnp.zeros_like
-    return d_logits, d_labels, None, None, d_temperature, zero(lse), zero(w_total), d_ct
-
-
-_kernel_backward.defvjp(_kernel_backward_fwd, _kernel_backward_bwd)
-
-
-def vjp_some(fn, primals, differentiable, cotangent):
-    """``jax.vjp`` of ``fn(*primals)`` with respect to the ``differentiable`` primals only;
-    None for the others."""
-
-    def partial_fn(*args):
-        it = iter(args)
-        return fn(*(next(it) if d else x for x, d in zip(primals, differentiable, strict=True)))
-
-    chosen = [x for x, d in zip(primals, differentiable, strict=True) if d]
-    _, vjp = jax.vjp(partial_fn, *chosen)
-    grads = iter(vjp(cotangent))
-    return tuple(next(grads) if d else None for d in differentiable)
-
-
-def _xla_vjp(call: _Call, fn, operands, cotangent):
-    """``(d_logits, d_labels, d_temperature)`` of ``fn(call, *operands)`` by XLA; None for
-    integer labels and a Python temperature."""
-    logits, labels, where, class_weights, temperature = operands
-
-    def f(logits, labels, temperature):
-        return fn(call, logits, labels, where, class_weights, temperature)
-
-    diff = (True, not call.integer, temperature is not None)
-    return vjp_some(f, (logits, labels, temperature), diff, cotangent)
+losses = with_kernels(forward, backward, xla_losses)

@@ -1,8 +1,10 @@
 """The ``"reference"`` implementation: the contract as one plain jnp formula, autodiff only.
 
-There is no ``custom_vjp`` here, so forward mode (``jax.jvp``, ``jax.linearize``, ``jax.hessian``)
-works. It materialises ``[N, V]`` float32 intermediates and is meant for checking and for
-higher-order derivatives, not for speed.
+It restates the spec's math (the transform, the log-sum-exp, the target and its smoothing, the
+z-loss) rather than calling the block functions that the other implementations share, so that it
+checks them. There is no ``custom_vjp`` here, so forward mode (``jax.jvp``, ``jax.linearize``,
+``jax.hessian``) works. It materialises ``[N, V]`` float32 intermediates (and, for the fused loss,
+the logits) and is meant for checking and for higher-order derivatives, not for speed.
 """
 
 from __future__ import annotations
@@ -12,29 +14,58 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_softmax_ce import _canonical
-from jax_softmax_ce._options import Options
-from jax_softmax_ce.kernels._tile import accumulation_dtype, log_mass, transform
+from jax_softmax_ce._canonical import Linear, Problem
+from jax_softmax_ce._options import Options, Reference
 
 
-def cross_entropy(problem: _canonical.Problem, options: Options, *, integer: bool) -> jax.Array:
-    """Per-example losses ``[N]`` in the accumulation dtype."""
-    logits, labels, where, class_weights, temperature = problem
+def logits_of(problem: Problem) -> jax.Array:
+    """The ``[N, V]`` logits of a problem, materialised for a `Linear` one (the matmul
+    accumulates in the accumulation dtype)."""
+    logits = problem.logits
+    if not isinstance(logits, Linear):
+        return logits
+    acc = problem.accumulation_dtype
+    spec = "nd,vd->nv" if logits.vd else "nd,dv->nv"
+    z = jnp.einsum(spec, logits.inputs, logits.weight, preferred_element_type=acc)
+    return z if logits.bias is None else z + logits.bias.astype(acc)
+
+
+def _transformed(options: Options, problem: Problem, z: jax.Array) -> jax.Array:
+    """``softcap(z) / T`` on finite logits; an infinite logit stays as it is (so that no
+    derivative meets ``0 * inf`` there)."""
+    infinite = jnp.isinf(z)
+    finite = jnp.where(infinite, 0, z)
+    if options.logit_softcap is not None:
+        finite = options.logit_softcap * jnp.tanh(finite / options.logit_softcap)
+    return jnp.where(infinite, z, finite / _canonical.temperature(options, problem))
+
+
+def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
+    """Per-example losses ``[N]`` in the accumulation dtype, 0 for examples that do not count."""
+    del config
+    if options.filter_eps:
+        raise NotImplementedError(
+            "gradient_filter_eps is a property of the blockwise backward pass; implementation="
+            '"reference" differentiates the exact formula with autodiff and cannot filter'
+        )
+    logits, labels, where, class_weights = logits_of(problem), *problem[1:4]
+    rows = problem.rows
     n, v = logits.shape
-    dtype = accumulation_dtype(logits.dtype)
-    t = options.temperature if temperature is None else temperature.astype(dtype)
-    z = transform(logits.astype(dtype), softcap=options.logit_softcap, temperature=t)
+    dtype = problem.accumulation_dtype
     valid = jnp.ones((n, v), jnp.bool_) if where is None else jnp.broadcast_to(where, (n, v))
-    z = jnp.where(valid, z, -np.inf)
+    z = jnp.where(valid, _transformed(options, problem, logits.astype(dtype)), -np.inf)
 
     # lse - z_k formed as log(sum exp(z - m)) - (z_k - m), never as a difference of large numbers.
     m = jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True))
     m = jnp.where(m == -np.inf, 0, m)
     s = jnp.sum(jnp.exp(z - m), axis=1, keepdims=True)
-    has_mass, log_s = log_mass(s)  # a NaN s (NaN or +inf logit) stays NaN
+    # s = 0: no finite valid logit. A NaN s (a NaN or +inf logit) stays NaN.
+    has_mass = s != 0
+    log_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)), 0)
     nll = log_s - (z - m)  # [n, v], +inf on invalid classes and at -inf logits
     lse = jnp.where(has_mass, m + log_s, -np.inf)
 
-    if integer:
+    if options.integer:
         q = jax.nn.one_hot(labels, v, dtype=dtype)
     else:
         q = jnp.where(valid, labels.astype(dtype), 0)
@@ -52,11 +83,6 @@ def cross_entropy(problem: _canonical.Problem, options: Options, *, integer: boo
         loss = loss + jnp.where(
             has_mass[:, 0], options.z_loss * jnp.where(has_mass, lse, 0)[:, 0] ** 2, 0
         )
-
-    if integer:
-        in_range = (labels >= 0) & (labels < v)
-        if options.ignore_index is not None:
-            in_range = in_range | (labels == options.ignore_index)
-        loss = jnp.where(in_range, loss, np.nan)
-    counted = _canonical.counted_rows(problem, options.ignore_index, integer)
-    return jnp.where(counted, loss, 0)
+    if options.integer:
+        loss = jnp.where(jnp.isnan(rows.label_weight[:, 0]), np.nan, loss)
+    return jnp.where(rows.counted[:, 0], loss, 0)

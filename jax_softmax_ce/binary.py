@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_softmax_ce import _canonical, _options
-from jax_softmax_ce.kernels._tile import accumulation_dtype, weighted
+from jax_softmax_ce._util import accumulation_dtype, weighted_term
+from jax_softmax_ce.kernels._tile import weighted
 
 
 def _shape(logits: jax.Array, labels: jax.Array) -> tuple[int, ...]:
@@ -34,25 +35,12 @@ def _operand(name: str, value, shape: tuple[int, ...], dtype) -> jax.Array:
     return jnp.broadcast_to(value.astype(dtype), shape)
 
 
-def _weighted(weight: jax.Array, term: jax.Array) -> jax.Array:
-    """``weight * term`` where a zero weight contributes 0 even when ``term`` is +inf; the
-    derivative with respect to ``weight`` stays ``term`` wherever that is finite."""
-    return weight * jnp.where((weight == 0) & jnp.isinf(term), 0, term)
-
-
 def _elementwise_reduce(losses: jax.Array, valid: jax.Array | None, reduction: str) -> jax.Array:
-    """`_canonical.reduce_losses` with every element an example of its own."""
+    """`_canonical.reduce` with every element an example of its own."""
     flat = losses.reshape(-1)
-    rows = None if valid is None else valid.reshape(-1, 1)
-    problem = _canonical.Problem(flat[:, None], None, rows, None, None)
-    return _canonical.reduce_losses(
-        flat,
-        problem,
-        ignore_index=None,
-        integer=False,
-        reduction=reduction,
-        batch_shape=losses.shape,
-        dtype=losses.dtype,
+    counted = jnp.ones(flat.shape, jnp.bool_) if valid is None else valid.reshape(-1)
+    return _canonical.reduce(
+        flat, counted, None, reduction=reduction, batch_shape=losses.shape, dtype=losses.dtype
     )
 
 
@@ -133,7 +121,7 @@ def sigmoid_binary_cross_entropy(
     if label_smoothing:
         y = (1.0 - label_smoothing) * y + 0.5 * label_smoothing
     positive = y if pos_weight is None else _operand("pos_weight", pos_weight, shape, dtype) * y
-    losses = _weighted(positive, -jax.nn.log_sigmoid(x)) + _weighted(
+    losses = weighted_term(positive, -jax.nn.log_sigmoid(x)) + weighted_term(
         1.0 - y, -jax.nn.log_sigmoid(-x)
     )
     if valid is not None:

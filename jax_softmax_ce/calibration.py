@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_softmax_ce import _canonical
+from jax_softmax_ce._util import accumulation_dtype
 from jax_softmax_ce.cross_entropy import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
@@ -84,7 +85,7 @@ def inverse_frequency_weights(
     counted = (labels >= 0) & (labels < num_classes)
     if where is not None:
         where = jnp.asarray(where)
-        if not _canonical._broadcasts_to(where.shape, labels.shape):
+        if not _canonical.broadcasts_to(where.shape, labels.shape):
             raise ValueError(
                 f"where shape {where.shape} does not broadcast to labels shape {labels.shape}"
             )
@@ -127,7 +128,7 @@ def _bin_sums(logits, labels, num_bins, where):
     lay = _canonical.layout(logits.shape, -1)
     labels = _canonical.integer_labels(labels, logits.shape, lay, -1)
     valid = _canonical.mask(where, logits.shape, lay, -1)
-    dtype = _tile.accumulation_dtype(logits.dtype)
+    dtype = accumulation_dtype(logits.dtype)
     z = lay.to_rows(logits).astype(dtype)
     if valid is not None:
         z = jnp.where(valid, z, _tile.NEG_INF)
@@ -313,7 +314,7 @@ def fit_temperature(
 @functools.partial(jax.jit, static_argnames=("integer",))
 def _fit_temperature(logits, labels, where, *, integer: bool) -> jax.Array:
     loss = softmax_cross_entropy_with_integer_labels if integer else softmax_cross_entropy
-    dtype = _tile.accumulation_dtype(logits.dtype)
+    dtype = accumulation_dtype(logits.dtype)
 
     def mean_nll(log_t, logits, labels):
         return loss(logits, labels, where=where, temperature=jnp.exp(log_t), reduction="mean")

@@ -1,107 +1,11 @@
-"""Public softmax cross-entropy losses: canonicalise once, dispatch to one implementation."""
+"""Public softmax cross-entropy losses: validate the caller's arguments, then one pipeline."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import jax
-import jax.numpy as jnp
 
-from jax_softmax_ce import _canonical, _options, _pallas, _reference, _xla
-from jax_softmax_ce._options import Options
-from jax_softmax_ce.kernels._tile import accumulation_dtype
-
-Implementation = Callable[..., jax.Array]
-
-
-# Every implementation takes (problem, options, *, integer) and returns per-example losses [N] in
-# the accumulation dtype, 0 for examples that do not count. An implementation that cannot take a
-# case raises NotImplementedError with the reason; only `implementation=None` may then fall back.
-IMPLEMENTATIONS: dict[str, Implementation] = {
-    "xla": _xla.cross_entropy,
-    "reference": _reference.cross_entropy,
-    "pallas": _pallas.cross_entropy,
-}
-
-
-def choose_implementation(problem: _canonical.Problem, options: Options) -> str:
-    """What ``implementation=None`` runs: ``"xla"`` on every platform for now."""
-    del problem, options
-    return "xla"
-
-
-@functools.partial(jax.jit, static_argnames=("implementation", "options", "integer", "pallas"))
-def _per_example(problem, *, implementation: str, options: Options, integer: bool, pallas):
-    """``IMPLEMENTATIONS[implementation]`` under a ``jit`` keyed by the static options, so that an
-    eager call reuses what an earlier call of the same shapes and options compiled (a kernel or a
-    loop would otherwise be traced and compiled anew on every call); inside a caller's ``jit``
-    it is inlined. ``pallas`` (`_pallas.trace_key`) is only part of the key: the settings that
-    the ``"pallas"`` implementation reads while it is traced."""
-    del pallas
-    return IMPLEMENTATIONS[implementation](problem, options, integer=integer)
-
-
-def _loss(
-    logits,
-    labels,
-    axis,
-    where,
-    *,
-    integer: bool,
-    ignore_index,
-    label_smoothing,
-    class_weights,
-    z_loss,
-    logit_softcap,
-    temperature,
-    reduction,
-    implementation,
-) -> jax.Array:
-    reduction = _options.check_reduction(reduction)
-    implementation = _options.check_implementation(implementation)
-    logits = _canonical.check_logits(logits)
-    if 0 in logits.shape:
-        # No classes: every example has no valid class, so loss 0 and nothing counts (optax's
-        # sum over an empty class axis is 0 too; its tests take an all-False mask this way).
-        # The axis is still validated, on a shape with the empty axes widened to one.
-        lay = _canonical.layout(tuple(max(n, 1) for n in logits.shape), axis)
-        if any(logits.shape[a] == 0 for a in lay.class_axes):
-            batch_shape = tuple(logits.shape[a] for a in lay.batch_axes)
-            shape = batch_shape if reduction == "none" else ()
-            return jnp.zeros(shape, accumulation_dtype(logits.dtype))
-    lay = _canonical.layout(logits.shape, axis)
-    labels = _canonical.labels_to_rows(labels, logits, lay, axis, integer=integer)
-    array_temperature = _canonical.array_temperature(temperature)
-    options = _options.make_options(
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        temperature=temperature,
-        ignore_index=ignore_index,
-        temperature_is_array=array_temperature is not None,
-    )
-    problem = _canonical.make_problem(
-        logits, labels, lay, axis, where=where, weights=class_weights, temperature=array_temperature
-    )
-    if implementation is None:
-        implementation = choose_implementation(problem, options)
-    losses = _per_example(
-        problem,
-        implementation=implementation,
-        options=options,
-        integer=integer,
-        pallas=_pallas.trace_key(),
-    )
-    return _canonical.reduce_losses(
-        losses,
-        problem,
-        ignore_index=options.ignore_index,
-        integer=integer,
-        reduction=reduction,
-        batch_shape=lay.batch_shape,
-        dtype=accumulation_dtype(logits.dtype),
-    )
+from jax_softmax_ce import _pipeline
+from jax_softmax_ce._options import Implementation
 
 
 def softmax_cross_entropy(
@@ -116,7 +20,7 @@ def softmax_cross_entropy(
     logit_softcap: float | None = None,
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
-    implementation: str | None = None,
+    implementation: str | Implementation | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy between logits and probability labels; a drop-in for optax's.
 
@@ -191,21 +95,20 @@ def softmax_cross_entropy(
       <https://arxiv.org/abs/1512.00567>`_ (label smoothing), 2016.
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_ (z-loss), 2022.
     """
-    return _loss(
+    operands, statics = _pipeline.prepare(
         logits,
         labels,
-        axis,
         where,
+        class_weights,
+        temperature,
         integer=False,
-        ignore_index=None,
         label_smoothing=label_smoothing,
-        class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
-        temperature=temperature,
         reduction=reduction,
         implementation=implementation,
     )
+    return _pipeline.run(*operands, axis=axis, **statics)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -221,7 +124,7 @@ def softmax_cross_entropy_with_integer_labels(
     logit_softcap: float | None = None,
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
-    implementation: str | None = None,
+    implementation: str | Implementation | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer labels; a drop-in for optax's.
 
@@ -295,18 +198,18 @@ def softmax_cross_entropy_with_integer_labels(
       PyTorch, `CrossEntropyLoss
       <https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html>`_.
     """
-    return _loss(
+    operands, statics = _pipeline.prepare(
         logits,
         labels,
-        axis,
         where,
+        class_weights,
+        temperature,
         integer=True,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
-        class_weights=class_weights,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
-        temperature=temperature,
         reduction=reduction,
         implementation=implementation,
     )
+    return _pipeline.run(*operands, axis=axis, **statics)

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_softmax_ce import _canonical
-from jax_softmax_ce.binary import _weighted
-from jax_softmax_ce.kernels._tile import accumulation_dtype
+from jax_softmax_ce._util import accumulation_dtype, weighted_term
 
 
 def _rows(log_predictions, targets, axis, where, target_name: str):
@@ -17,7 +16,7 @@ def _rows(log_predictions, targets, axis, where, target_name: str):
     targets = _canonical.check_floating(target_name, targets)
     if axis is None:
         axis = tuple(range(log_predictions.ndim))
-    if not _canonical._broadcasts_to(targets.shape, log_predictions.shape):
+    if not _canonical.broadcasts_to(targets.shape, log_predictions.shape):
         raise ValueError(
             f"{target_name} shape {targets.shape} does not broadcast to log_predictions shape "
             f"{log_predictions.shape}"
@@ -96,7 +95,7 @@ def kl_divergence(
     """
     log_p, q, valid, lay = _rows(log_predictions, targets, axis, where, "targets")
     entropy_term = q * jnp.log(jnp.where(q == 0, 1, q))
-    return _sum_valid(entropy_term - _weighted(q, log_p), valid, lay)
+    return _sum_valid(entropy_term - weighted_term(q, log_p), valid, lay)
 
 
 def kl_divergence_with_log_targets(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_softmax_ce import _canonical, _options
-from jax_softmax_ce.binary import _weighted
+from jax_softmax_ce._util import accumulation_dtype, weighted_term
 from jax_softmax_ce.cross_entropy import (
     softmax_cross_entropy,
     softmax_cross_entropy_with_integer_labels,
@@ -38,32 +38,29 @@ def _log_softmax_and_complement(z: jax.Array) -> tuple[jax.Array, jax.Array]:
     return log_p, jnp.where(is_top, log_rest, jnp.log1p(-p_other))
 
 
-def _focal_rows(problem: _canonical.Problem, gamma: float, ignore_index, integer: bool):
+def _focal_rows(problem: _canonical.Problem, options: _options.Options, gamma: float):
     """Per-example focal losses ``[N]`` in the accumulation dtype, 0 where an example does not
-    count."""
-    logits, labels, where, alpha, _ = problem
-    n, v = logits.shape
-    dtype = _tile.accumulation_dtype(logits.dtype)
+    count; ``problem.class_weights`` holds ``alpha``."""
+    logits, labels, where, alpha = problem[:4]
+    rows = problem.rows
+    dtype = problem.accumulation_dtype
     z = logits.astype(dtype)
     if where is not None:
         z = jnp.where(where, z, _tile.NEG_INF)
     log_p, log_not_p = _log_softmax_and_complement(z)
     modulation = jnp.exp(gamma * log_not_p)
-    if integer:
-        target = _tile.onehot_block(labels[:, None], 0, v).astype(dtype)
-        row_weight = _canonical.label_weights(labels, alpha, v, dtype)
-        if ignore_index is not None:
-            row_weight = jnp.where(labels == ignore_index, 0, row_weight)
+    if options.integer:
+        target = _tile.onehot_block(labels[:, None], 0, z.shape[1]).astype(dtype)
+        row_weight = rows.label_weight[:, 0]
     else:
         target = labels.astype(dtype)
         if alpha is not None:
             target = target * alpha
         if where is not None:
             target = jnp.where(where, target, 0)
-        row_weight = jnp.ones((n,), dtype)
-    losses = row_weight * jnp.sum(_weighted(target * modulation, -log_p), axis=1)
-    counted = _canonical.counted_rows(problem, ignore_index, integer)
-    return jnp.where(counted, losses, 0)
+        row_weight = jnp.ones(labels.shape[:1], dtype)
+    losses = row_weight * jnp.sum(weighted_term(target * modulation, -log_p), axis=1)
+    return jnp.where(rows.counted[:, 0], losses, 0)
 
 
 def softmax_focal_loss(
@@ -137,7 +134,7 @@ def softmax_focal_loss(
       Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_,
       2017.
     """
-    gamma = _options._python_float("gamma", gamma)
+    gamma = _options.python_float("gamma", gamma)
     if not gamma >= 0.0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     reduction = _options.check_reduction(reduction)
@@ -169,18 +166,15 @@ def softmax_focal_loss(
         return softmax_cross_entropy(
             logits, labels, axis, where, class_weights=alpha, reduction=reduction
         )
-    ignore_index = _options.make_options(ignore_index=ignore_index).ignore_index
-    labels = _canonical.labels_to_rows(labels, logits, lay, axis, integer=integer)
-    problem = _canonical.make_problem(
-        logits, labels, lay, axis, where=where, weights=alpha, temperature=None
+    options = _options.make_options(ignore_index=ignore_index, integer=integer)
+    problem, options, lay = _canonical.canonicalise(
+        logits, labels, axis, _canonical.check_where(where), alpha, None, options
     )
-    losses = _focal_rows(problem, gamma, ignore_index, integer)
-    return _canonical.reduce_losses(
-        losses,
+    return _canonical.reduce_problem(
+        _focal_rows(problem, options, gamma),
         problem,
-        ignore_index=ignore_index,
-        integer=integer,
+        options,
         reduction=reduction,
         batch_shape=lay.batch_shape,
-        dtype=_tile.accumulation_dtype(logits.dtype),
+        dtype=accumulation_dtype(logits.dtype),
     )

@@ -1,27 +1,18 @@
-"""What the two cross-entropy kernel schedules share: block sizes, the static kernel
-configuration, the operand layout, and the per-block steps built from `_tile`.
+"""What every kernel schedule shares: the operand layout, the blocks each schedule can compile,
+and the per-block steps built from `_tile`.
 
-A schedule (`cross_entropy_tpu`, `cross_entropy_gpu`) only decides how blocks are loaded,
-iterated and stored; what happens to one loaded block is `forward_step`, `forward_finish` and
-`backward_block` here, which are compositions of the `_tile` functions and nothing else.
+A schedule (`cross_entropy_tpu`, `cross_entropy_gpu`, `linear_tpu`, `linear_gpu`, and the fused
+loss's XLA loops) only decides how blocks are formed, loaded, iterated and stored; what happens
+to one block of logits is `forward_step` and `backward_block` here, compositions of the `_tile`
+functions and nothing else.
 
-Operands, all two-dimensional so that one layout serves both schedules (per-row values are
-``[N, 1]`` column vectors, per-class values ``[1, V]`` rows):
-
-- ``logits`` ``[N, V]`` in the caller's dtype;
-- ``labels`` ``[N, 1]`` int32 (integer labels) or ``[N, V]`` probabilities;
-- ``label_weight`` ``[N, 1]``: the class weight of each integer label, 0 for an ignored
-  example and NaN for a label outside ``[0, V)`` (`_canonical.label_weights`);
-- ``where`` ``[N, 1]`` or ``[1, V]`` int32, or ``[N, V]`` int8 (nonzero is valid);
-- ``class_weights`` ``[1, V]``; ``n_valid`` ``[N, 1]`` or ``[1, 1]`` (label smoothing only);
-- ``temperature`` ``[1, 1]`` (an array temperature only);
-- backward only: ``lse``, ``w_total`` (``sum_k w_k q_k`` after smoothing) and ``ct`` (the
-  loss cotangent, 0 for examples that do not count), each ``[N, 1]``.
+Operands (`Operands`) are all two-dimensional, so that one layout serves every schedule: per-row
+values are ``[N, 1]`` columns, per-class values ``[1, V]`` rows, and `axes` says which axis of
+each operand runs over rows and which over the vocabulary.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -29,58 +20,79 @@ import jax.numpy as jnp
 import numpy as np
 from jax_softmax_ce.kernels import _tile
 
-PLATFORMS = ("tpu", "gpu")
+from jax_softmax_ce._util import varying_axes
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Rows and vocabulary columns of one kernel block.
+class Operands(NamedTuple):
+    """The operands of a kernel call (arrays, or refs inside a kernel); absent ones are None.
 
-    TPU blocks respect the ``(8, 128)`` tiling: ``block_n`` is a multiple of the sublane count of
-    every row-blocked operand's dtype (8 for 32-bit, 16 for 16-bit, 32 for the int8 ``where``
-    mask) and ``block_v`` a multiple of 128. GPU (Triton) blocks are powers of two. The defaults
-    are reasoned, not tuned: no accelerator has measured them yet.
+    Attributes:
+      logits: ``[N, V]`` in the caller's dtype (logits losses).
+      x: ``[N, D]`` inputs (fused loss).
+      w: ``[D, V]``, or ``[V, D]`` in the tied layout (fused loss).
+      bias: ``[1, V]`` (fused loss).
+      labels: ``[N, 1]`` int32, or ``[N, V]`` probabilities.
+      label_weight: ``[N, 1]``: each integer label's class weight, 0 for an ignored example
+        and NaN for a label outside ``[0, V)``.
+      where: ``[N, 1]`` or ``[1, V]`` int32, or ``[N, V]`` int8 (nonzero is valid).
+      class_weights: ``[1, V]``.
+      n_valid: ``[N, 1]`` or ``[1, 1]`` valid classes per row (backward, label smoothing).
+      temperature: ``[1, 1]`` (an array temperature).
+      lse, w_total, ct: ``[N, 1]`` each (backward): the saved log-sum-exp and total target
+        weight ``W``, and the loss cotangent (0 for examples that do not count).
     """
 
-    block_n: int
-    block_v: int
-
-    @classmethod
-    def get_default(cls, n: int, v: int, dtype, platform: str) -> BlockSizes:
-        """Default blocks for ``[n, v]`` logits of ``dtype`` on ``platform`` ("tpu" or "gpu")."""
-        if platform == "tpu":
-            rows = 32 * -(-min(n, 128) // 32)
-            return cls(block_n=rows, block_v=min(2048, 128 * -(-v // 128)))
-        if platform == "gpu":
-            # About 16 KiB of logits per block: 4 rows of 2048 16-bit or 1024 32-bit values.
-            block_v = min(pow2_ceil(v), 4096 // np.dtype(dtype).itemsize)
-            return cls(block_n=min(4, pow2_ceil(n)), block_v=block_v)
-        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
-
-
-def varying_axes(x) -> frozenset[str]:
-    """The ``shard_map`` axes over which ``x`` varies (empty outside ``shard_map``)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; before: aval.vma
-    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+    logits: jax.Array | None = None
+    x: jax.Array | None = None
+    w: jax.Array | None = None
+    bias: jax.Array | None = None
+    labels: jax.Array | None = None
+    label_weight: jax.Array | None = None
+    where: jax.Array | None = None
+    class_weights: jax.Array | None = None
+    n_valid: jax.Array | None = None
+    temperature: jax.Array | None = None
+    lse: jax.Array | None = None
+    w_total: jax.Array | None = None
+    ct: jax.Array | None = None
 
 
-def vary_alike(arrays):
-    """``arrays`` (a list), each made to vary over the union of their ``shard_map`` axes, so that
-    a kernel's outputs can be typed like any one of them (`out_struct`); unchanged outside
-    ``shard_map``."""
-    axes = frozenset().union(*(varying_axes(a) for a in arrays))
+def axes(name: str, options) -> tuple[int | None, int | None]:
+    """``(row_axis, col_axis)`` of operand ``name``: which of its two axes runs over the rows
+    (tokens) and which over the vocabulary, each None where it is shared (of size 1)."""
+    if name == "logits":
+        return 0, 1
+    if name == "x":
+        return 0, None
+    if name == "w":
+        return None, 0 if options.vd else 1
+    if name in ("bias", "class_weights"):
+        return None, 1
+    if name == "labels":
+        return 0, None if options.integer else 1
+    if name == "where":
+        return {"row": (0, None), "col": (None, 1), "full": (0, 1)}[options.mask]
+    if name == "n_valid":
+        return (0, None) if options.mask in ("row", "full") else (None, None)
+    if name == "temperature":
+        return None, None
+    return 0, None  # label_weight, lse, w_total, ct
 
-    def vary(a):
-        missing = tuple(sorted(axes - varying_axes(a)))
-        return jax.lax.pcast(a, missing, to="varying") if missing else a
 
-    return [vary(a) for a in arrays]
+def per_row(ops: Operands, options) -> Operands:
+    """For each present operand, whether its leading axis is the row axis (foldable under
+    ``vmap``)."""
+    return Operands(
+        *(
+            None if x is None else axes(n, options)[0] == 0
+            for n, x in zip(ops._fields, ops, strict=True)
+        )
+    )
 
 
 def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
-    """A kernel output's shape and dtype, varying over the same ``shard_map`` axes as ``like``
-    (the logits), which a ``pallas_call`` inside ``shard_map`` needs. jax 0.10 names this
+    """A kernel output's shape and dtype, varying over the same ``shard_map`` axes as ``like``,
+    which a ``pallas_call`` inside ``shard_map`` needs. jax 0.10 names this
     ``manual_axis_type``, earlier versions ``vma``; with neither, none is given."""
     aval = jax.typeof(like)
     for name in ("manual_axis_type", "vma"):
@@ -93,8 +105,20 @@ def out_struct(shape, dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def pow2_ceil(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
+def vary_alike(arrays):
+    """``arrays`` (a list), each made to vary over the union of their ``shard_map`` axes, so that
+    a kernel's outputs can be typed like any one of them (`out_struct`); unchanged outside
+    ``shard_map``."""
+    present = [a for a in arrays if a is not None]
+    every = frozenset().union(*(varying_axes(a) for a in present))
+
+    def vary(a):
+        if a is None:
+            return None
+        missing = tuple(sorted(every - varying_axes(a)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return [vary(a) for a in arrays]
 
 
 def sublanes(dtype) -> int:
@@ -102,107 +126,58 @@ def sublanes(dtype) -> int:
     return max(8, 32 // np.dtype(dtype).itemsize)
 
 
-def block_error(blocks: BlockSizes, platform: str, row_dtypes) -> str | None:
-    """Why ``blocks`` cannot run on ``platform``, or None; ``row_dtypes`` are the dtypes of the
-    operands blocked along both rows and vocabulary."""
-    n, v = blocks.block_n, blocks.block_v
-    if n < 1 or v < 1:
-        return f"block sizes must be positive, got {blocks}"
-    if platform == "tpu":
-        rows = max(sublanes(d) for d in row_dtypes)
-        if n % rows or v % 128:
+def is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def block_error(schedule: str, blocks, ops: Operands, options) -> str | None:
+    """Why ``schedule`` (``"tpu"`` or ``"gpu"``), compiled, cannot take ``blocks`` for these
+    operands, or None. The interpreters take any positive blocks."""
+    fused = ops.x is not None
+    n = ops.labels.shape[0]
+    v = ops.w.shape[0 if options.vd else 1] if fused else ops.logits.shape[1]
+    sizes = (blocks.block_n, blocks.block_v) + ((blocks.block_d,) if fused else ())
+    if schedule == "gpu":
+        least = 16 if fused else 1
+        if any(not is_pow2(b) or b < least for b in sizes):
             return (
-                f"TPU blocks must be multiples of ({rows}, 128) for operands of dtypes "
-                f"{[np.dtype(d).name for d in row_dtypes]}, got {blocks}"
+                f"the GPU (Triton) schedule needs block sizes that are powers of two"
+                f"{' of at least 16 (the minimum of its dot)' if fused else ''}, got {blocks}"
             )
-    elif n != pow2_ceil(n) or v != pow2_ceil(v):
-        return f"GPU (Triton) block sizes must be powers of two, got {blocks}"
+        return None
+    dense = [name for name in ops._fields if getattr(ops, name) is not None]
+    dtypes = [getattr(ops, k).dtype for k in dense if axes(k, options) == (0, 1) or k == "x"]
+    rows = max(sublanes(d) for d in dtypes)
+    extents = (n, v) + ((ops.x.shape[1],) if fused else ())
+    tiling = (rows, 128, 128)
+    if any(b % t and b != size for b, size, t in zip(sizes, extents, tiling, strict=False)):
+        names = ("block_n", "block_v", "block_d")[: len(sizes)]
+        return (
+            f"the TPU (Mosaic) schedule needs {names[0]} a multiple of {rows} (for operands of "
+            f"dtypes {sorted({np.dtype(d).name for d in dtypes})}) and "
+            f"{' and '.join(names[1:])} multiples of 128, or each the whole axis "
+            f"({dict(zip(('N', 'V', 'D'), extents, strict=False))}), got {blocks}"
+        )
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """The static part of one kernel call (hashable)."""
-
-    integer: bool
-    where: str | None  # None, "row" ([N, 1]), "col" ([1, V]) or "full" ([N, V])
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    temperature: float | None  # None: the temperature is an array operand
+def temperature_value(options, temperature):
+    """``T`` as the block steps take it: `Options`' float, or the array operand's value."""
+    return options.temperature if temperature is None else temperature
 
 
-class Inputs(NamedTuple):
-    """Forward operands (arrays, or refs inside a kernel); absent ones are None."""
-
-    logits: jax.Array
-    labels: jax.Array
-    label_weight: jax.Array | None
-    where: jax.Array | None
-    class_weights: jax.Array | None
-    n_valid: jax.Array | None
-    temperature: jax.Array | None
-
-
-class Residuals(NamedTuple):
-    """The extra backward operands, each ``[N, 1]``."""
-
-    lse: jax.Array
-    w_total: jax.Array
-    ct: jax.Array
-
-
-def backward_out_shape(config: Config, inputs: Inputs, t_shape) -> list[jax.ShapeDtypeStruct]:
-    """Outputs of a backward kernel: ``d_logits``, then ``d_labels`` (probability labels) and the
-    per-block temperature terms of shape ``t_shape`` (array temperature) when asked for."""
-    logits = inputs.logits
-    out_shape = [out_struct(logits.shape, logits.dtype, logits)]
-    if not config.integer:
-        out_shape.append(out_struct(logits.shape, inputs.labels.dtype, logits))
-    if config.temperature is None:
-        out_shape.append(out_struct(t_shape, _tile.accumulation_dtype(logits.dtype), logits))
-    return out_shape
-
-
-def backward_outputs(config: Config, outs):
-    """``(d_logits, d_labels, t_parts)`` in the order of `backward_out_shape`, None where not
-    asked for; ``outs`` are the arrays of a backward call or the output refs of its kernel."""
-    d_logits, *rest = outs
-    d_labels = None if config.integer else rest.pop(0)
-    t_parts = None if config.temperature is not None else rest.pop(0)
-    return d_logits, d_labels, t_parts
-
-
-class Grads(NamedTuple):
-    """Backward outputs: ``d_logits`` ``[N, V]``, ``d_labels`` ``[N, V]`` (probability labels
-    only) and ``t_row`` ``[N, 1]``, the per-row `_tile.temperature_term` (array temperature
-    only)."""
-
-    d_logits: jax.Array
-    d_labels: jax.Array | None
-    t_row: jax.Array | None
-
-
-def forward_init(config: Config, rows: int, dtype) -> _tile.RowState:
-    return _tile.row_state_init(rows, dtype, bool(config.label_smoothing))
-
-
-def temperature_value(config: Config, temperature):
-    return config.temperature if temperature is None else temperature
-
-
-def masked_logits(config: Config, z_raw, valid, temperature):
+def masked_logits(options, z_raw, valid, temperature):
     """``z'`` of one block: transformed, and -inf on invalid or out-of-bounds classes."""
-    t = temperature_value(config, temperature)
-    return _tile.masked_transform(z_raw, valid, softcap=config.softcap, temperature=t)
+    t = temperature_value(options, temperature)
+    return _tile.masked_transform(z_raw, valid, softcap=options.logit_softcap, temperature=t)
 
 
-def target_block(
-    config: Config, col0, in_bounds, valid, labels, label_weight, class_weights, dtype
-):
-    """``a = w q`` of one block before smoothing, ``[rows, cols]``."""
-    if config.integer:
-        return _tile.label_target(labels, label_weight, col0, in_bounds)
+def target_block(options, col0, ok, valid, labels, label_weight, class_weights, dtype):
+    """``a = w q`` of one block before smoothing, ``[rows, cols]``: an integer label's weight on
+    its column (where ``ok``, even if masked out: its ``z'`` is then -inf), or the weighted
+    probability labels on valid classes."""
+    if options.integer:
+        return _tile.label_target(labels, label_weight, col0, ok)
     a = labels.astype(dtype)
     if class_weights is not None:
         a = a * class_weights
@@ -210,29 +185,26 @@ def target_block(
 
 
 def forward_step(
-    config: Config,
+    options,
     state: _tile.RowState,
     z,
     col0,
-    in_bounds,
+    ok,
     valid,
     *,
     labels,
     label_weight,
     class_weights,
 ) -> _tile.RowState:
-    """Merges one block of masked logits ``z`` (``[rows, cols]``) into the running state."""
+    """Merges one block of masked logits ``z`` (``[rows, cols]``, columns ``col0 + [0, cols)``)
+    into the running state. ``ok`` marks the block's columns (and rows) that are part of the
+    problem; ``valid`` those that are also unmasked."""
     dtype = z.dtype
     lse, ref, shift = _tile.lse_merge(state.lse, z)
-    if config.integer:
-        hit = _tile.onehot_block(labels, col0, z.shape[1]) & in_bounds
-        z_pick = jnp.sum(jnp.where(hit, z, jnp.zeros((), dtype)), axis=-1, keepdims=True)
-        # The label's weight where its class is in this block, else 0 (no boolean reduction:
-        # Triton has none).
-        weight = jnp.sum(jnp.where(hit, label_weight, jnp.zeros((), dtype)), -1, keepdims=True)
-        term = _tile.picked_term(weight, z_pick, ref)
+    if options.integer:
+        term = _tile.picked_term(*_tile.pick(labels, label_weight, col0, ok, z), ref)
     else:
-        a = target_block(config, col0, in_bounds, valid, labels, None, class_weights, dtype)
+        a = target_block(options, col0, ok, valid, labels, None, class_weights, dtype)
         term = _tile.dense_term(a, z, ref)
     target = _tile.term_merge(state.target, shift, *term)
     smoothing = state.smoothing
@@ -242,34 +214,26 @@ def forward_step(
     return _tile.RowState(lse, target, smoothing)
 
 
-def forward_finish(config: Config, state: _tile.RowState, label_weight, n_valid):
-    """``(loss, lse, w_total)`` per row, each ``[rows, 1]``.
+class BlockGrad(NamedTuple):
+    """The backward of one block, in the accumulation dtype; None where not asked for."""
 
-    With integer labels the target's total weight is the label's class weight itself, so that
-    a label outside ``[0, V)`` (weight NaN, found in no block) gives a NaN loss.
-    """
-    target = state.target
-    if config.integer:
-        target = _tile.Term(label_weight, target.a)
-    loss, lse = _tile.row_loss(
-        state.lse,
-        target,
-        state.smoothing,
-        n_valid,
-        label_smoothing=config.label_smoothing,
-        z_loss=config.z_loss,
-    )
-    w_total = target.w
-    if state.smoothing is not None:
-        w_total = _tile.mix(config.label_smoothing, n_valid, w_total, state.smoothing.w)
-    return loss, lse, w_total
+    d_logits: jax.Array  # [rows, cols] dl/dz (raw logits), times the cotangent
+    d_labels: jax.Array | None  # [rows, cols] dl/dy, probability labels only
+    t_part: jax.Array | None  # [rows, 1] sum_k g_k (z'_k - lse), an array temperature only
+    keep: jax.Array | None  # scalar bool from the gradient filter, filter_eps > 0 only
+
+
+def keep_block(g: jax.Array, filter_eps: float) -> jax.Array:
+    """Scalar bool: whether a gradient block survives the filter (some ``|g| >= eps``, or a
+    NaN)."""
+    return jnp.logical_not(jnp.max(jnp.abs(g)) < filter_eps)
 
 
 def backward_block(
-    config: Config,
+    options,
     z_raw,
     col0,
-    in_bounds,
+    ok,
     valid,
     *,
     labels,
@@ -280,26 +244,55 @@ def backward_block(
     lse,
     w_total,
     ct,
-):
-    """``(d_logits, d_labels, t_part)`` of one block in the accumulation dtype; the last two
-    are None when not asked for (probability labels, array temperature)."""
+    filter_eps: float = 0.0,
+) -> BlockGrad:
+    """The gradient of one block of raw logits ``z_raw``, recomputed from the saved ``lse`` and
+    ``w_total``. Rows with a zero cotangent ``ct`` (those that do not count, or padding) get a
+    zero gradient. With ``filter_eps``, ``keep`` says whether any ``|dl/dz'|`` (before the
+    cotangent) reaches it."""
     dtype = z_raw.dtype
-    z = masked_logits(config, z_raw, valid, temperature)
-    a = target_block(config, col0, in_bounds, valid, labels, label_weight, class_weights, dtype)
-    if config.label_smoothing:
+    z = masked_logits(options, z_raw, valid, temperature)
+    a = target_block(options, col0, ok, valid, labels, label_weight, class_weights, dtype)
+    if options.label_smoothing:
         smoothing = _tile.smoothing_weights(valid, class_weights, dtype)
-        a = _tile.mix(config.label_smoothing, n_valid, a, smoothing)
-    g = _tile.grad_block(z, lse, w_total, a, z_loss=config.z_loss)
+        a = _tile.mix(options.label_smoothing, n_valid, a, smoothing)
+    g = _tile.grad_block(z, lse, w_total, a, z_loss=options.z_loss)
     counted = ct != 0
     zero = jnp.zeros((), dtype)
+    g = jnp.where(counted, g, zero)
+    keep = keep_block(g, filter_eps) if filter_eps else None
     g = jnp.where(counted, g * ct, zero)
-    t = temperature_value(config, temperature)
-    d_logits = _tile.transform_vjp(z_raw, g, softcap=config.softcap, temperature=t)
+    t = temperature_value(options, temperature)
+    d_logits = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=t)
     d_labels = None
-    if not config.integer:
-        scale = (1.0 - config.label_smoothing) * ct
+    if not options.integer:
+        scale = (1.0 - options.label_smoothing) * ct
         if class_weights is not None:
             scale = scale * class_weights
         d_labels = jnp.where(counted, _tile.label_grad_block(z, lse, valid, scale), zero)
-    t_part = None if config.temperature is not None else _tile.temperature_term(z, g, lse)
-    return d_logits, d_labels, t_part
+    t_part = None if options.temperature is not None else _tile.temperature_term(z, g, lse)
+    return BlockGrad(d_logits, d_labels, t_part, keep)
+
+
+def present(ops: Operands) -> tuple[tuple[str, ...], list]:
+    """The names and values of the operands that are not None: how a kernel call passes them."""
+    names = tuple(name for name in ops._fields if getattr(ops, name) is not None)
+    return names, [getattr(ops, name) for name in names]
+
+
+def named(names: tuple[str, ...], refs) -> tuple[Operands, tuple]:
+    """Inside a kernel: the input refs as `Operands` (by `present`'s ``names``), and the rest of
+    the refs (outputs, then scratch)."""
+    return Operands(**dict(zip(names, refs, strict=False))), tuple(refs[len(names) :])
+
+
+def first_block():
+    """Block index 0 of an index map, as int32: a Python 0 would be int64 under
+    ``jax_enable_x64``, which Mosaic does not take. Called inside the index map (a value made
+    outside it would be a captured constant)."""
+    return jnp.int32(0)
+
+
+def block_index(i, blocked: bool):
+    """Grid index ``i`` where an operand is blocked along that axis, else `first_block`."""
+    return i if blocked else first_block()

@@ -23,11 +23,6 @@ import numpy as np
 NEG_INF = -np.inf
 
 
-def accumulation_dtype(dtype) -> np.dtype:
-    """float64 for float64 logits, float32 for everything narrower."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
 def transform(z: jax.Array, *, softcap: float | None, temperature) -> jax.Array:
     """``z' = softcap(z) / T``; ``temperature`` is a Python float or a scalar array.
 
@@ -70,6 +65,18 @@ def onehot_block(labels: jax.Array, col0, cols: int) -> jax.Array:
     """``[rows, cols]`` bool, True where the global class id ``col0 + j`` equals the row's label."""
     ids = col0 + jax.lax.broadcasted_iota(labels.dtype, (labels.shape[0], cols), 1)
     return ids == labels
+
+
+def pick(labels: jax.Array, label_weight: jax.Array, col0, ok: jax.Array, z: jax.Array):
+    """``(weight, z_pick)``, each ``[rows, 1]``: the label's weight and its ``z'`` where the
+    label's class is in this block (columns ``col0 + [0, cols)``, ``ok`` True), else 0. A sum
+    over the block, not a gather, so that every schedule forms it alike (Triton has no boolean
+    reduction, nor a gather)."""
+    hit = onehot_block(labels, col0, z.shape[1]) & ok
+    zero = jnp.zeros((), z.dtype)
+    z_pick = jnp.sum(jnp.where(hit, z, zero), axis=-1, keepdims=True)
+    weight = jnp.sum(jnp.where(hit, label_weight.astype(z.dtype), zero), axis=-1, keepdims=True)
+    return weight, z_pick
 
 
 def label_target(labels: jax.Array, label_weight: jax.Array, col0, ok: jax.Array) -> jax.Array:
@@ -226,6 +233,36 @@ def row_loss(
     if z_loss:
         loss = loss + jnp.where(has_mass, z_loss * lse_value * lse_value, 0)
     return loss, lse_value
+
+
+def finish(
+    state: RowState,
+    label_weight: jax.Array | None,
+    n_valid: jax.Array,
+    *,
+    label_smoothing: float,
+    z_loss: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(loss, lse, W)`` per row, each ``[rows, 1]``, from the forward accumulators.
+
+    ``W = sum_k w_k q_k`` after smoothing is the total target weight that the backward pass
+    needs; it is produced here, once, and saved. With integer labels (``label_weight`` given)
+    the target's total weight is the label's class weight itself, so that a label outside
+    ``[0, V)`` (weight NaN, found in no block) gives a NaN loss.
+    """
+    target = state.target if label_weight is None else Term(label_weight, state.target.a)
+    loss, lse = row_loss(
+        state.lse,
+        target,
+        state.smoothing,
+        n_valid,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+    )
+    w_total = target.w
+    if state.smoothing is not None:
+        w_total = mix(label_smoothing, n_valid, w_total, state.smoothing.w)
+    return loss, lse, jnp.broadcast_to(w_total, loss.shape)
 
 
 def grad_block(

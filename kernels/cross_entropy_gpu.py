@@ -2,11 +2,12 @@
 
 Forward: a grid over row blocks only. Each program owns ``block_n`` rows and walks the
 vocabulary in ``block_v`` columns with a ``fori_loop``, carrying the float32 running max,
-sum-exp, target and smoothing terms in registers (`_blocks.forward_step`); it then writes the
-per-row loss, the lse and the total target weight. Backward: a grid ``(row blocks, vocab
-blocks)`` with no dependence between programs; each recomputes ``p = exp(z' - lse)`` for its
-block and writes the logits gradient in the logits' dtype, in one read and one write of the
-logits (plus the probability-label gradient and a per-row temperature partial when asked for).
+sum-exp, target and smoothing terms in registers (`_blocks.forward_step`); it then writes those
+accumulators, from which the loss is finished outside the kernel (`_tile.finish`). Backward: a
+grid ``(row blocks, vocab blocks)`` with no dependence between programs; each recomputes
+``p = exp(z' - lse)`` for its block and writes the logits gradient in the logits' dtype, in one
+read and one write of the logits (plus the probability-label gradient and a per-row temperature
+partial when asked for).
 
 Every load and store is masked (``plgpu.load(..., mask=...)``): the refs are the whole arrays,
 and the ragged last row block and vocabulary block are cut out by global ids, then masked again
@@ -42,8 +43,6 @@ The choice is to be measured, not assumed: ``benchmarks/mosaic_gpu_probe.py`` is
 (no options) on Mosaic GPU, with TMA-pipelined, swizzled blocks, and the benchmark harness times it
 beside this kernel in the same GPU run (``probe:mosaic_gpu``; `benchmarks.goals` reports both
 against the goals). Its docstring lists what a full port would have to solve.
-
-Status: validated on CPU in interpret mode only. Not yet compiled, run or timed on a GPU.
 """
 
 from __future__ import annotations
@@ -56,6 +55,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax_softmax_ce.kernels import _blocks, _tile
 
+from jax_softmax_ce._util import accumulation_dtype
+
 
 def from_zero(size: int):
     """The slice ``[0, size)`` with an int32 start, like every other index of a Triton kernel (a
@@ -63,185 +64,164 @@ def from_zero(size: int):
     return pl.ds(jnp.int32(0), size)
 
 
-def _compiler_params(blocks: _blocks.BlockSizes) -> plgpu.CompilerParams:
+def _compiler_params(blocks) -> plgpu.CompilerParams:
     num_warps = min(max(blocks.block_n * blocks.block_v // 1024, 1), 8)
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
 
 
-class _Block:
+class Block:
     """Masked loads of one ``[bn, bv]`` block at rows ``row0 + [0, bn)``, columns
     ``col0 + [0, bv)``. Program ids are read once at the top of a kernel and passed in (the
     interpreter substitutes them only there, not inside a loop body)."""
 
-    def __init__(self, config: _blocks.Config, bn: int, bv: int, n: int, v: int, row0, col0):
-        self.config = config
+    def __init__(self, options, bn: int, bv: int, n: int, v: int, row0, col0):
+        self.options = options
         self.bn, self.bv = bn, bv
         self.row0 = row0
         self.rows_ok = row0 + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0) < n
         self.col0 = jnp.asarray(col0, jnp.int32)
         col_ids = self.col0 + jax.lax.broadcasted_iota(jnp.int32, (1, bv), 1)
         self.cols_ok = col_ids < v
-        self.in_bounds = self.rows_ok & self.cols_ok
+        self.ok = self.rows_ok & self.cols_ok
 
-    def rows(self, ref):
-        """``[bn, 1]`` of a per-row operand ``[N, 1]``."""
+    def load(self, ins: _blocks.Operands, name: str):
+        """Operand ``name``'s part of this block: ``[bn, bv]``, ``[bn, 1]``, ``[1, bv]`` or
+        ``[1, 1]`` by its `_blocks.axes`; None when absent."""
+        ref = getattr(ins, name)
         if ref is None:
             return None
-        return plgpu.load(
-            ref.at[pl.ds(self.row0, self.bn), from_zero(1)], mask=self.rows_ok, other=0
+        row, col = _blocks.axes(name, self.options)
+        if row is None and col is None:
+            return ref[...]
+        masks = [m for m, on in ((self.rows_ok, row == 0), (self.cols_ok, col == 1)) if on]
+        index = (
+            pl.ds(self.row0, self.bn) if row == 0 else from_zero(1),
+            pl.ds(self.col0, self.bv) if col == 1 else from_zero(1),
         )
-
-    def cols(self, ref):
-        """``[1, bv]`` of a per-class operand ``[1, V]``."""
-        if ref is None:
-            return None
-        return plgpu.load(
-            ref.at[from_zero(1), pl.ds(self.col0, self.bv)], mask=self.cols_ok, other=0
-        )
-
-    def dense(self, ref):
-        """``[bn, bv]`` of an ``[N, V]`` operand."""
-        return plgpu.load(
-            ref.at[pl.ds(self.row0, self.bn), pl.ds(self.col0, self.bv)],
-            mask=self.in_bounds,
-            other=0,
-        )
+        return plgpu.load(ref.at[index], mask=functools.reduce(jnp.logical_and, masks), other=0)
 
     def store_dense(self, ref, x):
         plgpu.store(
             ref.at[pl.ds(self.row0, self.bn), pl.ds(self.col0, self.bv)],
             x.astype(ref.dtype),
-            mask=self.in_bounds,
+            mask=self.ok,
         )
 
-    def valid(self, where_ref):
-        kind = self.config.where
-        if kind is None:
-            return self.in_bounds
-        where = {"row": self.rows, "col": self.cols, "full": self.dense}[kind](where_ref)
-        return self.in_bounds & (where != 0)
+    def valid(self, ins: _blocks.Operands):
+        if self.options.mask is None:
+            return self.ok
+        return self.ok & (self.load(ins, "where") != 0)
 
 
-def _n_valid(config: _blocks.Config, block: _Block, ref):
-    if ref is None:
-        return None
-    return block.rows(ref) if config.where in ("row", "full") else ref[...]
+def _temperature(ins: _blocks.Operands):
+    return None if ins.temperature is None else ins.temperature[...]
 
 
-def _forward_kernel(*refs, config, in_tree, bn, bv, n, v, dtype):
-    num_in = in_tree.num_leaves
-    inputs = jax.tree.unflatten(in_tree, refs[:num_in])
-    loss_ref, lse_ref, w_ref = refs[num_in:]
+def _forward_kernel(*refs, options, names, bn, bv, n, v):
+    ins, out_refs = _blocks.named(names, refs)
     row0 = pl.program_id(0) * bn
-    first = _Block(config, bn, bv, n, v, row0, 0)
-    labels = first.rows(inputs.labels) if config.integer else None
-    label_weight = first.rows(inputs.label_weight)
-    temperature = None if inputs.temperature is None else inputs.temperature[...]
+    first = Block(options, bn, bv, n, v, row0, 0)
+    labels = first.load(ins, "labels") if options.integer else None
+    label_weight = first.load(ins, "label_weight")
+    temperature = _temperature(ins)
+    dtype = out_refs[0].dtype
 
     def body(j, state):
-        block = _Block(config, bn, bv, n, v, row0, j * bv)
-        valid = block.valid(inputs.where)
-        z_raw = block.dense(inputs.logits).astype(dtype)
-        z = _blocks.masked_logits(config, z_raw, valid, temperature)
+        block = Block(options, bn, bv, n, v, row0, j * bv)
+        valid = block.valid(ins)
+        z_raw = block.load(ins, "logits").astype(dtype)
+        z = _blocks.masked_logits(options, z_raw, valid, temperature)
         return _blocks.forward_step(
-            config,
+            options,
             state,
             z,
             block.col0,
-            block.in_bounds,
+            block.ok,
             valid,
-            labels=labels if config.integer else block.dense(inputs.labels),
+            labels=labels if options.integer else block.load(ins, "labels"),
             label_weight=label_weight,
-            class_weights=block.cols(inputs.class_weights),
+            class_weights=block.load(ins, "class_weights"),
         )
 
-    state = jax.lax.fori_loop(0, pl.cdiv(v, bv), body, _blocks.forward_init(config, bn, dtype))
-    loss, lse, w_total = _blocks.forward_finish(
-        config, state, label_weight, _n_valid(config, first, inputs.n_valid)
-    )
-    for ref, x in ((loss_ref, loss), (lse_ref, lse), (w_ref, w_total)):
+    init = _tile.row_state_init(bn, dtype, bool(options.label_smoothing))
+    state = jax.lax.fori_loop(0, pl.cdiv(v, bv), body, init)
+    for ref, x in zip(out_refs, jax.tree.leaves(state), strict=True):
         plgpu.store(ref.at[pl.ds(first.row0, bn), from_zero(1)], x, mask=first.rows_ok)
 
 
-def forward(
-    config: _blocks.Config,
-    inputs: _blocks.Inputs,
-    *,
-    blocks: _blocks.BlockSizes,
-    interpret: bool = False,
-):
-    """``(loss, lse, w_total)``, each ``[N, 1]`` in the accumulation dtype."""
-    n, v = inputs.logits.shape
+def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile.RowState:
+    """The forward accumulators (`_tile.RowState`) of every row, each ``[N, 1]`` in the
+    accumulation dtype."""
+    n, v = ops.logits.shape
     bn, bv = blocks.block_n, blocks.block_v
-    dtype = _tile.accumulation_dtype(inputs.logits.dtype)
-    leaves, in_tree = jax.tree.flatten(inputs)
-    out_shape = _blocks.out_struct((n, 1), dtype, inputs.logits)
-    kernel = functools.partial(
-        _forward_kernel, config=config, in_tree=in_tree, bn=bn, bv=bv, n=n, v=v, dtype=dtype
-    )
-    return pl.pallas_call(
-        kernel,
+    dtype = accumulation_dtype(ops.logits.dtype)
+    names, leaves = _blocks.present(ops)
+    state_tree = jax.tree.structure(_tile.row_state_init(1, dtype, bool(options.label_smoothing)))
+    out_shape = _blocks.out_struct((n, 1), dtype, ops.logits)
+    outs = pl.pallas_call(
+        functools.partial(_forward_kernel, options=options, names=names, bn=bn, bv=bv, n=n, v=v),
         grid=(pl.cdiv(n, bn),),
-        out_shape=(out_shape, out_shape, out_shape),
+        out_shape=[out_shape] * state_tree.num_leaves,
         compiler_params=_compiler_params(blocks),
         interpret=interpret,
         name="softmax_cross_entropy_fwd_gpu",
     )(*leaves)
+    return jax.tree.unflatten(state_tree, outs)
 
 
-def _backward_kernel(*refs, config, in_tree, bn, bv, n, v, dtype):
-    inputs, residuals = jax.tree.unflatten(in_tree, refs[: in_tree.num_leaves])
-    d_logits_ref, d_labels_ref, t_ref = _blocks.backward_outputs(config, refs[in_tree.num_leaves :])
+def _backward_kernel(*refs, options, names, bn, bv, n, v):
+    ins, outs = _blocks.named(names, refs)
+    d_logits_ref, *outs = outs
+    d_labels_ref = None if options.integer else outs.pop(0)
+    t_ref = outs.pop(0) if outs else None
     j = pl.program_id(1)
-    block = _Block(config, bn, bv, n, v, pl.program_id(0) * bn, j * bv)
-    valid = block.valid(inputs.where)
-    d_logits, d_labels, t_part = _blocks.backward_block(
-        config,
-        block.dense(inputs.logits).astype(dtype),
+    block = Block(options, bn, bv, n, v, pl.program_id(0) * bn, j * bv)
+    valid = block.valid(ins)
+    grad = _blocks.backward_block(
+        options,
+        block.load(ins, "logits").astype(accumulation_dtype(ins.logits.dtype)),
         block.col0,
-        block.in_bounds,
+        block.ok,
         valid,
-        labels=block.rows(inputs.labels) if config.integer else block.dense(inputs.labels),
-        label_weight=block.rows(inputs.label_weight),
-        class_weights=block.cols(inputs.class_weights),
-        n_valid=_n_valid(config, block, inputs.n_valid),
-        temperature=None if inputs.temperature is None else inputs.temperature[...],
-        lse=block.rows(residuals.lse),
-        w_total=block.rows(residuals.w_total),
-        ct=block.rows(residuals.ct),
+        labels=block.load(ins, "labels"),
+        label_weight=block.load(ins, "label_weight"),
+        class_weights=block.load(ins, "class_weights"),
+        n_valid=block.load(ins, "n_valid"),
+        temperature=_temperature(ins),
+        lse=block.load(ins, "lse"),
+        w_total=block.load(ins, "w_total"),
+        ct=block.load(ins, "ct"),
     )
-    block.store_dense(d_logits_ref, d_logits)
+    block.store_dense(d_logits_ref, grad.d_logits)
     if d_labels_ref is not None:
-        block.store_dense(d_labels_ref, d_labels)
+        block.store_dense(d_labels_ref, grad.d_labels)
     if t_ref is not None:
-        plgpu.store(t_ref.at[pl.ds(block.row0, bn), pl.ds(j, 1)], t_part, mask=block.rows_ok)
+        rows = pl.ds(block.row0, bn)
+        plgpu.store(t_ref.at[rows, pl.ds(j, 1)], grad.t_part, mask=block.rows_ok)
 
 
-def backward(
-    config: _blocks.Config,
-    inputs: _blocks.Inputs,
-    residuals: _blocks.Residuals,
-    *,
-    blocks: _blocks.BlockSizes,
-    interpret: bool = False,
-) -> _blocks.Grads:
-    """The logits gradient (and the label gradient and per-row temperature terms ``[N, 1]``)."""
-    n, v = inputs.logits.shape
+def backward(options, ops: _blocks.Operands, *, blocks, interpret=False):
+    """``(d_logits, d_labels, t_row)``: the logits gradient, the probability-label gradient and
+    the per-row temperature terms ``[N, 1]``, None where not asked for."""
+    n, v = ops.logits.shape
     bn, bv = blocks.block_n, blocks.block_v
     num_v = pl.cdiv(v, bv)
-    dtype = _tile.accumulation_dtype(inputs.logits.dtype)
-    leaves, in_tree = jax.tree.flatten((inputs, residuals))
-    kernel = functools.partial(
-        _backward_kernel, config=config, in_tree=in_tree, bn=bn, bv=bv, n=n, v=v, dtype=dtype
-    )
+    names, leaves = _blocks.present(ops)
+    out_shape = [_blocks.out_struct((n, v), ops.logits.dtype, ops.logits)]
+    if not options.integer:
+        out_shape.append(_blocks.out_struct((n, v), ops.labels.dtype, ops.logits))
+    if options.temperature is None:
+        dtype = accumulation_dtype(ops.logits.dtype)
+        out_shape.append(_blocks.out_struct((n, num_v), dtype, ops.logits))
     outs = pl.pallas_call(
-        kernel,
+        functools.partial(_backward_kernel, options=options, names=names, bn=bn, bv=bv, n=n, v=v),
         grid=(pl.cdiv(n, bn), num_v),
-        out_shape=_blocks.backward_out_shape(config, inputs, (n, num_v)),
+        out_shape=out_shape,
         compiler_params=_compiler_params(blocks),
         interpret=interpret,
         name="softmax_cross_entropy_bwd_gpu",
     )(*leaves)
-    d_logits, d_labels, t_parts = _blocks.backward_outputs(config, outs)
-    t_row = None if t_parts is None else jnp.sum(t_parts, axis=1, keepdims=True)
-    return _blocks.Grads(d_logits, d_labels, t_row)
+    d_logits, *outs = outs
+    d_labels = None if options.integer else outs.pop(0)
+    t_row = jnp.sum(outs[0], axis=1, keepdims=True) if outs else None
+    return d_logits, d_labels, t_row

@@ -2,10 +2,10 @@
 
 Forward: grid ``(row blocks, vocab blocks)`` with semantics ``("parallel", "arbitrary")``. Each
 step loads one ``[block_n, block_v]`` block of logits (and of probability labels or of the
-``where`` mask when they are dense) and merges it into float32 accumulators that live in VMEM
-scratch for the whole row block: the running max and sum-exp, the target term and the smoothing
-term (`_blocks.forward_step`). The last vocabulary step writes the per-row loss, the lse and the
-total target weight.
+``where`` mask when they are dense) and merges it into the float32 accumulators of its rows: the
+running max and sum-exp, the target term and the smoothing term (`_blocks.forward_step`). They
+live in the ``[block_n, 1]`` output blocks, which stay resident in VMEM while the vocabulary
+index moves; the loss is finished from them outside the kernel (`_tile.finish`).
 
 Backward: grid ``(row blocks, vocab blocks)``, both parallel. Each step recomputes
 ``p = exp(z' - lse)`` for its block and writes the logits gradient in the logits' dtype (one read
@@ -17,10 +17,8 @@ below one block) are masked with ``jnp.where`` from global row and column ids; w
 reads past the end of an array is never used, and what it would write there is dropped.
 
 Per-row values are ``[block_n, 1]`` columns; Mosaic pads them to full vregs. An array
-temperature is a scalar in SMEM.
-
-Status: validated on CPU in interpret mode with `pltpu.InterpretParams` (race detection,
-out-of-bounds reads raising, uninitialised memory as NaN). Not yet compiled or timed on a TPU.
+temperature is a scalar in SMEM. Every block index is int32, also under ``jax_enable_x64``,
+where a Python integer in an index map would become int64, which Mosaic does not take.
 """
 
 from __future__ import annotations
@@ -33,202 +31,158 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax_softmax_ce.kernels import _blocks, _tile
 
+from jax_softmax_ce._util import accumulation_dtype
+
 
 def interpret_params() -> pltpu.InterpretParams:
-    """The strict CPU interpreter: races detected, out-of-bounds reads raise, NaN memory."""
+    """The strict TPU interpreter: races detected, out-of-bounds reads raise, NaN memory."""
     return pltpu.InterpretParams(
         detect_races=True, out_of_bounds_reads="raise", uninitialized_memory="nan"
     )
 
 
-def _specs(config: _blocks.Config, inputs: _blocks.Inputs, blocks: _blocks.BlockSizes):
-    """BlockSpecs of the forward operands, on a grid ``(i, j)`` of row and vocab blocks."""
-    bn, bv = blocks.block_n, blocks.block_v
-    dense = pl.BlockSpec((bn, bv), lambda i, j: (i, j))
-    row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
-    col = pl.BlockSpec((1, bv), lambda i, j: (0, j))
-    shared = pl.BlockSpec((1, 1), lambda i, j: (0, 0))
-    where = {None: None, "row": row, "col": col, "full": dense}[config.where]
-    n_valid = None
-    if inputs.n_valid is not None:
-        n_valid = shared if config.where in (None, "col") else row
-    temperature = None
-    if inputs.temperature is not None:
-        temperature = pl.BlockSpec(memory_space=pltpu.SMEM)
-    return _blocks.Inputs(
-        logits=dense,
-        labels=row if config.integer else dense,
-        label_weight=row if config.integer else None,
-        where=where,
-        class_weights=None if inputs.class_weights is None else col,
-        n_valid=n_valid,
-        temperature=temperature,
+def spec(name: str, options, bn: int, bv: int) -> pl.BlockSpec:
+    """The BlockSpec of operand ``name`` on a grid ``(i, j)`` of row and vocab blocks."""
+    if name == "temperature":
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    row, col = _blocks.axes(name, options)
+    block = (bn if row == 0 else 1, bv if col == 1 else 1)
+    return pl.BlockSpec(
+        block, lambda i, j: (_blocks.block_index(i, row == 0), _blocks.block_index(j, col == 1))
     )
 
 
-def _masks(config: _blocks.Config, where_ref, shape, n: int, v: int):
-    """``(col0, in_bounds, valid)`` of the current block."""
-    bn, bv = shape
+def _masks(options, ins: _blocks.Operands, n: int, v: int):
+    """``(col0, ok, valid)`` of the current block."""
+    bn, bv = ins.logits.shape
     i, j = pl.program_id(0), pl.program_id(1)
     row_ids = i * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
     col0 = j * bv
     col_ids = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, bv), 1)
-    in_bounds = (row_ids < n) & (col_ids < v)
-    valid = in_bounds
-    if config.where is not None:
-        valid = valid & (where_ref[...] != 0)
-    return col0, in_bounds, valid
+    ok = (row_ids < n) & (col_ids < v)
+    valid = ok if options.mask is None else ok & (ins.where[...] != 0)
+    return col0, ok, valid
 
 
-def _loaded(ref, dtype=None):
-    if ref is None:
-        return None
-    x = ref[...]
-    return x if dtype is None else x.astype(dtype)
+def _loaded(ref):
+    return None if ref is None else ref[...]
 
 
 def _temperature(ref):
     return None if ref is None else ref[0, 0]
 
 
-def _labels(inputs: _blocks.Inputs) -> dict:
-    """The label operands of the current block, as the `_blocks` steps take them."""
-    return dict(
-        labels=inputs.labels[...],
-        label_weight=_loaded(inputs.label_weight),
-        class_weights=_loaded(inputs.class_weights),
-    )
+def _forward_kernel(*refs, options, names, state_tree, n, v):
+    ins, out_refs = _blocks.named(names, refs)
+    dtype = out_refs[0].dtype
 
-
-def _forward_kernel(*refs, config, in_tree, state_tree, n, v, dtype):
-    num_in, num_state = in_tree.num_leaves, state_tree.num_leaves
-    inputs = jax.tree.unflatten(in_tree, refs[:num_in])
-    loss_ref, lse_ref, w_ref = refs[num_in : num_in + 3]
-    state_refs = refs[num_in + 3 : num_in + 3 + num_state]
-    j = pl.program_id(1)
-    rows = inputs.logits.shape[0]
-
-    @pl.when(j == 0)
+    @pl.when(pl.program_id(1) == 0)
     def _init():
-        init = jax.tree.leaves(_blocks.forward_init(config, rows, dtype))
-        for ref, x in zip(state_refs, init, strict=True):
+        init = _tile.row_state_init(ins.logits.shape[0], dtype, bool(options.label_smoothing))
+        for ref, x in zip(out_refs, jax.tree.leaves(init), strict=True):
             ref[...] = x
 
-    col0, in_bounds, valid = _masks(config, inputs.where, inputs.logits.shape, n, v)
-    temperature = _temperature(inputs.temperature)
-    z = _blocks.masked_logits(config, inputs.logits[...].astype(dtype), valid, temperature)
-    state = jax.tree.unflatten(state_tree, [ref[...] for ref in state_refs])
-    state = _blocks.forward_step(config, state, z, col0, in_bounds, valid, **_labels(inputs))
-    for ref, x in zip(state_refs, jax.tree.leaves(state), strict=True):
+    col0, ok, valid = _masks(options, ins, n, v)
+    temperature = _temperature(ins.temperature)
+    z = _blocks.masked_logits(options, ins.logits[...].astype(dtype), valid, temperature)
+    state = jax.tree.unflatten(state_tree, [ref[...] for ref in out_refs])
+    state = _blocks.forward_step(
+        options,
+        state,
+        z,
+        col0,
+        ok,
+        valid,
+        labels=ins.labels[...],
+        label_weight=_loaded(ins.label_weight),
+        class_weights=_loaded(ins.class_weights),
+    )
+    for ref, x in zip(out_refs, jax.tree.leaves(state), strict=True):
         ref[...] = x
 
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        loss, lse, w_total = _blocks.forward_finish(
-            config, state, _loaded(inputs.label_weight), _loaded(inputs.n_valid)
-        )
-        loss_ref[...] = loss
-        lse_ref[...] = lse
-        w_ref[...] = w_total
 
-
-def forward(
-    config: _blocks.Config,
-    inputs: _blocks.Inputs,
-    *,
-    blocks: _blocks.BlockSizes,
-    interpret: bool = False,
-):
-    """``(loss, lse, w_total)``, each ``[N, 1]`` in the accumulation dtype."""
-    n, v = inputs.logits.shape
+def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile.RowState:
+    """The forward accumulators (`_tile.RowState`) of every row, each ``[N, 1]`` in the
+    accumulation dtype. ``interpret`` is what ``pallas_call`` takes."""
+    n, v = ops.logits.shape
     bn, bv = blocks.block_n, blocks.block_v
-    dtype = _tile.accumulation_dtype(inputs.logits.dtype)
-    leaves, in_tree = jax.tree.flatten(inputs)
-    state = _blocks.forward_init(config, bn, dtype)
-    state_leaves, state_tree = jax.tree.flatten(state)
-    row_out = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
-    out_shape = _blocks.out_struct((n, 1), dtype, inputs.logits)
-    kernel = functools.partial(
-        _forward_kernel,
-        config=config,
-        in_tree=in_tree,
-        state_tree=state_tree,
-        n=n,
-        v=v,
-        dtype=dtype,
-    )
-    return pl.pallas_call(
-        kernel,
+    dtype = accumulation_dtype(ops.logits.dtype)
+    names, leaves = _blocks.present(ops)
+    state_tree = jax.tree.structure(_tile.row_state_init(1, dtype, bool(options.label_smoothing)))
+    row_out = pl.BlockSpec((bn, 1), lambda i, j: (i, _blocks.first_block()))
+    out_shape = _blocks.out_struct((n, 1), dtype, ops.logits)
+    outs = pl.pallas_call(
+        functools.partial(
+            _forward_kernel, options=options, names=names, state_tree=state_tree, n=n, v=v
+        ),
         grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
-        in_specs=jax.tree.leaves(_specs(config, inputs, blocks)),
-        out_specs=(row_out, row_out, row_out),
-        out_shape=(out_shape, out_shape, out_shape),
-        scratch_shapes=[pltpu.VMEM(x.shape, x.dtype) for x in state_leaves],
+        in_specs=[spec(name, options, bn, bv) for name in names],
+        out_specs=[row_out] * state_tree.num_leaves,
+        out_shape=[out_shape] * state_tree.num_leaves,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=interpret_params() if interpret else False,
+        interpret=interpret,
         name="softmax_cross_entropy_fwd_tpu",
     )(*leaves)
+    return jax.tree.unflatten(state_tree, outs)
 
 
-def _backward_kernel(*refs, config, in_tree, n, v, dtype):
-    inputs, residuals = jax.tree.unflatten(in_tree, refs[: in_tree.num_leaves])
-    d_logits_ref, d_labels_ref, t_ref = _blocks.backward_outputs(config, refs[in_tree.num_leaves :])
-    col0, in_bounds, valid = _masks(config, inputs.where, inputs.logits.shape, n, v)
-    d_logits, d_labels, t_part = _blocks.backward_block(
-        config,
-        inputs.logits[...].astype(dtype),
+def _backward_kernel(*refs, options, names, n, v):
+    ins, outs = _blocks.named(names, refs)
+    d_logits_ref, *outs = outs
+    d_labels_ref = None if options.integer else outs.pop(0)
+    t_ref = outs.pop(0) if outs else None
+    col0, ok, valid = _masks(options, ins, n, v)
+    grad = _blocks.backward_block(
+        options,
+        ins.logits[...].astype(accumulation_dtype(ins.logits.dtype)),
         col0,
-        in_bounds,
+        ok,
         valid,
-        **_labels(inputs),
-        n_valid=_loaded(inputs.n_valid),
-        temperature=_temperature(inputs.temperature),
-        lse=residuals.lse[...],
-        w_total=residuals.w_total[...],
-        ct=residuals.ct[...],
+        labels=ins.labels[...],
+        label_weight=_loaded(ins.label_weight),
+        class_weights=_loaded(ins.class_weights),
+        n_valid=_loaded(ins.n_valid),
+        temperature=_temperature(ins.temperature),
+        lse=ins.lse[...],
+        w_total=ins.w_total[...],
+        ct=ins.ct[...],
     )
-    d_logits_ref[...] = d_logits.astype(d_logits_ref.dtype)
+    d_logits_ref[...] = grad.d_logits.astype(d_logits_ref.dtype)
     if d_labels_ref is not None:
-        d_labels_ref[...] = d_labels.astype(d_labels_ref.dtype)
+        d_labels_ref[...] = grad.d_labels.astype(d_labels_ref.dtype)
     if t_ref is not None:
-        t_ref[...] = t_part
+        t_ref[...] = grad.t_part
 
 
-def backward(
-    config: _blocks.Config,
-    inputs: _blocks.Inputs,
-    residuals: _blocks.Residuals,
-    *,
-    blocks: _blocks.BlockSizes,
-    interpret: bool = False,
-) -> _blocks.Grads:
-    """The logits gradient (and the label gradient and per-row temperature terms ``[N, 1]``)."""
-    n, v = inputs.logits.shape
+def backward(options, ops: _blocks.Operands, *, blocks, interpret=False):
+    """``(d_logits, d_labels, t_row)``: the logits gradient, the probability-label gradient and
+    the per-row temperature terms ``[N, 1]``, None where not asked for."""
+    n, v = ops.logits.shape
     bn, bv = blocks.block_n, blocks.block_v
     num_v = pl.cdiv(v, bv)
-    dtype = _tile.accumulation_dtype(inputs.logits.dtype)
-    leaves, in_tree = jax.tree.flatten((inputs, residuals))
-    row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
-    dense = pl.BlockSpec((bn, bv), lambda i, j: (i, j))
-    in_specs = [*jax.tree.leaves(_specs(config, inputs, blocks)), row, row, row]
+    dtype = accumulation_dtype(ops.logits.dtype)
+    names, leaves = _blocks.present(ops)
+    dense = spec("logits", options, bn, bv)
     out_specs = [dense]
-    if not config.integer:
+    out_shape = [_blocks.out_struct((n, v), ops.logits.dtype, ops.logits)]
+    if not options.integer:
         out_specs.append(dense)
-    if config.temperature is None:
-        out_specs.append(pl.BlockSpec((pl.Squeezed(), bn, 1), lambda i, j: (j, i, 0)))
-    kernel = functools.partial(
-        _backward_kernel, config=config, in_tree=in_tree, n=n, v=v, dtype=dtype
-    )
+        out_shape.append(_blocks.out_struct((n, v), ops.labels.dtype, ops.logits))
+    if options.temperature is None:
+        t_block = pl.BlockSpec((pl.Squeezed(), bn, 1), lambda i, j: (j, i, _blocks.first_block()))
+        out_specs.append(t_block)
+        out_shape.append(_blocks.out_struct((num_v, n, 1), dtype, ops.logits))
     outs = pl.pallas_call(
-        kernel,
+        functools.partial(_backward_kernel, options=options, names=names, n=n, v=v),
         grid=(pl.cdiv(n, bn), num_v),
-        in_specs=in_specs,
+        in_specs=[spec(name, options, bn, bv) for name in names],
         out_specs=out_specs,
-        out_shape=_blocks.backward_out_shape(config, inputs, (num_v, n, 1)),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret_params() if interpret else False,
+        interpret=interpret,
         name="softmax_cross_entropy_bwd_tpu",
     )(*leaves)
-    d_logits, d_labels, t_parts = _blocks.backward_outputs(config, outs)
-    t_row = None if t_parts is None else jnp.sum(t_parts, axis=0)
-    return _blocks.Grads(d_logits, d_labels, t_row)
+    d_logits, *outs = outs
+    d_labels = None if options.integer else outs.pop(0)
+    t_row = jnp.sum(outs[0], axis=0) if outs else None
+    return d_logits, d_labels, t_row

@@ -103,9 +103,8 @@ def test_linear_cpu_script_and_filter_count(tmp_path):
     assert 0.0 <= entry["filter"]["skipped_tile_fraction"] <= 1.0
     assert entry["filter"]["max_abs_diff_d_weight"] <= entry["filter"]["max_abs_d_weight"]
 
-    from jax_softmax_ce.kernels.linear import BlockSizes
-
     from benchmarks import linear_cpu
+    from jax_softmax_ce import BlockSizes
 
     eye = np.eye(8)
     blocks = BlockSizes(4, 2)  # 2 row blocks x 4 vocabulary blocks

@@ -1,24 +1,27 @@
-"""Tests of `linear_softmax_cross_entropy` against an independent float64 NumPy reference.
+"""Tests of `linear_softmax_cross_entropy` against the float64 NumPy reference.
 
-The reference below is the spec's formulas written out with dense ``[N, V]`` float64 arrays and
-the analytic gradient (no JAX), so every implementation is compared with something other than
-itself. Shapes are ragged (V prime, N and D not multiples of any block size), and the Pallas
-schedules run in interpret mode on tiny shapes.
+The expected values are `numpy_reference`'s on the float64 logits ``x @ w + b``, with the
+gradients carried to ``x``, ``w`` and ``b`` by the chain rule, so every implementation is compared
+with something other than itself. Shapes are ragged (V prime, N and D not multiples of any block
+size), and the Pallas schedules run in interpret mode on tiny shapes.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
-from jax_softmax_ce.kernels.linear import BlockSizes
+from jax_softmax_ce.kernels import linear_gpu, linear_tpu
 from platforms import interpret
 
 import jax_softmax_ce as sce
+from jax_softmax_ce import BlockSizes
 
 N, D, V = 37, 13, 53
 SMALL_BLOCKS = BlockSizes(8, 16)
@@ -27,13 +30,28 @@ SMALL_BLOCKS = BlockSizes(8, 16)
 GPU_BLOCKS, GPU_D = BlockSizes(16, 16, 16), 40
 
 
+def implementation_of(implementation, block_sizes=None, schedule=None):
+    """The ``implementation`` value for a name and blocks: `sce.Xla` with the blocks of its
+    loops (also for None, the automatic choice), `sce.Pallas` for ``schedule`` (compiled where
+    the test machine runs it natively, interpreted elsewhere), or ``"reference"``."""
+    if implementation == "pallas":
+        return sce.Pallas(block_sizes=block_sizes, schedule=schedule, interpret=interpret(schedule))
+    if implementation in ("xla", None) and block_sizes is not None:
+        return sce.Xla(block_sizes)
+    return implementation
+
+
+def linear_ce(*args, implementation=None, block_sizes=None, schedule=None, **kwargs):
+    """`sce.linear_softmax_cross_entropy` with the implementation of `implementation_of`."""
+    impl = implementation_of(implementation, block_sizes, schedule)
+    return sce.linear_softmax_cross_entropy(*args, implementation=impl, **kwargs)
+
+
 def _pallas_args(schedule: str, d: int = D) -> tuple[int, dict]:
-    """The hidden size and keyword arguments of a ``"pallas"`` call of ``schedule``: compiled
-    where the test machine runs that schedule natively, interpreted elsewhere."""
+    """The hidden size and keyword arguments of a ``"pallas"`` call of ``schedule``."""
     # The TPU schedule sums each tile over hidden chunks: two here, the last one ragged for odd D.
     blocks = GPU_BLOCKS if schedule == "gpu" else BlockSizes(8, 16, -(-d // 2))
-    kwargs = {"pallas_backend": schedule, "interpret": interpret(schedule), "block_sizes": blocks}
-    return (GPU_D if schedule == "gpu" else d), kwargs
+    return (GPU_D if schedule == "gpu" else d), {"schedule": schedule, "block_sizes": blocks}
 
 
 def numpy_linear_ce(
@@ -43,60 +61,35 @@ def numpy_linear_ce(
     *,
     bias=None,
     where=None,
-    ignore_index=None,
-    label_smoothing=0.0,
     class_weights=None,
-    z_loss=0.0,
-    logit_softcap=None,
     temperature=1.0,
     reduction="sum",
+    **options,
 ):
-    """``(value, losses, dx, dw, db, dT)`` in float64 for ``w`` ``[D, V]``."""
+    """``(value, losses, dx, dw, db, dT)`` in float64 for ``w`` ``[D, V]``: `numpy_reference`
+    on the logits ``x @ w + b``, its logits gradient carried through the matmul."""
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
     labels = np.asarray(labels)
-    n, v = x.shape[0], w.shape[1]
     u = x @ w + (0 if bias is None else np.asarray(bias, np.float64))
-    t = float(temperature)
-    s = (
-        u
-        if logit_softcap is None
-        else np.where(np.isinf(u), u, logit_softcap * np.tanh(u / logit_softcap))
+    kwargs = dict(
+        integer=True,
+        where=where,
+        class_weights=class_weights,
+        temperature=temperature,
+        **options,
     )
-    zp = s / t
-    valid = np.ones((n, v), bool) if where is None else np.broadcast_to(where, (n, v))
-    cw = np.ones(v) if class_weights is None else np.asarray(class_weights, np.float64)
-    zm = np.where(valid, zp, -np.inf)
-    has_valid = valid.any(1)
-    m = np.where(has_valid, zm.max(1), 0.0)[:, None]
-    # A fully masked example does not count; its lse is set to 0 to keep the arrays finite.
-    lse = np.where(has_valid, m[:, 0] + np.log(np.exp(zm - m).sum(1) + ~has_valid), 0.0)
-    p = np.where(valid, np.exp(zm - lse[:, None]), 0.0)
-    ignored = np.zeros(n, bool) if ignore_index is None else labels == ignore_index
-    counted = ~ignored & has_valid
-    q = np.zeros((n, v))
-    q[np.arange(n)[~ignored], labels[~ignored]] = 1.0
-    n_valid = valid.sum(1, keepdims=True)
-    if label_smoothing:
-        q = (1 - label_smoothing) * q + np.where(valid, label_smoothing / np.maximum(n_valid, 1), 0)
-    a = cw * q
-    nll = np.where(valid, lse[:, None] - zp, 0.0)
-    losses = (a * nll).sum(1) + z_loss * lse**2
-    losses = np.where(counted, losses, 0.0)
-    if reduction == "mean":
-        denom = np.where(counted, cw[np.where(ignored, 0, labels)], 0).sum()
-        ct = np.full(n, 1.0 / denom)
-    else:
-        ct = np.ones(n)
-    ct = np.where(counted, ct, 0.0)
-    value = (losses * ct).sum()
-    g = (a.sum(1, keepdims=True) + 2 * z_loss * lse[:, None]) * p - a  # dl/dz'
-    g = g * ct[:, None]
-    d_t = -(g * np.where(valid, zp, 0)).sum() / t
-    dz = g / t
-    if logit_softcap is not None:
-        dz = dz * (1 - np.tanh(u / logit_softcap) ** 2)
-    return value, losses, dz @ w.T, x.T @ dz, dz.sum(0), d_t
+    plain = numpy_reference.cross_entropy(u, labels, **kwargs)
+    cw = None if class_weights is None else np.asarray(class_weights, np.float64)
+    ct = numpy_reference.reduction_cotangent(
+        plain, labels, integer=True, class_weights=cw, reduction=reduction
+    )
+    result = numpy_reference.cross_entropy(u, labels, cotangent=ct, **kwargs)
+    value = numpy_reference.reduce(
+        result, labels, integer=True, class_weights=cw, reduction=reduction
+    )
+    dz = result.dlogits
+    return value, result.loss, dz @ w.T, x.T @ dz, dz.sum(0), result.dtemperature
 
 
 def _data(seed=0, n=N, d=D, v=V, scale=1.0):
@@ -164,7 +157,7 @@ def _numpy_options(options):
 
 def _value_and_grads(implementation, x, w, b, y, *, layout="dv", reduction="sum", **kwargs):
     def loss(x, w, b):
-        return sce.linear_softmax_cross_entropy(
+        return linear_ce(
             x,
             w if layout == "dv" else w.T,
             y,
@@ -202,7 +195,7 @@ def test_values_and_gradients_match_numpy(name, implementation, layout):
     np.testing.assert_allclose(dx, expected[2], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(dw, expected[3], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(db, expected[4], rtol=1e-9, atol=1e-12)
-    losses = sce.linear_softmax_cross_entropy(
+    losses = linear_ce(
         jnp.asarray(x),
         jnp.asarray(w),
         jnp.asarray(y),
@@ -220,7 +213,7 @@ def test_array_temperature_gradient(implementation):
     expected = numpy_linear_ce(x, w, y, bias=b, temperature=1.3, z_loss=0.05, label_smoothing=0.1)
 
     def loss(t):
-        return sce.linear_softmax_cross_entropy(
+        return linear_ce(
             jnp.asarray(x),
             jnp.asarray(w),
             jnp.asarray(y),
@@ -282,26 +275,27 @@ def test_pallas_matches_numpy(name, schedule, layout):
     np.testing.assert_allclose(db, expected[4], rtol=2e-4, atol=2e-5)
 
 
-def test_pallas_on_cpu_without_interpret_raises():
-    x, w, _, y = _data()
-    with pytest.raises(NotImplementedError, match="GPU or TPU"):
-        sce.linear_softmax_cross_entropy(x, w, y, implementation="pallas")
+def test_pallas_on_cpu_runs_the_interpreter():
+    """implementation="pallas" on a CPU runs the kernels in Pallas' interpreter, as it does for
+    the logits losses (it used to raise for the fused loss)."""
+    x, w, b, y = _data()
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, w, b)]
+    losses = sce.linear_softmax_cross_entropy(
+        f32[0], f32[1], jnp.asarray(y), bias=f32[2], implementation="pallas"
+    )
+    np.testing.assert_allclose(losses, numpy_linear_ce(x, w, y, bias=b)[1], rtol=2e-5)
 
 
 def test_three_dimensional_inputs_and_vmap():
     x, w, b, y = _data(n=24)
     x3, y3 = x.reshape(2, 3, 4, D), y.reshape(2, 3, 4)
     expected = numpy_linear_ce(x, w, y, bias=b)[1]
-    out = sce.linear_softmax_cross_entropy(
-        jnp.asarray(x3), jnp.asarray(w), jnp.asarray(y3), bias=jnp.asarray(b)
-    )
+    out = linear_ce(jnp.asarray(x3), jnp.asarray(w), jnp.asarray(y3), bias=jnp.asarray(b))
     assert out.shape == (2, 3, 4)
     np.testing.assert_allclose(out.reshape(-1), expected, rtol=1e-10)
 
     def per_batch(xb, yb):
-        return sce.linear_softmax_cross_entropy(
-            xb, jnp.asarray(w), yb, bias=jnp.asarray(b), block_sizes=SMALL_BLOCKS
-        )
+        return linear_ce(xb, jnp.asarray(w), yb, bias=jnp.asarray(b), block_sizes=SMALL_BLOCKS)
 
     batched = jax.vmap(per_batch)(jnp.asarray(x3), jnp.asarray(y3))
     np.testing.assert_allclose(batched.reshape(-1), expected, rtol=1e-10)
@@ -363,8 +357,7 @@ def test_gradient_filter_error_is_bounded():
             *[a.astype(jnp.float32) if a.dtype == jnp.float64 else a for a in args],
             block_sizes=pallas_blocks,
             gradient_filter_eps=eps,
-            pallas_backend=name,
-            interpret=interpret(name),
+            schedule=name,
         )
         err = np.abs(np.asarray(out[1][0], np.float64) - np.asarray(exact[1][0]))
         assert np.all(err <= eps * np.abs(w).sum(1)[None, :] + 1e-4)
@@ -375,7 +368,7 @@ def test_reference_implementation_supports_forward_mode_but_not_filtering():
     args = [jnp.asarray(a) for a in (x, w, b)]
 
     def loss(x):
-        return sce.linear_softmax_cross_entropy(
+        return linear_ce(
             x, args[1], jnp.asarray(y), bias=args[2], implementation="reference", reduction="sum"
         )
 
@@ -383,15 +376,13 @@ def test_reference_implementation_supports_forward_mode_but_not_filtering():
     expected = numpy_linear_ce(x, w, y, bias=b)[2].sum()
     np.testing.assert_allclose(tangent, expected, rtol=1e-9)
     with pytest.raises(NotImplementedError, match="gradient_filter_eps"):
-        sce.linear_softmax_cross_entropy(
-            x, w, y, implementation="reference", gradient_filter_eps=1e-3
-        )
+        linear_ce(x, w, y, implementation="reference", gradient_filter_eps=1e-3)
 
 
 def _float32_losses(implementation, x, w, b, y, class_weights, **kwargs):
     """Per-example losses of float32 ``x``, ``w``, ``b`` with class weights."""
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-    return sce.linear_softmax_cross_entropy(
+    return linear_ce(
         f32(x),
         f32(w),
         jnp.asarray(y),
@@ -413,7 +404,7 @@ def test_eager_calls_compile_once(engine, compilations):
     args = [f32(x), f32(x2), f32(w), f32(b), jnp.asarray(y)]
 
     def loss(inputs):
-        return sce.linear_softmax_cross_entropy(
+        return linear_ce(
             inputs, args[2], args[4], bias=args[3], implementation=implementation, **pallas
         )
 
@@ -455,7 +446,7 @@ def test_a_nan_logit_in_a_wide_block_is_never_hidden(engine):
     blocks = {"tpu": BlockSizes(32, 128, 8), "gpu": BlockSizes(32, 128, 16)}
     kwargs = {"block_sizes": blocks.get(schedule, BlockSizes(32, 128))}
     if schedule:
-        kwargs.update(pallas_backend=schedule, interpret=interpret(schedule))
+        kwargs.update(schedule=schedule)
     x, w, b, y = _data(n=32, d=16, v=128)
     b[3] = np.nan
     y[y == 3] = 4
@@ -474,14 +465,14 @@ def test_out_of_range_label_gives_nan_and_masked_label_gives_inf(engine):
     y = np.array(y)
     y[0], y[2] = V, -1
     kwargs = dict(implementation=implementation or None, **pallas)
-    out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), **kwargs)
+    out = linear_ce(x, w, jnp.asarray(y), **kwargs)
     assert np.isnan(out[0]) and np.isnan(out[2]) and np.all(np.isfinite(np.delete(out, [0, 2])))
     # With class weights, a negative label must not wrap around to the last class's weight.
-    out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), class_weights=np.ones(V), **kwargs)
+    out = linear_ce(x, w, jnp.asarray(y), class_weights=np.ones(V), **kwargs)
     assert np.isnan(out[0]) and np.isnan(out[2])
     where = np.ones((1, V), bool)
     where[0, y[1]] = False
-    out = sce.linear_softmax_cross_entropy(x, w, jnp.asarray(y), where=where, **kwargs)
+    out = linear_ce(x, w, jnp.asarray(y), where=where, **kwargs)
     assert np.isposinf(out[1])
 
 
@@ -497,9 +488,7 @@ def test_large_logits_and_nothing_counted(engine):
     x32 = jnp.asarray(rng.integers(-2, 3, (N, d)), jnp.float32)
     w32 = jnp.asarray(rng.integers(-2, 3, (d, V)) / 4, jnp.float32)
     b32 = jnp.asarray(1e4 + rng.integers(-8, 9, V) / 4, jnp.float32)
-    losses = sce.linear_softmax_cross_entropy(
-        x32, w32, jnp.asarray(y), bias=b32, implementation=implementation, **pallas
-    )
+    losses = linear_ce(x32, w32, jnp.asarray(y), bias=b32, implementation=implementation, **pallas)
     want = numpy_linear_ce(x32, w32, y, bias=b32)[1]
     np.testing.assert_allclose(losses, want, rtol=3e-6)
 
@@ -526,7 +515,7 @@ def test_compiled_temporary_memory_does_not_grow_with_logits():
     y = jnp.zeros((n,), jnp.int32)
 
     def loss(x, w):
-        return sce.linear_softmax_cross_entropy(x, w, y, reduction="mean", block_sizes=blocks)
+        return linear_ce(x, w, y, reduction="mean", block_sizes=blocks)
 
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -592,7 +581,7 @@ def test_grad_of_grad_is_the_softmax_hessian(layout):
     u = np.random.default_rng(22).normal(size=x.shape)
 
     def loss(x):
-        return sce.linear_softmax_cross_entropy(
+        return linear_ce(
             x,
             jnp.asarray(w if layout == "dv" else w.T),
             jnp.asarray(y),
@@ -616,7 +605,7 @@ def test_pallas_grad_of_grad_is_the_softmax_hessian(schedule):
     u = np.random.default_rng(22).normal(size=x.shape)
 
     def loss(x):
-        return sce.linear_softmax_cross_entropy(
+        return linear_ce(
             x,
             jnp.asarray(w),
             jnp.asarray(y),
@@ -640,9 +629,7 @@ def test_pallas_under_vmap(schedule):
     x3, y3 = x.reshape(2, 12, d), y.reshape(2, 12)
 
     def loss(x, w, y):
-        return sce.linear_softmax_cross_entropy(
-            x, w, y, bias=jnp.asarray(b), implementation="pallas", **pallas
-        )
+        return linear_ce(x, w, y, bias=jnp.asarray(b), implementation="pallas", **pallas)
 
     args = (jnp.asarray(x3, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(y3))
     losses = jax.vmap(loss, in_axes=(0, None, 0))(*args)
@@ -667,7 +654,7 @@ def test_grad_of_grad_with_options_matches_reference(name):
 
     def hvp(implementation):
         def loss(x, w):
-            return sce.linear_softmax_cross_entropy(
+            return linear_ce(
                 x,
                 w,
                 jnp.asarray(y),
@@ -707,7 +694,7 @@ def test_sharded_inputs_under_jit(axis, mesh):
     ]
     fn = jax.jit(
         jax.value_and_grad(
-            lambda x, w, b: sce.linear_softmax_cross_entropy(
+            lambda x, w, b: linear_ce(
                 x, w, jnp.asarray(y), bias=b, reduction="mean", block_sizes=SMALL_BLOCKS
             ),
             argnums=(0, 1, 2),
@@ -742,7 +729,7 @@ def test_inside_shard_map_data_parallel(engine, mesh):
 
     def per_shard(x, w, b, y):
         def loss(x, w, b):
-            return sce.linear_softmax_cross_entropy(
+            return linear_ce(
                 x, w, y, bias=b, reduction="sum", implementation=implementation, **kwargs
             )
 
@@ -774,52 +761,46 @@ def test_inside_shard_map_data_parallel(engine, mesh):
 def test_pallas_with_explicitly_sharded_inputs_raises(mesh):
     x, w, _, y = _data(n=16)
     x = jax.device_put(jnp.asarray(x), jax.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
-    fn = jax.jit(
-        lambda x: sce.linear_softmax_cross_entropy(
-            x, jnp.asarray(w), jnp.asarray(y), implementation="pallas", interpret=True
-        )
-    )
+    fn = jax.jit(lambda x: linear_ce(x, jnp.asarray(w), jnp.asarray(y), implementation="pallas"))
     with pytest.raises(NotImplementedError, match="shard_map"):
         fn(x)
 
 
 def _lower_fused(schedule, lowering_target, *, n, d, v, blocks, vd=False, bias=True, **options):
     """Lowers (without running) ``jit(grad)`` of the fused loss through the ``"pallas"`` kernels
-    of ``schedule`` for its real backend: Mosaic for TPU, Triton for CUDA. A CPU-only host names
-    an H100 through an abstract mesh for Triton."""
+    for ``schedule``'s real backend (Mosaic for TPU, Triton for CUDA), from this host: the
+    kernel is chosen when lowering. A CPU-only host names an H100 through an abstract mesh for
+    Triton."""
     import warnings
 
-    from jax_softmax_ce import _options
-    from jax_softmax_ce import linear as linear_module
-
     s = jax.ShapeDtypeStruct
-    config = linear_module.Config(
-        num_classes=v,
-        vd=vd,
-        block_sizes=blocks,
-        filter_eps=options.pop("filter_eps", 0.0),
-        engine="pallas",
-        pallas_backend=schedule,
-    )
-    options = _options.make_options(**options)
+    array_t = options.pop("temperature", 1.0) is None
 
     def loss(x, w, b, y, t):
-        problem = linear_module.LinearProblem(x, w, b, y, None, None, t)
-        return jnp.sum(linear_module._blockwise(problem, options, config))
+        return jnp.sum(
+            sce.linear_softmax_cross_entropy(
+                x,
+                w,
+                y,
+                bias=b,
+                temperature=1.0 if t is None else t,
+                weight_layout="vd" if vd else "dv",
+                implementation=sce.Pallas(block_sizes=blocks),
+                **options,
+            )
+        )
 
-    w = s((v, d) if vd else (d, v), jnp.bfloat16)
-    t = s((), jnp.float32) if options.temperature is None else None
     args = (
         s((n, d), jnp.bfloat16),
-        w,
+        s((v, d) if vd else (d, v), jnp.bfloat16),
         s((v,), jnp.bfloat16) if bias else None,
         s((n,), jnp.int32),
-        t,
+        s((), jnp.float32) if array_t else None,
     )
     platform = {"tpu": "tpu", "gpu": "cuda"}[schedule]
     with warnings.catch_warnings(), lowering_target(schedule):
         warnings.simplefilter("ignore", DeprecationWarning)  # jax >= 0.11 deprecates Triton
-        grad = jax.jit(jax.grad(loss, argnums=(0, 1) if t is None else (0, 1, 4)))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 4) if array_t else (0, 1)))
         return grad.trace(*args).lower(lowering_platforms=(platform,))
 
 
@@ -828,28 +809,57 @@ def test_fused_kernels_lower_for_their_backend(schedule, lowering_target):
     """At a realistic tile size and with options on, which checks the kernels against the
     backends' lowering rules (Triton's dot and block shapes, Mosaic's tiling); interpret mode
     does not."""
-    _lower_fused(
+    lowered = _lower_fused(
         schedule,
         lowering_target,
         n=512,
         d=256,
         v=1000,
         blocks=BlockSizes(128, 256, 128),
-        filter_eps=2.0**-12,
+        gradient_filter_eps=2.0**-12,
         label_smoothing=0.1,
         z_loss=1e-4,
         logit_softcap=30.0,
         temperature=None,
-        temperature_is_array=True,
         ignore_index=-100,
     )
+    target = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}[schedule]
+    assert len(_kernel_calls(lowered, target)) == {"tpu": 3, "gpu": 2}[schedule]
 
 
 def test_tpu_schedule_rejects_blocks_off_the_mosaic_tiling(lowering_target):
     """Compiled for a TPU, a hidden chunk of 64 (neither a multiple of 128 nor all of D) is
     refused with the reason, before Mosaic sees it."""
-    with pytest.raises(NotImplementedError, match=r"block_d multiples of 128.*D=256"):
+    with pytest.raises(NotImplementedError, match=r"block_d multiples of 128.*'D': 256"):
         _lower_fused("tpu", lowering_target, n=512, d=256, v=1000, blocks=BlockSizes(128, 256, 64))
+
+
+@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+def test_path_to_the_kernel_body_is_at_most_seven_frames(schedule, monkeypatch):
+    """From the public loss to the body of each fused kernel, forward and backward, at most
+    seven frames of this package's code are on the stack while the kernel is traced."""
+    package = (sce.__file__.rsplit("/", 1)[0], linear_tpu.__file__.rsplit("/", 1)[0])
+    module = {"tpu": linear_tpu, "gpu": linear_gpu}[schedule]
+    paths = {}
+
+    def spy(name, kernel):
+        def traced(*refs, **kwargs):
+            frames = traceback.extract_stack()[:-1]  # without this stand-in's own frame
+            ours = [f.name for f in frames if f.filename.startswith(package)]
+            paths.setdefault(name, [*ours, kernel.__name__])
+            return kernel(*refs, **kwargs)
+
+        return traced
+
+    monkeypatch.setattr(module, "_forward_kernel", spy("forward", module._forward_kernel))
+    monkeypatch.setattr(module, "_backward_kernel", spy("backward", module._backward_kernel))
+    d, pallas = _pallas_args(schedule, d=D + 1)  # a shape of its own
+    x, w, b, y = _data(d=d)
+    _value_and_grads("pallas", *(jnp.asarray(a, jnp.float32) for a in (x, w, b)), y, **pallas)
+    forward, backward = paths["forward"], paths["backward"]
+    assert forward[0] == "linear_softmax_cross_entropy", forward
+    assert forward[-1] == "_forward_kernel" and backward[-1] == "_backward_kernel"
+    assert len(forward) <= 7 and len(backward) <= 7, (forward, backward)
 
 
 def _kernel_calls(lowered, target: str) -> list:
@@ -898,7 +908,7 @@ def test_gpu_kernels_hold_only_tiles_at_llm_shapes(layout, lowering_target):
     """At N=16384, D=4096, V=128256 (bf16) the GPU kernels must hold no block spanning D or V:
     Triton keeps a kernel's tensors in registers and shared memory, and refuses any over 2**20
     elements. Every tensor of the lowered Triton modules stays within one logits tile."""
-    blocks = BlockSizes.get_default("pallas", "gpu")
+    blocks = BlockSizes.get_default("gpu", num_rows=16384, num_classes=128256, dtype=None, hidden=1)
     lowered = _lower_fused(
         "gpu", lowering_target, n=16384, d=4096, v=128256, blocks=blocks, vd=layout == "vd"
     )
@@ -949,7 +959,7 @@ def test_tpu_kernels_fit_vmem_at_llm_shapes(d, layout, lowering_target):
     ``d_weight`` accumulator alone takes 16 MiB); no limit exceeds 64 MiB, the VMEM of a v5p or
     v7x core."""
     n, v = 16384, 128256
-    blocks = BlockSizes.get_default("pallas", "tpu")
+    blocks = BlockSizes.get_default("tpu", num_rows=n, num_classes=v, dtype=None, hidden=d)
     lowered = _lower_fused("tpu", lowering_target, n=n, d=d, v=v, blocks=blocks, vd=layout == "vd")
     kernels = _mosaic_kernels(lowered)
     assert len(kernels) == 3, "the forward kernel and the two gradient kernels"

@@ -1,48 +1,48 @@
 """implementation="pallas": both kernel schedules, in interpret mode on CPU.
 
-Every test runs once per schedule ("tpu": Mosaic grid reduction, "gpu": Triton in-kernel loop).
-On CPU both run in Pallas' interpreters; on an accelerator the native schedule runs compiled and
-the other one interpreted. Shapes are tiny and ragged: N = 19 rows (not a multiple of any row
-block) and V prime, below one vocabulary block (37) or spanning several (131). Values and
-gradients (logits, probability labels, array temperature) are compared with a float64 NumPy
-reference written here and with implementation="xla".
+Every test runs once per schedule ("tpu": Mosaic grid reduction, "gpu": Triton in-kernel loop),
+named by `jax_softmax_ce.Pallas(schedule=...)`. On CPU both run in Pallas' interpreters; on an
+accelerator the native schedule runs compiled and the other one interpreted. Shapes are tiny and
+ragged: N = 19 rows (not a multiple of any row block) and V prime, below one vocabulary block (37)
+or spanning several (131). Values and gradients (logits, probability labels, array temperature)
+are compared with the float64 NumPy reference (`numpy_reference`) and with implementation="xla".
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import traceback
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 from jax_softmax_ce.kernels import _blocks, cross_entropy_gpu, cross_entropy_tpu
-from jax_softmax_ce.kernels._blocks import BlockSizes
 from platforms import interpret
 
 import jax_softmax_ce as sce
-from jax_softmax_ce import _pallas
+from jax_softmax_ce import _options
 
 N = 19
 SMALL_V, LARGE_V = 37, 131
 SCHEDULES = ("tpu", "gpu")
 
 
-def blocks_for(schedule: str, *dtypes) -> BlockSizes:
+def blocks_for(schedule: str, *dtypes) -> sce.BlockSizes:
     """Small blocks that keep every test ragged: several row blocks, V below or above one."""
     if schedule == "tpu":
-        return BlockSizes(max(_blocks.sublanes(d) for d in dtypes), 128)
-    return BlockSizes(8, 64)
+        return sce.BlockSizes(max(_blocks.sublanes(d) for d in dtypes), 128)
+    return sce.BlockSizes(8, 64)
 
 
-@contextlib.contextmanager
-def pallas(schedule: str, *dtypes):
-    with _pallas.using(
-        platform=schedule, block_sizes=blocks_for(schedule, *dtypes), interpret=interpret(schedule)
-    ):
-        yield
+def pallas(schedule: str, *dtypes) -> sce.Pallas:
+    """The ``implementation`` that runs ``schedule`` with `blocks_for` blocks: compiled where
+    the test machine runs it natively, interpreted elsewhere."""
+    return sce.Pallas(
+        block_sizes=blocks_for(schedule, *dtypes), schedule=schedule, interpret=interpret(schedule)
+    )
 
 
 @pytest.fixture(params=SCHEDULES)
@@ -50,73 +50,10 @@ def schedule(request):
     return request.param
 
 
-# ---------------------------------------------------------------------------------------------
-# An independent float64 reference: the spec's formulas, vectorised over rows.
-
-
-def reference(
-    logits,
-    labels,
-    *,
-    integer,
-    where=None,
-    class_weights=None,
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_softcap=None,
-    temperature=1.0,
-    ignore_index=None,
-):
-    """``(loss [N], dlogits, dlabels, dtemperature)`` of ``sum_i loss_i`` (0 where not counted)."""
-    u = np.asarray(logits, np.float64)
-    n, v = u.shape
-    t = float(temperature)
-    valid = np.ones((n, v), bool) if where is None else np.broadcast_to(where, (n, v))
-    w = np.ones(v) if class_weights is None else np.asarray(class_weights, np.float64)
-    e = label_smoothing
-    with np.errstate(all="ignore"):
-        capped = (
-            u
-            if logit_softcap is None
-            else np.where(np.isinf(u), u, logit_softcap * np.tanh(u / logit_softcap))
-        )
-        dcap = 1.0 if logit_softcap is None else 1.0 - np.tanh(u / logit_softcap) ** 2
-        z = np.where(valid, capped / t, -np.inf)
-        m = z.max(1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0.0)
-        s = np.exp(z - m).sum(1, keepdims=True)
-        lse = np.where(s > 0, m + np.log(s), -np.inf)
-        p = np.where(s > 0, np.exp(z - np.where(s > 0, lse, 0.0)), 0.0)
-        if integer:
-            labels = np.asarray(labels)
-            in_range = (labels >= 0) & (labels < v)
-            q = (np.arange(v) == labels[:, None]).astype(np.float64)
-        else:
-            q = np.where(valid, np.asarray(labels, np.float64), 0.0)
-        n_valid = valid.sum(1, keepdims=True)
-        q = (1 - e) * q + np.where(valid, e / np.maximum(n_valid, 1), 0.0)
-        a = w * q
-        nll = lse - z
-        loss = np.sum(np.where(a != 0, a * nll, 0.0), 1) + z_loss * np.where(
-            np.isfinite(lse[:, 0]), lse[:, 0] ** 2, 0.0
-        )
-        g = a.sum(1, keepdims=True) * p - a + 2 * z_loss * np.where(np.isfinite(lse), lse, 0) * p
-        dlogits = g * dcap / t
-        dtemperature = np.where(g != 0, g * -z / t, 0.0).sum(1)
-        dlabels = None if integer else np.where(valid, (1 - e) * w * nll, 0.0)
-    counted = valid.any(1)
-    if integer and ignore_index is not None:
-        counted &= labels != ignore_index
-    if integer:
-        bad = counted & ~in_range
-        loss = np.where(bad, np.nan, loss)
-        dlogits = np.where(bad[:, None], np.nan, dlogits)
-    loss = np.where(counted, loss, 0.0)
-    dlogits = np.where(counted[:, None], dlogits, 0.0)
-    if dlabels is not None:
-        dlabels = np.where(counted[:, None], dlabels, 0.0)
-    dtemperature = np.sum(np.where(counted, dtemperature, 0.0))
-    return loss, dlogits, dlabels, dtemperature
+def reference(logits, labels, *, integer, **options):
+    """``(loss [N], dlogits, dlabels, dtemperature)`` of ``sum_i loss_i`` in float64."""
+    result = numpy_reference.cross_entropy(logits, labels, integer=integer, **options)
+    return result.loss, result.dlogits, result.dlabels, result.dtemperature
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,16 +113,16 @@ def check_against_reference(schedule, logits, labels, *, integer, where=None, cw
     if where is not None and np.ndim(where) == 2 and min(np.shape(where)) > 1:
         dtypes.append(np.int8)
     t_arg = temperature if array_temperature else None
-    with pallas(schedule, *dtypes):
-        got = run(
-            "pallas",
-            logits,
-            labels,
-            integer=integer,
-            where=where,
-            array_temperature=t_arg,
-            **kwargs,
-        )
+    impl = pallas(schedule, *dtypes)
+    got = run(
+        impl,
+        logits,
+        labels,
+        integer=integer,
+        where=where,
+        array_temperature=t_arg,
+        **kwargs,
+    )
     want_xla = run(
         "xla", logits, labels, integer=integer, where=where, array_temperature=t_arg, **kwargs
     )
@@ -338,10 +275,10 @@ def test_out_of_range_label_is_nan_and_ignored_is_zero(schedule, weighted):
     logits, labels = make_case(LARGE_V, jnp.float32, integer=True)
     labels = labels.at[1].set(LARGE_V).at[4].set(-3).at[6].set(-100)
     cw = jnp.ones((LARGE_V,), jnp.float32) if weighted else None
-    with pallas(schedule, jnp.float32):
-        loss, d_logits, _, _ = run(
-            "pallas", logits, labels, integer=True, ignore_index=-100, class_weights=cw
-        )
+    impl = pallas(schedule, jnp.float32)
+    loss, d_logits, _, _ = run(
+        impl, logits, labels, integer=True, ignore_index=-100, class_weights=cw
+    )
     bad = np.zeros(N, bool)
     bad[[1, 4]] = True
     assert np.isnan(loss[bad]).all() and np.isnan(d_logits[bad]).all()
@@ -359,17 +296,17 @@ def test_fully_masked_rows_are_zero(schedule, integer):
     logits, labels = make_case(SMALL_V, jnp.float32, integer=integer)
     where = np.ones((N, SMALL_V), bool)
     where[[0, 7, 18]] = False
-    with pallas(schedule, jnp.float32, *(() if integer else (jnp.float32,)), np.int8):
-        loss, d_logits, d_labels, d_t = run(
-            "pallas",
-            logits,
-            labels,
-            integer=integer,
-            where=where,
-            label_smoothing=0.1,
-            z_loss=1e-3,
-            array_temperature=jnp.asarray(0.9, jnp.float32),
-        )
+    impl = pallas(schedule, jnp.float32, *(() if integer else (jnp.float32,)), np.int8)
+    loss, d_logits, d_labels, d_t = run(
+        impl,
+        logits,
+        labels,
+        integer=integer,
+        where=where,
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        array_temperature=jnp.asarray(0.9, jnp.float32),
+    )
     for row in (0, 7, 18):
         assert loss[row] == 0 and not np.any(d_logits[row])
         assert d_labels is None or not np.any(d_labels[row])
@@ -379,8 +316,8 @@ def test_fully_masked_rows_are_zero(schedule, integer):
         where=where,
         reduction="mean",
     )
-    with pallas(schedule, jnp.float32, *(() if integer else (jnp.float32,)), np.int8):
-        got = mean(logits, labels, implementation="pallas")
+    impl = pallas(schedule, jnp.float32, *(() if integer else (jnp.float32,)), np.int8)
+    got = mean(logits, labels, implementation=impl)
     np.testing.assert_allclose(got, mean(logits, labels, implementation="xla"), rtol=1e-6)
 
 
@@ -388,8 +325,8 @@ def test_negative_infinite_logits(schedule):
     logits, labels = make_case(LARGE_V, jnp.float32, integer=True)
     logits = logits.at[:, 5].set(-jnp.inf).at[2, :].set(-jnp.inf).at[2, 9].set(1.0)
     labels = jnp.where(labels == 5, 6, labels).at[8].set(5).at[2].set(9)
-    with pallas(schedule, jnp.float32):
-        loss, d_logits, _, _ = run("pallas", logits, labels, integer=True, z_loss=1e-3)
+    impl = pallas(schedule, jnp.float32)
+    loss, d_logits, _, _ = run(impl, logits, labels, integer=True, z_loss=1e-3)
     finite = np.arange(N) != 8
     assert np.isposinf(loss[8])
     assert np.all(np.isfinite(loss[finite])) and np.all(np.isfinite(d_logits))
@@ -408,11 +345,11 @@ def test_non_finite_logits_are_never_hidden(schedule):
     labels = labels.at[2].set(7)
     cw = jnp.ones((LARGE_V,), jnp.float32).at[7].set(0.0)
     probs = jax.nn.one_hot(labels, LARGE_V).at[2].set(0.0)
-    with pallas(schedule, jnp.float32):
-        integer = sce.softmax_cross_entropy_with_integer_labels(
-            logits, labels, class_weights=cw, implementation="pallas"
-        )
-        soft = sce.softmax_cross_entropy(logits, probs, implementation="pallas")
+    impl = pallas(schedule, jnp.float32)
+    integer = sce.softmax_cross_entropy_with_integer_labels(
+        logits, labels, class_weights=cw, implementation=impl
+    )
+    soft = sce.softmax_cross_entropy(logits, probs, implementation=impl)
     for loss in (integer, soft):
         assert not np.any(np.isfinite(loss[:3]))
     clean = np.arange(3, N)
@@ -423,8 +360,8 @@ def test_non_finite_logits_are_never_hidden(schedule):
     neg = logits.at[:, 5].set(-jnp.inf)
     cw = cw.at[5].set(0.0)
     soft_labels = make_case(LARGE_V, jnp.float32, integer=False)[1]
-    with pallas(schedule, jnp.float32, jnp.float32):
-        _, _, d_labels, _ = run("pallas", neg[3:], soft_labels[3:], integer=False, class_weights=cw)
+    impl = pallas(schedule, jnp.float32, jnp.float32)
+    _, _, d_labels, _ = run(impl, neg[3:], soft_labels[3:], integer=False, class_weights=cw)
     want = reference(
         np.asarray(neg[3:]), np.asarray(soft_labels[3:]), integer=False, class_weights=cw
     )[2]
@@ -441,10 +378,8 @@ def test_large_logits_keep_float32_relative_accuracy(schedule, magnitude):
     rng = np.random.default_rng(11)
     logits = jnp.asarray(magnitude + rng.normal(size=(N, LARGE_V)) * 3, jnp.float32)
     labels = jnp.asarray(rng.integers(0, LARGE_V, N), jnp.int32)
-    with pallas(schedule, jnp.float32):
-        loss = sce.softmax_cross_entropy_with_integer_labels(
-            logits, labels, implementation="pallas"
-        )
+    impl = pallas(schedule, jnp.float32)
+    loss = sce.softmax_cross_entropy_with_integer_labels(logits, labels, implementation=impl)
     want = reference(np.asarray(logits), np.asarray(labels), integer=True)[0]
     np.testing.assert_allclose(loss, want, rtol=3e-6)
 
@@ -458,12 +393,10 @@ def test_mean_with_nothing_counted_is_zero(schedule, integer):
         labels = jnp.full_like(labels, labels[0])  # every example ignored
         where = None
     fn = sce.softmax_cross_entropy_with_integer_labels if integer else sce.softmax_cross_entropy
-    with pallas(schedule, jnp.float32, *(() if integer else (jnp.float32,)), np.int8):
-        value, grad = jax.value_and_grad(
-            lambda x: fn(
-                x, labels, where=where, reduction="mean", implementation="pallas", **options
-            )
-        )(logits)
+    impl = pallas(schedule, jnp.float32, *(() if integer else (jnp.float32,)), np.int8)
+    value, grad = jax.value_and_grad(
+        lambda x: fn(x, labels, where=where, reduction="mean", implementation=impl, **options)
+    )(logits)
     assert value == 0.0 and value.dtype == jnp.float32
     np.testing.assert_array_equal(grad, 0.0)
 
@@ -487,8 +420,8 @@ def test_vmap_folds_batch_axes(schedule):
         f = jax.vmap(jax.vmap(jax.value_and_grad(functools.partial(loss, impl)), (0, 0)), (1, 1))
         return jax.jit(f)(logits, labels)
 
-    with pallas(schedule, jnp.float32):
-        got = batched("pallas")
+    impl = pallas(schedule, jnp.float32)
+    got = batched(impl)
     want = batched("xla")
     assert got[0].shape == (3, 2) and got[1].shape == (3, 2, 7, SMALL_V)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
@@ -512,8 +445,8 @@ def test_vmap_over_class_weights_and_temperature(schedule):
             weights, temperatures
         )
 
-    with pallas(schedule, jnp.float32):
-        got = batched("pallas")
+    impl = pallas(schedule, jnp.float32)
+    got = batched(impl)
     want = batched("xla")
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4)
@@ -540,8 +473,8 @@ def test_grad_of_grad(schedule, integer):
         return jax.grad(lambda x, t: jnp.vdot(jax.grad(total)(x, t), direction), (0, 1))(x, t)
 
     t = jnp.asarray(1.2, jnp.float32)
-    with pallas(schedule, jnp.float32, jnp.float32):
-        got = jax.jit(functools.partial(hvp, "pallas"))(logits, t)
+    impl = pallas(schedule, jnp.float32, jnp.float32)
+    got = jax.jit(functools.partial(hvp, impl))(logits, t)
     want = jax.jit(functools.partial(hvp, "reference"))(logits, t)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
@@ -551,102 +484,184 @@ def test_grad_of_grad(schedule, integer):
 # What the implementation refuses, block sizes, and lowering for the real backends.
 
 
-def test_unsupported_blocks_raise(schedule):
+PLATFORM = {"tpu": "tpu", "gpu": "cuda"}
+
+
+def lower(fn, args, platform: str, lowering_target):
+    """``fn`` jitted and lowered (not run) for ``platform`` from this host."""
+    schedule = {"tpu": "tpu", "cuda": "gpu", "cpu": None}[platform]
+    with warnings.catch_warnings(), lowering_target(schedule):
+        # jax >= 0.11 deprecates the Triton backend with a DeprecationWarning at lowering.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+
+
+def kernel_calls(lowered) -> dict[str, int]:
+    """How many compiled-kernel custom calls of each backend a lowered computation holds."""
+    text = lowered.as_text()
+    return {"tpu": text.count("tpu_custom_call"), "gpu": text.count("__gpu$xla.gpu.triton")}
+
+
+def loss_and_grads(implementation, **options):
+    """``value_and_grad`` of the mean integer-label loss, with respect to the logits."""
+
+    def fn(logits, labels):
+        return sce.softmax_cross_entropy_with_integer_labels(
+            logits, labels, reduction="mean", implementation=implementation, **options
+        )
+
+    return jax.value_and_grad(fn)
+
+
+def test_the_kernel_is_chosen_when_lowering(lowering_target):
+    """implementation="pallas" lowered from this CPU host for a TPU gets the Mosaic kernels, for
+    a CUDA GPU the Triton kernels, and for the CPU the interpreter (no kernel): the choice
+    follows the platform lowered for, not the default backend, so ahead-of-time compilation
+    for an accelerator this host lacks gets the real kernels."""
+    s = jax.ShapeDtypeStruct
+    args = (s((64, 1000), jnp.bfloat16), s((64,), jnp.int32))
+    fn = loss_and_grads("pallas", label_smoothing=0.1)
+    assert kernel_calls(lower(fn, args, "tpu", lowering_target)) == {"tpu": 2, "gpu": 0}
+    assert kernel_calls(lower(fn, args, "cuda", lowering_target)) == {"tpu": 0, "gpu": 2}
+    assert kernel_calls(lower(fn, args, "cpu", lowering_target)) == {"tpu": 0, "gpu": 0}
+
+
+def test_unsupported_blocks_raise_when_lowered_for_their_platform(schedule, lowering_target):
+    """Blocks that a schedule cannot compile raise NotImplementedError naming them when (and
+    only when) the computation is lowered for that schedule's platform; the interpreter takes
+    them."""
     logits, labels = make_case(SMALL_V, jnp.float32, integer=True)
-    bad = BlockSizes(12, 100)
-    with _pallas.using(platform=schedule, block_sizes=bad, interpret=True):
-        with pytest.raises(NotImplementedError, match="block"):
-            sce.softmax_cross_entropy_with_integer_labels(logits, labels, implementation="pallas")
+    bad = sce.BlockSizes(12, 100)  # fits neither schedule's tiling
+    fn = loss_and_grads(sce.Pallas(block_sizes=bad))
+    with pytest.raises(NotImplementedError, match=r"block.*BlockSizes\(block_n=12, block_v=100"):
+        lower(fn, (logits, labels), PLATFORM[schedule], lowering_target)
+    lower(fn, (logits, labels), "cpu", lowering_target)
+    interpreted = sce.Pallas(block_sizes=bad, schedule=schedule, interpret=True)
+    loss = sce.softmax_cross_entropy_with_integer_labels(logits, labels, implementation=interpreted)
+    want = reference(np.asarray(logits), np.asarray(labels), integer=True)[0]
+    np.testing.assert_allclose(loss, want, rtol=2e-5, atol=2e-6)
+
+
+def test_a_schedule_named_for_another_platform_raises_unless_interpreted(lowering_target):
+    """Pallas(schedule="gpu") lowered for a TPU (and "tpu" for a GPU) is never run in the
+    interpreter behind the caller's back: it raises, and names interpret=True."""
+    s = jax.ShapeDtypeStruct
+    args = (s((16, 256), jnp.float32), s((16,), jnp.int32))
+    for schedule, platform in (("gpu", "tpu"), ("tpu", "cuda")):
+        fn = loss_and_grads(sce.Pallas(schedule=schedule))
+        with pytest.raises(NotImplementedError, match="interpret=True"):
+            lower(fn, args, platform, lowering_target)
+        calls = kernel_calls(lower(fn, args, PLATFORM[schedule], lowering_target))
+        assert calls[schedule] == 2
+
+
+def test_float64_is_refused_on_tpu_only(lowering_target):
+    s = jax.ShapeDtypeStruct
+    args = (s((16, 256), jnp.float64), s((16,), jnp.int32))
+    fn = loss_and_grads("pallas")
+    with pytest.raises(NotImplementedError, match="no float64"):
+        lower(fn, args, "tpu", lowering_target)
+    assert kernel_calls(lower(fn, args, "cuda", lowering_target))["gpu"] == 2
+
+
+def test_path_to_the_kernel_body_is_at_most_seven_frames(schedule, monkeypatch):
+    """From the public loss to the body of each kernel, forward and backward, at most seven
+    frames of this package's code are on the stack while the kernel is traced."""
+    package = (sce.__file__.rsplit("/", 1)[0], cross_entropy_tpu.__file__.rsplit("/", 1)[0])
+    module = {"tpu": cross_entropy_tpu, "gpu": cross_entropy_gpu}[schedule]
+    paths = {}
+
+    def spy(name, kernel):
+        def traced(*refs, **kwargs):
+            frames = traceback.extract_stack()[:-1]  # without this stand-in's own frame
+            ours = [f.name for f in frames if f.filename.startswith(package)]
+            paths[name] = [*ours, kernel.__name__]
+            return kernel(*refs, **kwargs)
+
+        return traced
+
+    monkeypatch.setattr(module, "_forward_kernel", spy("forward", module._forward_kernel))
+    monkeypatch.setattr(module, "_backward_kernel", spy("backward", module._backward_kernel))
+    logits, labels = make_case(SMALL_V + 2, jnp.float32, integer=True)  # a shape of its own
+    loss_and_grads(pallas(schedule, jnp.float32))(logits, labels)
+    forward, backward = paths["forward"], paths["backward"]
+    assert forward[0] == "softmax_cross_entropy_with_integer_labels", forward
+    assert forward[-1] == "_forward_kernel" and backward[-1] == "_backward_kernel"
+    assert len(forward) <= 7 and len(backward) <= 7, (forward, backward)
 
 
 def test_eager_calls_compile_once(schedule, compilations):
     """A second eager call with the same shapes and options reuses the compiled kernels (it used
-    to trace and compile them again); changed settings are traced anew, not served stale."""
+    to trace and compile them again); a changed configuration is traced anew, not served
+    stale."""
     rng = np.random.default_rng(9)
     logits = [jnp.asarray(rng.normal(size=(N, SMALL_V)), jnp.float32) for _ in range(2)]
     labels = jnp.asarray(rng.integers(0, SMALL_V, N), jnp.int32)
-    with pallas(schedule, jnp.float32):
-        first = sce.softmax_cross_entropy_with_integer_labels(
-            logits[0], labels, implementation="pallas"
-        )
-        before = compilations()
-        second = sce.softmax_cross_entropy_with_integer_labels(
-            logits[1], labels, implementation="pallas"
-        )
-        assert compilations() == before
-    for x, loss in zip(logits, (first, second), strict=True):
+    impl = pallas(schedule, jnp.float32)
+    first = sce.softmax_cross_entropy_with_integer_labels(logits[0], labels, implementation=impl)
+    before = compilations()
+    second = sce.softmax_cross_entropy_with_integer_labels(logits[1], labels, implementation=impl)
+    assert compilations() == before
+    other = sce.Pallas(
+        block_sizes=sce.BlockSizes(16, 256), schedule=schedule, interpret=interpret(schedule)
+    )
+    third = sce.softmax_cross_entropy_with_integer_labels(logits[1], labels, implementation=other)
+    assert compilations() > before
+    for x, loss in zip(logits + logits[1:], (first, second, third), strict=True):
         want = reference(x, labels, integer=True)[0]
         np.testing.assert_allclose(np.asarray(loss, np.float64), want, rtol=1e-5, atol=1e-6)
-    bad = BlockSizes(12, 100)  # fits neither schedule
-    with _pallas.using(platform=schedule, block_sizes=bad, interpret=interpret(schedule)):
-        with pytest.raises(NotImplementedError, match="block"):
-            sce.softmax_cross_entropy_with_integer_labels(
-                logits[1], labels, implementation="pallas"
-            )
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU only")
-def test_compiled_on_cpu_raises(schedule):
-    logits, labels = make_case(SMALL_V, jnp.float32, integer=True)
-    with _pallas.using(platform=schedule, interpret=False):
-        with pytest.raises(NotImplementedError, match="interpret"):
-            sce.softmax_cross_entropy_with_integer_labels(logits, labels, implementation="pallas")
-
-
-@pytest.mark.parametrize(("n", "v"), [(1, 1), (19, 37), (8192, 128256), (5, 256000)])
+@pytest.mark.parametrize(("n", "v"), [(0, 5), (1, 1), (19, 37), (8192, 128256), (5, 256000)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_default_block_sizes_fit(schedule, n, v, dtype):
-    blocks = BlockSizes.get_default(n, v, dtype, schedule)
-    assert _blocks.block_error(blocks, schedule, [dtype]) is None
-    assert blocks.block_v <= max(128, _blocks.pow2_ceil(v))
+    blocks = sce.BlockSizes.get_default(schedule, num_rows=n, num_classes=v, dtype=dtype)
+    s = jax.ShapeDtypeStruct
+    ops = _blocks.Operands(logits=s((n, v), dtype), labels=s((n, 1), jnp.int32))
+    assert _blocks.block_error(schedule, blocks, ops, _options.Options()) is None
+    assert blocks.block_v <= max(128, _options.pow2_ceil(v))
 
 
 def test_empty_batch(schedule):
+    """Zero examples give an empty result, without a kernel, on both schedules."""
     logits = jnp.zeros((0, SMALL_V), jnp.float32)
     labels = jnp.zeros((0,), jnp.int32)
-    with pallas(schedule, jnp.float32):
-        loss = sce.softmax_cross_entropy_with_integer_labels(
-            logits, labels, implementation="pallas"
-        )
-    assert loss.shape == (0,) and loss.dtype == jnp.float32
+    for impl in (pallas(schedule, jnp.float32), sce.Pallas(schedule=schedule, interpret=True)):
+        loss = sce.softmax_cross_entropy_with_integer_labels(logits, labels, implementation=impl)
+        assert loss.shape == (0,) and loss.dtype == jnp.float32
 
 
-def test_kernels_lower_for_their_backend(schedule, lowering_target):
-    """Lowers (without running) both kernels for the real backend: Mosaic for TPU, Triton for
-    CUDA. This checks the kernels against the backends' lowering rules (Triton: power-of-two
-    shapes and supported primitives), which the interpreters do not."""
-    module = {"tpu": cross_entropy_tpu, "gpu": cross_entropy_gpu}[schedule]
-    platform = {"tpu": "tpu", "gpu": "cuda"}[schedule]
+@pytest.mark.parametrize(("integer", "where"), [(True, "full"), (False, "col")])
+def test_kernels_lower_for_their_backend(schedule, lowering_target, integer, where):
+    """Lowers (without running) the forward and backward kernels through the public loss for
+    the real backend, every option on: Mosaic for TPU, Triton for CUDA. This checks the kernels
+    against the backends' lowering rules (Triton: power-of-two shapes and supported primitives),
+    which the interpreters do not."""
     n, v = 64, 1000
-    blocks = BlockSizes(32, 256) if schedule == "tpu" else BlockSizes(4, 256)
+    blocks = sce.BlockSizes(32, 256) if schedule == "tpu" else sce.BlockSizes(4, 256)
     s = jax.ShapeDtypeStruct
-    f32 = jnp.float32
-    for integer, where in ((True, "full"), (False, "col")):
-        config = _blocks.Config(
-            integer=integer,
+    where = s((n, v), jnp.bool_) if where == "full" else s((1, v), jnp.bool_)
+
+    def loss(logits, labels, where, class_weights, temperature):
+        fn = sce.softmax_cross_entropy_with_integer_labels if integer else sce.softmax_cross_entropy
+        return fn(
+            logits,
+            labels,
             where=where,
+            class_weights=class_weights,
+            temperature=temperature,
             label_smoothing=0.1,
             z_loss=1e-4,
-            softcap=30.0,
-            temperature=None,
+            logit_softcap=30.0,
+            reduction="sum",
+            implementation=sce.Pallas(block_sizes=blocks),
         )
-        inputs = _blocks.Inputs(
-            logits=s((n, v), jnp.bfloat16),
-            labels=s((n, 1), jnp.int32) if integer else s((n, v), jnp.bfloat16),
-            label_weight=s((n, 1), f32) if integer else None,
-            where=s((n, v), jnp.int8) if where == "full" else s((1, v), jnp.int32),
-            class_weights=s((1, v), f32),
-            n_valid=s((n, 1), f32) if where == "full" else s((1, 1), f32),
-            temperature=s((1, 1), f32),
-        )
-        residuals = _blocks.Residuals(s((n, 1), f32), s((n, 1), f32), s((n, 1), f32))
-        with warnings.catch_warnings(), lowering_target(schedule):
-            # jax >= 0.11 deprecates the Triton backend with a DeprecationWarning at lowering.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            fwd = jax.jit(functools.partial(module.forward, config, blocks=blocks))
-            bwd = jax.jit(functools.partial(module.backward, config, blocks=blocks))
-            fwd.trace(inputs).lower(lowering_platforms=(platform,))
-            bwd.trace(inputs, residuals).lower(lowering_platforms=(platform,))
+
+    labels = s((n,), jnp.int32) if integer else s((n, v), jnp.bfloat16)
+    args = (s((n, v), jnp.bfloat16), labels, where, s((v,), jnp.float32), s((), jnp.float32))
+    argnums = (0, 4) if integer else (0, 1, 4)
+    lowered = lower(jax.grad(loss, argnums), args, PLATFORM[schedule], lowering_target)
+    assert kernel_calls(lowered)[schedule] == 2
 
 
 def test_inside_shard_map(schedule, mesh):
@@ -680,8 +695,7 @@ def test_inside_shard_map(schedule, mesh):
         put = functools.partial(jax.device_put, device=jax.NamedSharding(mesh, spec))
         return jax.jit(fn)(put(logits), put(labels), jnp.asarray(1.3, jnp.float32))
 
-    with pallas(schedule, jnp.float32):
-        got = sharded("pallas")
+    got = sharded(pallas(schedule, jnp.float32))
     want = sharded("xla")
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-7)
@@ -691,10 +705,9 @@ def test_inside_shard_map(schedule, mesh):
 def test_explicitly_sharded_inputs_raise(schedule, mesh):
     logits, labels = make_case(SMALL_V, jnp.float32, integer=True)
     logits = jax.device_put(logits[:16], jax.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    impl = pallas(schedule, jnp.float32)
     fn = jax.jit(
-        lambda x: sce.softmax_cross_entropy_with_integer_labels(
-            x, labels[:16], implementation="pallas"
-        )
+        lambda x: sce.softmax_cross_entropy_with_integer_labels(x, labels[:16], implementation=impl)
     )
-    with pallas(schedule, jnp.float32), pytest.raises(NotImplementedError, match="shard_map"):
+    with pytest.raises(NotImplementedError, match="shard_map"):
         fn(logits)

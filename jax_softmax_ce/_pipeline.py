@@ -1,0 +1,94 @@
+"""One pipeline for every softmax cross-entropy loss: canonicalise, run one implementation,
+reduce.
+
+The public functions validate their Python-level arguments (`prepare`) and call `run`, one
+``jit`` keyed by the static options: so an eager call reuses what an earlier call of the same
+shapes and options compiled, and inside a caller's ``jit`` it is inlined. `run` canonicalises the
+operands into one `_canonical.Problem` (logits, or a `_canonical.Linear` projection for the fused
+loss), computes the per-row facts once, hands the problem to the implementation, and reduces.
+
+Every implementation takes ``(options, config, problem)`` and returns per-example losses ``[N]``
+in the accumulation dtype, 0 for examples that do not count; one that cannot take a case raises
+``NotImplementedError`` with the reason, and only ``implementation=None`` may choose another.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax_ce import _canonical, _options, _pallas, _reference, _xla
+from jax_softmax_ce._canonical import Linear
+from jax_softmax_ce._options import Options, Pallas, Reference, Xla
+from jax_softmax_ce._util import accumulation_dtype
+
+IMPLEMENTATIONS = {
+    Xla: _xla.losses,
+    Pallas: _pallas.losses,
+    Reference: _reference.losses,
+}
+
+
+def choose_implementation(problem: _canonical.Problem, options: Options):
+    """What ``implementation=None`` runs: ``"xla"`` on every platform until a kernel has been
+    measured faster there."""
+    del problem, options
+    return Xla()
+
+
+def prepare(
+    logits, labels, where, class_weights, temperature, *, reduction, implementation, **options
+):
+    """The operands as arrays and the static keyword arguments of `run`, validated: ``options``
+    are `_options.make_options`' keywords. Raises where the caller's Python values are wrong."""
+    temperature_array = _canonical.array_temperature(temperature)
+    statics = dict(
+        options=_options.make_options(
+            temperature=temperature,
+            temperature_is_array=temperature_array is not None,
+            **options,
+        ),
+        reduction=_options.check_reduction(reduction),
+        implementation=_options.check_implementation(implementation),
+    )
+    if not isinstance(logits, Linear):
+        logits = _canonical.check_logits(logits)
+    operands = (
+        logits,
+        jnp.asarray(labels),
+        _canonical.check_where(where),
+        None if class_weights is None else jnp.asarray(class_weights),
+        temperature_array,
+    )
+    return operands, statics
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "options", "reduction", "implementation"))
+def run(
+    logits, labels, where, class_weights, temperature, *, axis, options, reduction, implementation
+):
+    """The loss of one call: ``logits`` is a floating array or a `_canonical.Linear`, the rest
+    as `prepare` returns them."""
+    dtype = accumulation_dtype(logits.dtype)
+    if not isinstance(logits, Linear) and 0 in logits.shape:
+        # No classes: every example has no valid class, so loss 0 and nothing counts (optax's
+        # sum over an empty class axis is 0 too; its tests take an all-False mask this way).
+        # The axis is still validated, on a shape with the empty axes widened to one.
+        lay = _canonical.layout(tuple(max(n, 1) for n in logits.shape), axis)
+        if any(logits.shape[a] == 0 for a in lay.class_axes):
+            batch_shape = tuple(logits.shape[a] for a in lay.batch_axes)
+            return jnp.zeros(batch_shape if reduction == "none" else (), dtype)
+    problem, options, lay = _canonical.canonicalise(
+        logits, labels, axis, where, class_weights, temperature, options
+    )
+    if implementation is None:
+        implementation = choose_implementation(problem, options)
+    if problem.num_rows == 0:
+        losses = jnp.zeros((0,), dtype)
+    else:
+        losses = IMPLEMENTATIONS[type(implementation)](options, implementation, problem)
+    return _canonical.reduce_problem(
+        losses, problem, options, reduction=reduction, batch_shape=lay.batch_shape, dtype=dtype
+    )

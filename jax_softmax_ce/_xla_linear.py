@@ -1,0 +1,257 @@
+"""The fused loss's ``"xla"`` implementation: blockwise loops in JAX with a ``custom_vjp``.
+
+The forward pass loops over row blocks and, inside, over vocabulary blocks (``lax.fori_loop``);
+each step forms one ``[block_n, block_v]`` tile with a matmul and merges it into a running
+log-sum-exp and target sum in float32 (the `kernels._linear` tile steps, the same as the Pallas
+kernels'). Only the per-example ``lse`` and ``W`` (float32 ``[N, 1]`` each) are saved beside the
+inputs. The backward pass loops over vocabulary blocks and, inside, over row blocks: it
+recomputes each tile, forms its gradient block, and accumulates ``d_inputs`` (``[N, D]``,
+float32) and one ``[D, block_v]`` block of ``d_weight`` (float32) before writing it out in the
+weight's dtype. Temporary memory is therefore O(block_n·block_v + N·D + D·block_v), plus a
+float32 ``[N, D]`` and the ``[D, V]`` output, and never O(N·V). A ragged last block is moved back
+to end at the array's edge and ignores the rows or columns an earlier block covered, so nothing
+is padded or copied.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax_ce import _canonical
+from jax_softmax_ce._canonical import Linear, Problem
+from jax_softmax_ce._options import BlockSizes, Options, Xla
+from jax_softmax_ce.kernels import _blocks, _linear, _tile
+
+
+def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
+    """Per-example losses ``[N]``. Operands with an explicit sharding (data- or
+    vocabulary-parallel under ``jit``) are handed to XLA's partitioner: the loops run under
+    `jax.sharding.auto_axes`, since their dynamic slices have no explicit-sharding rule, and the
+    losses come back sharded like the inputs' rows."""
+    linear = problem.logits
+    blocks = config.block_sizes or BlockSizes.get_default(
+        "xla",
+        num_rows=problem.num_rows,
+        num_classes=problem.num_classes,
+        dtype=linear.dtype,
+        hidden=linear.inputs.shape[1],
+    )
+    mesh = _canonical.explicit_mesh(problem)
+    if mesh is None:
+        return _fused(options, blocks, problem)
+    rows = jax.typeof(linear.inputs).sharding.spec
+    out = jax.sharding.PartitionSpec(rows[0] if rows else None)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(functools.partial(_fused, options, blocks), out_sharding=out)(
+            problem
+        )
+
+
+def _slice(x, start, size: int, axis: int):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _tile_operands(options: Options, ops: _blocks.Operands, r0, c0, bn: int, bv: int):
+    """The blocks of the operands other than ``x`` and ``w`` at rows ``r0 + [0, bn)`` and
+    columns ``c0 + [0, bv)``."""
+
+    def block(name, x):
+        if x is None or name in ("x", "w"):
+            return None
+        row, col = _blocks.axes(name, options)
+        if row == 0:
+            x = _slice(x, r0, bn, 0)
+        if col == 1:
+            x = _slice(x, c0, bv, 1)
+        return x
+
+    return _blocks.Operands(*(block(n, x) for n, x in zip(ops._fields, ops, strict=True)))
+
+
+def _manual_axes(problem: Problem) -> tuple[str, ...]:
+    """The ``shard_map`` axes over which some operand varies (empty outside ``shard_map``)."""
+    axes = frozenset().union(*(_canonical.varying_axes(x) for x in jax.tree.leaves(problem)))
+    return tuple(sorted(axes))
+
+
+def _varying(tree, axes: tuple[str, ...]):
+    """Loop carries built from constants, made to vary like the operands that update them
+    (inside ``shard_map`` a loop's carry must keep its type)."""
+    if not axes:
+        return tree
+    return jax.tree.map(lambda a: jax.lax.pcast(a, axes, to="varying"), tree)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _Loops:
+    """The geometry of the loops over one problem: tile sizes clipped to the arrays."""
+
+    def __init__(self, options: Options, blocks: BlockSizes, problem: Problem, **saved):
+        linear = problem.logits
+        self.options, self.vd = options, linear.vd
+        self.x, self.w = linear.inputs, linear.weight
+        self.n, self.d = self.x.shape
+        self.v = linear.num_classes
+        self.bn, self.bv = min(blocks.block_n, self.n), min(blocks.block_v, self.v)
+        self.dtype = problem.accumulation_dtype
+        self.ops = _canonical.operands(options, problem, **saved)
+        self.axes = _manual_axes(problem)
+
+    def tile(self, i, j) -> tuple[_linear.Tile, jax.Array, jax.Array]:
+        """The tile of row block ``i`` and vocabulary block ``j`` (each moved back to end inside
+        the array, and ignoring the rows and columns an earlier block covered), and its blocks
+        of ``x`` and of the projection."""
+        r0 = _linear.block_start(i, self.bn, self.n)
+        c0 = _linear.block_start(j, self.bv, self.v)
+        blocks = _tile_operands(self.options, self.ops, r0, c0, self.bn, self.bv)
+        tile = _linear.Tile(
+            blocks,
+            self.options,
+            start=(r0, c0),
+            lo=(i * self.bn, j * self.bv),
+            shape=(self.bn, self.bv),
+            extents=(self.n, self.v),
+        )
+        x_blk = _slice(self.x, r0, self.bn, 0)
+        return tile, x_blk, _slice(self.w, c0, self.bv, 0 if self.vd else 1)
+
+    def logits(self, x_blk, w_blk, tile: _linear.Tile):
+        return _linear.logits_tile(x_blk, w_blk, tile.bias, vd=self.vd)
+
+
+def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _tile.RowState:
+    """``RowState`` of ``[N, 1]`` accumulators, looping over row blocks, then vocabulary blocks."""
+    loops = _Loops(options, blocks, problem)
+    n, v, bn, bv = loops.n, loops.v, loops.bn, loops.bv
+    smoothing = bool(options.label_smoothing)
+
+    def row_block(i, state):
+        r0 = _linear.block_start(i, bn, n)
+
+        def vocab_block(j, acc):
+            tile, x_blk, w_blk = loops.tile(i, j)
+            return tile.forward(acc, loops.logits(x_blk, w_blk, tile))
+
+        init = _varying(_tile.row_state_init(bn, loops.dtype, smoothing), loops.axes)
+        block = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
+        fresh = _linear.rows_ok(r0, i * bn, bn, n)
+
+        def write(full, new):
+            old = _slice(full, r0, bn, 0)
+            return jax.lax.dynamic_update_slice_in_dim(full, jnp.where(fresh, new, old), r0, 0)
+
+        return jax.tree.map(write, state, block)
+
+    init = _varying(_tile.row_state_init(n, loops.dtype, smoothing), loops.axes)
+    return jax.lax.fori_loop(0, _cdiv(n, bn), row_block, init)
+
+
+def _forward(options: Options, blocks: BlockSizes, problem: Problem):
+    """``(losses [N], lse [N, 1], W [N, 1])``."""
+    rows = problem.rows
+    loss, lse, w_total = _tile.finish(
+        _forward_state(options, blocks, problem),
+        rows.label_weight,
+        rows.n_valid,
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
+    )
+    return jnp.where(rows.counted, loss, 0)[:, 0], lse, w_total
+
+
+def _backward(options: Options, blocks: BlockSizes, problem: Problem, lse, w_total, ct):
+    """``_linear.Grads``: loops over vocabulary blocks, then row blocks. ``lse``, ``w_total``
+    and ``ct`` (the cotangent, 0 for rows that do not count) are ``[N, 1]``."""
+    loops = _Loops(options, blocks, problem, lse=lse, w_total=w_total, ct=ct)
+    n, d, v, bn, bv = loops.n, loops.d, loops.v, loops.bn, loops.bv
+    dtype, vd = loops.dtype, loops.vd
+    has_bias = problem.logits.bias is not None
+
+    def vocab_block(j, carry):
+        dx, dw, db, t_sum = carry
+        c0 = _linear.block_start(j, bv, v)
+
+        def row_block(i, inner):
+            dx, dw_blk, db_blk, t_sum = inner
+            r0 = _linear.block_start(i, bn, n)
+            tile, x_blk, w_blk = loops.tile(i, j)
+            grad = tile.backward(loops.logits(x_blk, w_blk, tile), filter_eps=options.filter_eps)
+            if grad.t_part is not None:
+                t_sum = t_sum + jnp.sum(grad.t_part)
+
+            def accumulate(acc):
+                dx, dw_blk, db_blk = acc
+                rows_dx = _slice(dx, r0, bn, 0) + _linear.input_grad(grad.d_logits, w_blk, vd=vd)
+                dx = jax.lax.dynamic_update_slice_in_dim(dx, rows_dx, r0, 0)
+                dw_blk = dw_blk + _linear.weight_grad(x_blk, grad.d_logits, vd=vd)
+                if db_blk is not None:
+                    db_blk = db_blk + jnp.sum(grad.d_logits, axis=0, keepdims=True)
+                return dx, dw_blk, db_blk
+
+            return (*_linear.when_kept(grad.keep, accumulate, (dx, dw_blk, db_blk)), t_sum)
+
+        dw_init = _varying(jnp.zeros((bv, d) if vd else (d, bv), dtype), loops.axes)
+        db_init = _varying(jnp.zeros((1, bv), dtype), loops.axes) if has_bias else None
+        dx, dw_blk, db_blk, t_sum = jax.lax.fori_loop(
+            0, _cdiv(n, bn), row_block, (dx, dw_init, db_init, t_sum)
+        )
+        ok = _linear.columns_ok(c0, j * bv, bv, v)
+        axis = 0 if vd else 1
+        new = jnp.where(ok.T if vd else ok, dw_blk.astype(dw.dtype), _slice(dw, c0, bv, axis))
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, new, c0, axis)
+        if db is not None:
+            new = jnp.where(ok, db_blk, _slice(db, c0, bv, 1))
+            db = jax.lax.dynamic_update_slice_in_dim(db, new, c0, 1)
+        return dx, dw, db, t_sum
+
+    init = _varying(
+        (
+            jnp.zeros((n, d), dtype),
+            jnp.zeros(loops.w.shape, loops.w.dtype),
+            jnp.zeros((1, v), dtype) if has_bias else None,
+            jnp.zeros((), dtype),
+        ),
+        loops.axes,
+    )
+    dx, dw, db, t_sum = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
+    return _linear.Grads(dx, dw, None if db is None else db[0], t_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(options: Options, blocks: BlockSizes, problem: Problem):
+    return _forward(options, blocks, problem)[0]
+
+
+def _fused_fwd(options, blocks, problem):
+    loss, lse, w_total = _forward(options, blocks, problem)
+    return loss, (problem, lse, w_total)
+
+
+def _fused_bwd(options, blocks, residuals, cotangent):
+    problem, lse, w_total = residuals
+    rows, linear = problem.rows, problem.logits
+    ct = jnp.where(rows.counted, cotangent.astype(lse.dtype)[:, None], 0)
+    grads = _backward(options, blocks, problem, lse, w_total, ct)
+    d_temperature = None
+    if problem.temperature is not None:
+        d_temperature = _canonical.temperature_gradient(grads.t_sum, lse, ct, problem, options)
+
+    def like(grad, primal):
+        return None if grad is None else _canonical.like_primal(grad.astype(primal.dtype), primal)
+
+    d_linear = Linear(
+        like(grads.d_inputs, linear.inputs),
+        like(grads.d_weight, linear.weight),
+        like(grads.d_bias, linear.bias),
+        linear.vd,
+    )
+    return (Problem(d_linear, None, None, None, d_temperature, None),)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
