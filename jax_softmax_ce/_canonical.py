@@ -327,14 +327,14 @@ def array_temperature(temperature) -> jax.Array | None:
 
 
 def rows(options: Options, labels, where, weights, num_classes: int, dtype) -> Rows:
-    """The per-row facts of canonical ``[N]`` integer (or ``[N, V]`` probability) ``labels``,
-    in the caller's integer dtype, so that a label that does not fit in int32 is still out of
-    range."""
+    """The per-row facts of canonical ``[N]`` integer (or ``[N, V]`` probability) ``labels``
+    (integers in the caller's dtype, so that a label that does not fit in int32 is still out of
+    range), the canonical ``where`` mask of kind ``options.mask`` and the class ``weights``."""
     n = labels.shape[0]
-    if where is None:
+    if options.mask is None:
         n_valid = jnp.full((1, 1), num_classes, dtype)
         counted = jnp.ones((n, 1), jnp.bool_)
-    elif where.shape[1] == 1:
+    elif options.mask == "row":
         n_valid = where.astype(dtype) * num_classes
         counted = where
     else:

@@ -6,10 +6,15 @@ all of them where there are fewer (one GPU), so that the sharding tests also run
 accelerator host."""
 
 import contextlib
+import os
+import traceback
 import warnings
 
 import jax
 import pytest
+from jax.experimental import pallas as pl
+
+import jax_softmax_ce
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_enable_x64", True)
@@ -65,3 +70,29 @@ def compilations():
     listener on jax.monitoring's compile events)."""
     start = len(_COMPILES)
     return lambda: len(_COMPILES) - start
+
+
+@pytest.fixture
+def kernel_paths(monkeypatch):
+    """``{kernel body name: the names of this package's frames on the stack while it was first
+    traced, ending with the body itself}``, filled as Pallas kernels are traced (through a
+    stand-in for ``pallas_call``, whose frames are not the package's)."""
+    package = tuple(
+        os.path.dirname(module.__file__) for module in (jax_softmax_ce, jax_softmax_ce.kernels)
+    )
+    paths = {}
+    pallas_call = pl.pallas_call
+
+    def recording(kernel, *args, **kwargs):
+        name = getattr(kernel, "func", kernel).__name__
+
+        def traced(*refs, **kw):
+            frames = traceback.extract_stack()[:-1]  # without this stand-in's own frame
+            ours = [f.name for f in frames if f.filename.startswith(package)]
+            paths.setdefault(name, [*ours, name])
+            return kernel(*refs, **kw)
+
+        return pallas_call(traced, *args, **kwargs)
+
+    monkeypatch.setattr(pl, "pallas_call", recording)
+    return paths

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec
+from platforms import interpret
 
 import jax_softmax_ce as sce
 
@@ -251,6 +252,15 @@ def check_case(case: Case, implementation: str):
 @given(case=cases())
 def test_matches_float64_reference(case, implementation):
     check_case(case, implementation)
+
+
+@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+@settings(max_examples=10, deadline=None)
+@given(case=cases())
+def test_pallas_matches_float64_reference(case, schedule):
+    """The same properties for both kernel schedules, with their default blocks (interpreted
+    where the test machine does not compile them)."""
+    check_case(case, sce.Pallas(schedule=schedule, interpret=interpret(schedule)))
 
 
 # --- optax on default options. -----------------------------------------------------------------
