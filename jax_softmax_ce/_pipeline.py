@@ -39,12 +39,19 @@ def choose_implementation(problem: _canonical.Problem, options: Options):
 
 
 def prepare(
-    logits, labels, where, class_weights, temperature, *, reduction, implementation, **options
-):
-    """The operands as arrays and the static keyword arguments of `run`, validated: ``options``
-    are `_options.make_options`' keywords. Raises where the caller's Python values are wrong."""
+    logits, labels, axis, where, class_weights, temperature, *, reduction, implementation, **options
+) -> dict:
+    """The keyword arguments of `run`, validated: the operands as arrays and the statics;
+    ``options`` are `_options.make_options`' keywords. Raises where the caller's Python values
+    are wrong."""
     temperature_array = _canonical.array_temperature(temperature)
-    statics = dict(
+    return dict(
+        logits=logits if isinstance(logits, Linear) else _canonical.check_logits(logits),
+        labels=jnp.asarray(labels),
+        where=_canonical.check_where(where),
+        class_weights=None if class_weights is None else jnp.asarray(class_weights),
+        temperature=temperature_array,
+        axis=axis,
         options=_options.make_options(
             temperature=temperature,
             temperature_is_array=temperature_array is not None,
@@ -53,16 +60,6 @@ def prepare(
         reduction=_options.check_reduction(reduction),
         implementation=_options.check_implementation(implementation),
     )
-    if not isinstance(logits, Linear):
-        logits = _canonical.check_logits(logits)
-    operands = (
-        logits,
-        jnp.asarray(labels),
-        _canonical.check_where(where),
-        None if class_weights is None else jnp.asarray(class_weights),
-        temperature_array,
-    )
-    return operands, statics
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "options", "reduction", "implementation"))

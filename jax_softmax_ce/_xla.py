@@ -145,23 +145,13 @@ def _bwd(options: Options, residuals, cotangent):
         # Keeps XLA from merging this upcast with the forward's into one [N, V] float32 buffer.
         logits = jax.lax.optimization_barrier(logits)
     ct = jnp.where(rows.counted, cotangent.astype(dtype)[:, None], 0)
-    v = logits.shape[1]
     grad = _blocks.backward_block(
         options,
         logits.astype(dtype),
         0,
-        jnp.ones((1, v), jnp.bool_),
+        jnp.ones((1, logits.shape[1]), jnp.bool_),
         True if problem.where is None else problem.where,
-        labels=problem.labels[:, None] if options.integer else problem.labels,
-        label_weight=rows.label_weight,
-        class_weights=_class_row(problem),
-        n_valid=rows.n_valid,
-        temperature=None
-        if problem.temperature is None
-        else _canonical.temperature(options, problem),
-        lse=lse,
-        w_total=w_total,
-        ct=ct,
+        _canonical.operands(options, problem, lse=lse, w_total=w_total, ct=ct),
     )
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     d_temperature = None

@@ -54,21 +54,18 @@ def softmax_cross_entropy(
       labels: Probabilities over the classes, broadcastable to ``logits.shape``.
       axis: The class axis, or a tuple of axes that are flattened (in the given order) into one.
       where: Boolean mask of the valid classes, broadcast against ``logits``; a mask with the
-        rank of the batch shape masks whole examples, as in optax.
+        rank of the batch shape masks whole examples, as in optax (to mask classes, give a mask
+        the logits' rank: ``[1, num_classes]``), and a scalar applies to every class.
       label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
       class_weights: ``[num_classes]`` weights ``w_k`` of each class's term (zero gradient).
       z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty (PaLM's z-loss).
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first (Gemma 2).
-      temperature: ``T > 0``, a Python float or a differentiable scalar array.
+      temperature: ``T > 0``, a Python float or a differentiable scalar array; an array that
+        is not positive gives NaN losses (a value cannot raise under ``jit``).
       reduction: ``"none"`` (per-example losses), ``"sum"`` or ``"mean"``.
-      implementation: None (the automatic choice: ``"xla"`` on every platform until a kernel
-        has been measured faster there), ``"xla"``, ``"pallas"`` or ``"reference"``.
-        ``"reference"`` is plain autodiff, the one that supports forward mode (``jax.jvp``,
-        ``jax.hessian``); the others are ``custom_vjp`` functions and support reverse mode
-        (including ``grad`` of ``grad``) only. ``"pallas"`` runs per shard inside
-        ``shard_map``; given arrays with an explicit sharding under ``jit`` it raises
-        ``NotImplementedError`` (``"xla"`` takes them).
-
+      implementation: None (the automatic choice), ``"xla"``, ``"pallas"``, ``"reference"``, or
+        a `jax_softmax_ce.Pallas` or `jax_softmax_ce.Xla` configuration; what each is, and the
+        transformations each supports, as for `softmax_cross_entropy_with_integer_labels`.
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
       scalar; float32 for 16-bit logits, the logits' dtype otherwise.
@@ -77,7 +74,8 @@ def softmax_cross_entropy(
       TypeError: integer logits.
       ValueError: shapes that do not broadcast, ``class_weights`` not ``[num_classes]``, or an
         option out of its range.
-      NotImplementedError: an explicit ``implementation`` that cannot take this case.
+      NotImplementedError: an explicit ``implementation`` that cannot take this case (for
+        ``"pallas"``, raised when lowering for a platform whose kernel cannot).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -95,20 +93,7 @@ def softmax_cross_entropy(
       <https://arxiv.org/abs/1512.00567>`_ (label smoothing), 2016.
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_ (z-loss), 2022.
     """
-    operands, statics = _pipeline.prepare(
-        logits,
-        labels,
-        where,
-        class_weights,
-        temperature,
-        integer=False,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        reduction=reduction,
-        implementation=implementation,
-    )
-    return _pipeline.run(*operands, axis=axis, **statics)
+    return _pipeline.run(**_pipeline.prepare(integer=False, **locals()))
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -157,19 +142,28 @@ def softmax_cross_entropy_with_integer_labels(
         it). With a tuple ``axis``, a label is a flat index into the classes in that axis order.
       axis: The class axis, or a tuple of axes that are flattened into one.
       where: Boolean mask of the valid classes, broadcast against ``logits``; a mask with the
-        rank of the batch shape masks whole examples, as in optax.
+        rank of the batch shape masks whole examples, as in optax (to mask classes, give a mask
+        the logits' rank: ``[1, num_classes]``), and a scalar applies to every class.
       ignore_index: A label value whose examples do not count (PyTorch uses -100).
       label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
       class_weights: ``[num_classes]`` weights ``w_k`` (zero gradient).
       z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty.
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first.
-      temperature: ``T > 0``, a Python float or a differentiable scalar array.
+      temperature: ``T > 0``, a Python float or a differentiable scalar array; an array that
+        is not positive gives NaN losses (a value cannot raise under ``jit``).
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
       implementation: None (the automatic choice: ``"xla"`` on every platform until a kernel
-        has been measured faster there), ``"xla"``, ``"pallas"`` or ``"reference"``
-        (plain autodiff: the only one with forward mode, ``jax.jvp`` and ``jax.hessian``).
-        ``"pallas"`` runs per shard inside ``shard_map``; given arrays with an explicit sharding
-        under ``jit`` it raises ``NotImplementedError`` (``"xla"`` takes them).
+        has been measured faster there), ``"xla"``, ``"pallas"``, ``"reference"``, or a
+        configuration value: `jax_softmax_ce.Pallas` (block sizes, schedule, interpret mode)
+        or `jax_softmax_ce.Xla`. ``"pallas"``'s kernel is chosen when the computation is
+        lowered, for the platform lowered for (Mosaic on a TPU, Triton on a GPU, Pallas'
+        interpreter on a CPU); it runs per shard inside ``shard_map``, and given arrays with
+        an explicit sharding under ``jit`` it raises ``NotImplementedError`` (``"xla"`` takes
+        them). Transformations: every implementation supports reverse mode of any order
+        (``grad``, ``grad`` of ``grad``, ``jax.jacrev``); ``"xla"`` also ``jax.hessian``
+        (forward mode over its plain-JAX reverse rule); only ``"reference"`` (plain autodiff)
+        supports forward mode of the loss itself (``jax.jvp``, ``jax.linearize``,
+        ``jax.jacfwd``), and ``jax.hessian`` with ``"pallas"``.
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
@@ -179,7 +173,8 @@ def softmax_cross_entropy_with_integer_labels(
       TypeError: integer logits, or labels that are not integers.
       ValueError: shapes that do not broadcast, ``class_weights`` not ``[num_classes]``, or an
         option out of its range.
-      NotImplementedError: an explicit ``implementation`` that cannot take this case.
+      NotImplementedError: an explicit ``implementation`` that cannot take this case (for
+        ``"pallas"``, raised when lowering for a platform whose kernel cannot).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -198,18 +193,4 @@ def softmax_cross_entropy_with_integer_labels(
       PyTorch, `CrossEntropyLoss
       <https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html>`_.
     """
-    operands, statics = _pipeline.prepare(
-        logits,
-        labels,
-        where,
-        class_weights,
-        temperature,
-        integer=True,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        reduction=reduction,
-        implementation=implementation,
-    )
-    return _pipeline.run(*operands, axis=axis, **statics)
+    return _pipeline.run(**_pipeline.prepare(integer=True, **locals()))

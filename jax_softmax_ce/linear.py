@@ -100,15 +100,16 @@ def linear_softmax_cross_entropy(
       (``c`` the cotangent; times 1 more for the softcap's derivative, which is at most 1).
       ``2**-12`` is Cut Cross-Entropy's choice for bfloat16. Only ``"xla"`` and ``"pallas"``
       filter; ``"reference"`` raises ``NotImplementedError``.
-    - ``"pallas"`` runs on TPU (Mosaic) and GPU (the Triton backend); on CPU it needs
-      ``pallas_backend="tpu"`` or ``"gpu"`` and ``interpret=True``, which run that schedule in
-      interpret mode. ``implementation=None`` picks ``"xla"``. On GPU the backward pass adds
-      each tile's contributions to ``d_inputs`` and ``d_weight`` with float32 atomic adds (as
-      Cut Cross-Entropy does), so those gradients may differ in their last bits between runs;
-      the other schedules are deterministic. Its kernels have no derivative rules of their
-      own: their ``custom_vjp`` rules are the XLA implementation's, so reverse over reverse
-      (``grad`` of ``grad``) is exact, and under ``vmap`` the forward kernel folds the batch
-      into rows while the backward runs once per batch element.
+    - ``"pallas"`` runs the fused kernels: Mosaic when lowered for a TPU, Triton for a GPU, and on
+      a CPU, Pallas' interpreter, as for the logits losses; `jax_softmax_ce.Pallas` configures
+      them (block sizes with a hidden chunk ``block_d``, schedule, interpret mode).
+      ``implementation=None`` picks ``"xla"``. On GPU the backward pass adds each tile's
+      contributions to ``d_inputs`` and ``d_weight`` with float32 atomic adds (as Cut
+      Cross-Entropy does), so those gradients may differ in their last bits between runs; the
+      other schedules are deterministic. Its kernels have no derivative rules of their own: the
+      rules are the XLA implementation's, so reverse over reverse (``grad`` of ``grad``) is
+      exact, and under ``vmap`` the forward kernel folds the batch into rows while the backward
+      runs once per batch element.
     - Sharded operands. Inside ``shard_map`` every implementation runs on its shard, and the
       gradient of an operand that does not vary over a mesh axis (a replicated ``weight`` in data
       parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,
@@ -130,22 +131,19 @@ def linear_softmax_cross_entropy(
       class_weights: ``[V]`` weights ``w_k`` (zero gradient).
       z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty.
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first.
-      temperature: ``T > 0``, a Python float or a differentiable scalar array.
+      temperature: ``T > 0``, a Python float or a differentiable scalar array; an array that
+        is not positive gives NaN losses (a value cannot raise under ``jit``).
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (PyTorch's weighted mean).
-      implementation: None (``"xla"``), ``"xla"``, ``"pallas"`` or ``"reference"`` (materialised
-        logits and plain autodiff: the only one with forward mode, ``jax.jvp`` and
-        ``jax.hessian``; the others support reverse mode only).
+      implementation: None (``"xla"``), ``"xla"``, ``"pallas"``, ``"reference"`` (materialised
+        logits and plain autodiff), or a configuration value: `jax_softmax_ce.Xla` (the tiles of
+        the blockwise loops, ``BlockSizes(block_n, block_v)``) or `jax_softmax_ce.Pallas`.
+        Transformations: every implementation supports reverse mode of any order; ``"xla"`` also
+        ``jax.hessian``; only ``"reference"`` supports forward mode of the loss itself
+        (``jax.jvp``, ``jax.linearize``, ``jax.jacfwd``), and ``jax.hessian`` with
+        ``"pallas"``.
       weight_layout: ``"dv"`` for a ``[D, V]`` weight, ``"vd"`` for a ``[V, D]`` (tied) one.
       gradient_filter_eps: None or 0 for exact gradients, else the filter threshold in
         ``(0, 1)``.
-      block_sizes: Tile sizes, a `jax_softmax_ce.kernels.linear.BlockSizes`; None for the
-        implementation's default on the platform (`BlockSizes.get_default`). The GPU schedule
-        needs powers of two of at least 16, ``block_d`` included; the compiled TPU schedule
-        needs ``block_n`` a multiple of 8 and ``block_v``, ``block_d`` multiples of 128 (or
-        each at least the whole axis).
-      pallas_backend: ``"tpu"`` or ``"gpu"``: which kernel schedule ``"pallas"`` runs; None for
-        the default backend's.
-      interpret: Run the ``"pallas"`` kernels in interpret mode (for tests on CPU).
 
     Returns:
       The losses, shape ``inputs.shape[:-1]`` for ``reduction="none"``, else a scalar; float32
@@ -154,7 +152,8 @@ def linear_softmax_cross_entropy(
     Raises:
       TypeError: non-floating inputs or weight, different dtypes, or non-integer labels.
       ValueError: shapes that do not match, or an option out of its range.
-      NotImplementedError: an explicit ``implementation`` that cannot take this case.
+      NotImplementedError: an explicit ``implementation`` that cannot take this case (for
+        ``"pallas"``, raised when lowering for a platform whose kernel cannot).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -175,19 +174,20 @@ def linear_softmax_cross_entropy(
       cross-entropy), 2024.
     """
     inputs, weight, bias, labels = _check_operands(inputs, weight, bias, labels, weight_layout)
-    operands, statics = _pipeline.prepare(
+    statics = _pipeline.prepare(
         Linear(inputs, weight, bias, vd=weight_layout == "vd"),
         labels,
+        -1,
         where,
         class_weights,
         temperature,
         integer=True,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
+        gradient_filter_eps=gradient_filter_eps,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
-        gradient_filter_eps=gradient_filter_eps,
         reduction=reduction,
         implementation=implementation,
     )
-    return _pipeline.run(*operands, axis=-1, **statics)
+    return _pipeline.run(**statics)

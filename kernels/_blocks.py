@@ -13,6 +13,7 @@ each operand runs over rows and which over the vocabulary.
 
 from __future__ import annotations
 
+import collections
 from typing import NamedTuple
 
 import jax
@@ -22,9 +23,13 @@ from jax_softmax_ce.kernels import _tile
 
 from jax_softmax_ce._util import varying_axes
 
-
-class Operands(NamedTuple):
-    """The operands of a kernel call (arrays, or refs inside a kernel); absent ones are None.
+FIELDS = (
+    "logits", "x", "w", "bias", "labels", "label_weight", "where", "class_weights", "n_valid",
+    "temperature", "lse", "w_total", "ct",
+)  # fmt: skip
+Operands = collections.namedtuple("Operands", FIELDS, defaults=(None,) * len(FIELDS))
+Operands.__doc__ = """The operands of a kernel call (arrays, or refs inside a kernel); absent
+    ones are None.
 
     Attributes:
       logits: ``[N, V]`` in the caller's dtype (logits losses).
@@ -41,20 +46,6 @@ class Operands(NamedTuple):
       lse, w_total, ct: ``[N, 1]`` each (backward): the saved log-sum-exp and total target
         weight ``W``, and the loss cotangent (0 for examples that do not count).
     """
-
-    logits: jax.Array | None = None
-    x: jax.Array | None = None
-    w: jax.Array | None = None
-    bias: jax.Array | None = None
-    labels: jax.Array | None = None
-    label_weight: jax.Array | None = None
-    where: jax.Array | None = None
-    class_weights: jax.Array | None = None
-    n_valid: jax.Array | None = None
-    temperature: jax.Array | None = None
-    lse: jax.Array | None = None
-    w_total: jax.Array | None = None
-    ct: jax.Array | None = None
 
 
 def axes(name: str, options) -> tuple[int | None, int | None]:
@@ -184,25 +175,16 @@ def target_block(options, col0, ok, valid, labels, label_weight, class_weights, 
     return jnp.where(valid, a, jnp.zeros((), dtype))
 
 
-def forward_step(
-    options,
-    state: _tile.RowState,
-    z,
-    col0,
-    ok,
-    valid,
-    *,
-    labels,
-    label_weight,
-    class_weights,
-) -> _tile.RowState:
+def forward_step(options, state: _tile.RowState, z, col0, ok, valid, blocks: Operands):
     """Merges one block of masked logits ``z`` (``[rows, cols]``, columns ``col0 + [0, cols)``)
     into the running state. ``ok`` marks the block's columns (and rows) that are part of the
-    problem; ``valid`` those that are also unmasked."""
+    problem, ``valid`` those that are also unmasked; ``blocks`` holds this block's part of the
+    label operands (``labels``, ``label_weight``, ``class_weights``)."""
     dtype = z.dtype
     lse, ref, shift = _tile.lse_merge(state.lse, z)
+    labels, class_weights = blocks.labels, blocks.class_weights
     if options.integer:
-        term = _tile.picked_term(*_tile.pick(labels, label_weight, col0, ok, z), ref)
+        term = _tile.picked_term(*_tile.pick(labels, blocks.label_weight, col0, ok, z), ref)
     else:
         a = target_block(options, col0, ok, valid, labels, None, class_weights, dtype)
         term = _tile.dense_term(a, z, ref)
@@ -230,47 +212,35 @@ def keep_block(g: jax.Array, filter_eps: float) -> jax.Array:
 
 
 def backward_block(
-    options,
-    z_raw,
-    col0,
-    ok,
-    valid,
-    *,
-    labels,
-    label_weight,
-    class_weights,
-    n_valid,
-    temperature,
-    lse,
-    w_total,
-    ct,
-    filter_eps: float = 0.0,
+    options, z_raw, col0, ok, valid, blocks: Operands, *, filter_eps: float = 0.0
 ) -> BlockGrad:
     """The gradient of one block of raw logits ``z_raw``, recomputed from the saved ``lse`` and
-    ``w_total``. Rows with a zero cotangent ``ct`` (those that do not count, or padding) get a
+    ``w_total`` (``blocks`` holds this block's part of them and of the other operands besides
+    the logits). Rows with a zero cotangent ``ct`` (those that do not count, or padding) get a
     zero gradient. With ``filter_eps``, ``keep`` says whether any ``|dl/dz'|`` (before the
     cotangent) reaches it."""
     dtype = z_raw.dtype
-    z = masked_logits(options, z_raw, valid, temperature)
-    a = target_block(options, col0, ok, valid, labels, label_weight, class_weights, dtype)
+    b = blocks
+    z = masked_logits(options, z_raw, valid, b.temperature)
+    a = target_block(options, col0, ok, valid, b.labels, b.label_weight, b.class_weights, dtype)
     if options.label_smoothing:
-        smoothing = _tile.smoothing_weights(valid, class_weights, dtype)
-        a = _tile.mix(options.label_smoothing, n_valid, a, smoothing)
-    g = _tile.grad_block(z, lse, w_total, a, z_loss=options.z_loss)
-    counted = ct != 0
+        smoothing = _tile.smoothing_weights(valid, b.class_weights, dtype)
+        a = _tile.mix(options.label_smoothing, b.n_valid, a, smoothing)
+    g = _tile.grad_block(z, b.lse, b.w_total, a, z_loss=options.z_loss)
+    counted = b.ct != 0
     zero = jnp.zeros((), dtype)
     g = jnp.where(counted, g, zero)
     keep = keep_block(g, filter_eps) if filter_eps else None
-    g = jnp.where(counted, g * ct, zero)
-    t = temperature_value(options, temperature)
+    g = jnp.where(counted, g * b.ct, zero)
+    t = temperature_value(options, b.temperature)
     d_logits = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=t)
     d_labels = None
     if not options.integer:
-        scale = (1.0 - options.label_smoothing) * ct
-        if class_weights is not None:
-            scale = scale * class_weights
-        d_labels = jnp.where(counted, _tile.label_grad_block(z, lse, valid, scale), zero)
-    t_part = None if options.temperature is not None else _tile.temperature_term(z, g, lse)
+        scale = (1.0 - options.label_smoothing) * b.ct
+        if b.class_weights is not None:
+            scale = scale * b.class_weights
+        d_labels = jnp.where(counted, _tile.label_grad_block(z, b.lse, valid, scale), zero)
+    t_part = None if options.temperature is not None else _tile.temperature_term(z, g, b.lse)
     return BlockGrad(d_logits, d_labels, t_part, keep)
 
 

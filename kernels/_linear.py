@@ -151,36 +151,13 @@ class Tile:
         """``state`` with this tile of raw logits merged in."""
         b = self.blocks
         z = _blocks.masked_logits(self.options, z_raw, self.valid, b.temperature)
-        return _blocks.forward_step(
-            self.options,
-            state,
-            z.astype(state.lse.m.dtype),
-            self.col0,
-            self.ok,
-            self.valid,
-            labels=b.labels,
-            label_weight=b.label_weight,
-            class_weights=b.class_weights,
-        )
+        z = z.astype(state.lse.m.dtype)
+        return _blocks.forward_step(self.options, state, z, self.col0, self.ok, self.valid, b)
 
     def backward(self, z_raw, *, filter_eps: float) -> _blocks.BlockGrad:
         """The gradient of this tile of raw logits, recomputed from the saved lse."""
-        b = self.blocks
         return _blocks.backward_block(
-            self.options,
-            z_raw,
-            self.col0,
-            self.ok,
-            self.valid,
-            labels=b.labels,
-            label_weight=b.label_weight,
-            class_weights=b.class_weights,
-            n_valid=b.n_valid,
-            temperature=b.temperature,
-            lse=b.lse,
-            w_total=b.w_total,
-            ct=b.ct,
-            filter_eps=filter_eps,
+            self.options, z_raw, self.col0, self.ok, self.valid, self.blocks, filter_eps=filter_eps
         )
 
 

@@ -100,6 +100,19 @@ class Block:
         )
         return plgpu.load(ref.at[index], mask=functools.reduce(jnp.logical_and, masks), other=0)
 
+    def loaded(self, ins: _blocks.Operands, *, per_block: bool | None = None) -> _blocks.Operands:
+        """This block's part of every operand but the logits: of those blocked over the
+        vocabulary only (``per_block=True``), of the others only (False), or of all (None)."""
+
+        def load(name):
+            if name == "logits" or getattr(ins, name) is None:
+                return None
+            if per_block is not None and (_blocks.axes(name, self.options)[1] == 1) != per_block:
+                return None
+            return self.load(ins, name)
+
+        return _blocks.Operands(*(load(name) for name in ins._fields))
+
     def store_dense(self, ref, x):
         plgpu.store(
             ref.at[pl.ds(self.row0, self.bn), pl.ds(self.col0, self.bv)],
@@ -113,35 +126,23 @@ class Block:
         return self.ok & (self.load(ins, "where") != 0)
 
 
-def _temperature(ins: _blocks.Operands):
-    return None if ins.temperature is None else ins.temperature[...]
-
-
 def _forward_kernel(*refs, options, names, bn, bv, n, v):
     ins, out_refs = _blocks.named(names, refs)
     row0 = pl.program_id(0) * bn
     first = Block(options, bn, bv, n, v, row0, 0)
-    labels = first.load(ins, "labels") if options.integer else None
-    label_weight = first.load(ins, "label_weight")
-    temperature = _temperature(ins)
+    per_row = first.loaded(ins, per_block=False)  # read once, outside the vocabulary loop
     dtype = out_refs[0].dtype
 
     def body(j, state):
         block = Block(options, bn, bv, n, v, row0, j * bv)
         valid = block.valid(ins)
         z_raw = block.load(ins, "logits").astype(dtype)
-        z = _blocks.masked_logits(options, z_raw, valid, temperature)
-        return _blocks.forward_step(
-            options,
-            state,
-            z,
-            block.col0,
-            block.ok,
-            valid,
-            labels=labels if options.integer else block.load(ins, "labels"),
-            label_weight=label_weight,
-            class_weights=block.load(ins, "class_weights"),
+        z = _blocks.masked_logits(options, z_raw, valid, per_row.temperature)
+        per_block = block.loaded(ins, per_block=True)
+        blocks = _blocks.Operands(
+            *(a if b is None else b for a, b in zip(per_row, per_block, strict=True))
         )
+        return _blocks.forward_step(options, state, z, block.col0, block.ok, valid, blocks)
 
     init = _tile.row_state_init(bn, dtype, bool(options.label_smoothing))
     state = jax.lax.fori_loop(0, pl.cdiv(v, bv), body, init)
@@ -177,21 +178,8 @@ def _backward_kernel(*refs, options, names, bn, bv, n, v):
     j = pl.program_id(1)
     block = Block(options, bn, bv, n, v, pl.program_id(0) * bn, j * bv)
     valid = block.valid(ins)
-    grad = _blocks.backward_block(
-        options,
-        block.load(ins, "logits").astype(accumulation_dtype(ins.logits.dtype)),
-        block.col0,
-        block.ok,
-        valid,
-        labels=block.load(ins, "labels"),
-        label_weight=block.load(ins, "label_weight"),
-        class_weights=block.load(ins, "class_weights"),
-        n_valid=block.load(ins, "n_valid"),
-        temperature=_temperature(ins),
-        lse=block.load(ins, "lse"),
-        w_total=block.load(ins, "w_total"),
-        ct=block.load(ins, "ct"),
-    )
+    z_raw = block.load(ins, "logits").astype(accumulation_dtype(ins.logits.dtype))
+    grad = _blocks.backward_block(options, z_raw, block.col0, block.ok, valid, block.loaded(ins))
     block.store_dense(d_logits_ref, grad.d_logits)
     if d_labels_ref is not None:
         block.store_dense(d_labels_ref, grad.d_labels)

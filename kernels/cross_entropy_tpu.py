@@ -64,12 +64,15 @@ def _masks(options, ins: _blocks.Operands, n: int, v: int):
     return col0, ok, valid
 
 
-def _loaded(ref):
-    return None if ref is None else ref[...]
+def _loaded(ins: _blocks.Operands) -> _blocks.Operands:
+    """The current block of every operand but the logits (an SMEM temperature as a scalar)."""
 
+    def load(name, ref):
+        if ref is None or name == "logits":
+            return None
+        return ref[0, 0] if name == "temperature" else ref[...]
 
-def _temperature(ref):
-    return None if ref is None else ref[0, 0]
+    return _blocks.Operands(*(load(name, ref) for name, ref in zip(ins._fields, ins, strict=True)))
 
 
 def _forward_kernel(*refs, options, names, state_tree, n, v):
@@ -83,20 +86,10 @@ def _forward_kernel(*refs, options, names, state_tree, n, v):
             ref[...] = x
 
     col0, ok, valid = _masks(options, ins, n, v)
-    temperature = _temperature(ins.temperature)
-    z = _blocks.masked_logits(options, ins.logits[...].astype(dtype), valid, temperature)
+    blocks = _loaded(ins)
+    z = _blocks.masked_logits(options, ins.logits[...].astype(dtype), valid, blocks.temperature)
     state = jax.tree.unflatten(state_tree, [ref[...] for ref in out_refs])
-    state = _blocks.forward_step(
-        options,
-        state,
-        z,
-        col0,
-        ok,
-        valid,
-        labels=ins.labels[...],
-        label_weight=_loaded(ins.label_weight),
-        class_weights=_loaded(ins.class_weights),
-    )
+    state = _blocks.forward_step(options, state, z, col0, ok, valid, blocks)
     for ref, x in zip(out_refs, jax.tree.leaves(state), strict=True):
         ref[...] = x
 
@@ -132,21 +125,8 @@ def _backward_kernel(*refs, options, names, n, v):
     d_labels_ref = None if options.integer else outs.pop(0)
     t_ref = outs.pop(0) if outs else None
     col0, ok, valid = _masks(options, ins, n, v)
-    grad = _blocks.backward_block(
-        options,
-        ins.logits[...].astype(accumulation_dtype(ins.logits.dtype)),
-        col0,
-        ok,
-        valid,
-        labels=ins.labels[...],
-        label_weight=_loaded(ins.label_weight),
-        class_weights=_loaded(ins.class_weights),
-        n_valid=_loaded(ins.n_valid),
-        temperature=_temperature(ins.temperature),
-        lse=ins.lse[...],
-        w_total=ins.w_total[...],
-        ct=ins.ct[...],
-    )
+    z_raw = ins.logits[...].astype(accumulation_dtype(ins.logits.dtype))
+    grad = _blocks.backward_block(options, z_raw, col0, ok, valid, _loaded(ins))
     d_logits_ref[...] = grad.d_logits.astype(d_logits_ref.dtype)
     if d_labels_ref is not None:
         d_labels_ref[...] = grad.d_labels.astype(d_labels_ref.dtype)

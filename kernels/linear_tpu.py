@@ -331,42 +331,61 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _lin
         keep = [pltpu.SMEM((1,), jnp.int32)] if options.filter_eps else []
         return [*tiles, pltpu.VMEM(acc_shape, dtype), *keep]
 
-    statics = dict(names=names, options=options, geo=geo, eps=options.filter_eps)
-    dx_shape = [_blocks.out_struct((n, d), dtype, ops.x)]
-    dx_blocks = [pl.BlockSpec((bn, bd), lambda i, j, s: (i, out_chunk(j == cols - 1, s)))]
-    if array_t:
-        dx_shape.append(_blocks.out_struct((n, 1), dtype, ops.x))
-        dx_blocks.append(pl.BlockSpec((bn, 1), lambda i, j, s: (i, _blocks.first_block())))
-    dx_out = _pallas_call(
-        functools.partial(_backward_kernel, wrt="inputs", n_extra=int(array_t), **statics),
-        leaves,
-        dx_shape,
-        (rows, cols, 2 * kd),
-        interpret=interpret,
-        name="linear_ce_inputs_grad",
-        in_specs=_specs(names, options, geo, lambda i, j, s: (i, j, *phase_chunks(s))),
-        out_specs=dx_blocks,
-        scratch_shapes=scratch((bn, kd * bd)),
-    )(*leaves)
+    def gradient(wrt, grid, grid_to_blocks, out, acc_shape):
+        """One of the two kernels: ``out`` pairs each output's shape with its BlockSpec."""
+        shapes, specs = zip(*out, strict=True)
+        kernel = functools.partial(
+            _backward_kernel,
+            names=names,
+            options=options,
+            geo=geo,
+            eps=options.filter_eps,
+            wrt=wrt,
+            n_extra=len(out) - 1,
+        )
+        return _pallas_call(
+            kernel,
+            leaves,
+            list(shapes),
+            grid,
+            interpret=interpret,
+            name=f"linear_ce_{wrt}_grad",
+            in_specs=_specs(names, options, geo, grid_to_blocks),
+            out_specs=list(specs),
+            scratch_shapes=scratch(acc_shape),
+        )(*leaves)
 
-    dw_shape = [_blocks.out_struct(ops.w.shape, dtype, ops.x)]
+    first = _blocks.first_block
+    dx_out = [
+        (
+            _blocks.out_struct((n, d), dtype, ops.x),
+            pl.BlockSpec((bn, bd), lambda i, j, s: (i, out_chunk(j == cols - 1, s))),
+        )
+    ]
+    if array_t:
+        t_spec = pl.BlockSpec((bn, 1), lambda i, j, s: (i, first()))
+        dx_out.append((_blocks.out_struct((n, 1), dtype, ops.x), t_spec))
     if geo.vd:
-        dw_blocks = [pl.BlockSpec((bv, bd), lambda j, i, s: (j, out_chunk(i == rows - 1, s)))]
+        dw_spec = pl.BlockSpec((bv, bd), lambda j, i, s: (j, out_chunk(i == rows - 1, s)))
     else:
-        dw_blocks = [pl.BlockSpec((bd, bv), lambda j, i, s: (out_chunk(i == rows - 1, s), j))]
+        dw_spec = pl.BlockSpec((bd, bv), lambda j, i, s: (out_chunk(i == rows - 1, s), j))
+    dw_out = [(_blocks.out_struct(ops.w.shape, dtype, ops.x), dw_spec)]
     if has_bias:
-        dw_shape.append(_blocks.out_struct((1, v), dtype, ops.x))
-        dw_blocks.append(pl.BlockSpec((1, bv), lambda j, i, s: (_blocks.first_block(), j)))
-    dw_out = _pallas_call(
-        functools.partial(_backward_kernel, wrt="weight", n_extra=int(has_bias), **statics),
-        leaves,
-        dw_shape,
+        db_spec = pl.BlockSpec((1, bv), lambda j, i, s: (first(), j))
+        dw_out.append((_blocks.out_struct((1, v), dtype, ops.x), db_spec))
+    dx_out = gradient(
+        "inputs",
+        (rows, cols, 2 * kd),
+        lambda i, j, s: (i, j, *phase_chunks(s)),
+        dx_out,
+        (bn, kd * bd),
+    )
+    dw_out = gradient(
+        "weight",
         (cols, rows, 2 * kd),
-        interpret=interpret,
-        name="linear_ce_weight_grad",
-        in_specs=_specs(names, options, geo, lambda j, i, s: (i, j, *phase_chunks(s)[::-1])),
-        out_specs=dw_blocks,
-        scratch_shapes=scratch((bv, kd * bd) if geo.vd else (kd * bd, bv)),
-    )(*leaves)
+        lambda j, i, s: (i, j, *phase_chunks(s)[::-1]),
+        dw_out,
+        (bv, kd * bd) if geo.vd else (kd * bd, bv),
+    )
     t_sum = jnp.sum(dx_out[1]) if array_t else None
     return _linear.Grads(dx_out[0], dw_out[0], dw_out[1][0] if has_bias else None, t_sum)

@@ -653,7 +653,17 @@ def test_smoothing_mass_goes_to_valid_classes_only():
                 jnp.zeros((2, 3)), jnp.zeros((2, 3)), where=jnp.ones((3,), bool)
             ),
             ValueError,
-            r"where shape \(3,\) does not broadcast to logits shape \(2, 3\)",
+            r"where shape \(3,\) does not broadcast to logits shape \(2, 3\) \(axis -1\): a where"
+            r" of the batch's rank \(1\) masks whole examples .* to mask classes, give it the "
+            r"logits' rank: shape \(1, 3\)",
+        ),
+        (
+            lambda: sce.softmax_cross_entropy_with_integer_labels(
+                jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), -1, -100
+            ),
+            TypeError,
+            r"where must be a boolean mask, got the integer -100: where is the fourth positional "
+            r"argument .* ignore_index=-100 by keyword",
         ),
         (
             lambda: sce.softmax_cross_entropy(
@@ -897,7 +907,10 @@ def test_second_derivatives_in_temperature_with_masked_classes(integer):
     np.testing.assert_allclose(mixed, want, rtol=1e-6, atol=1e-8)
 
 
-def test_forward_mode_works_with_reference_only():
+def test_forward_mode_and_hessians_where_the_docstrings_say():
+    """Forward mode of the loss (jvp) works with "reference" only; jax.hessian (forward over
+    reverse) also with "xla", whose reverse rule is plain JAX, and matches optax's; "pallas",
+    whose kernels have reverse-mode rules only, raises."""
     rng = np.random.default_rng(11)
     logits = jnp.asarray(rng.normal(size=(2, 4)), jnp.float64)
     labels = jnp.asarray([1, 3])
@@ -910,10 +923,52 @@ def test_forward_mode_works_with_reference_only():
     _, tangent = jax.jvp(fn("reference"), (logits,), (direction,))
     ref = numpy_reference.cross_entropy(f64(logits), f64(labels), integer=True)
     np.testing.assert_allclose(tangent, np.sum(ref.dlogits * f64(direction)), rtol=1e-10)
-    hessian = jax.hessian(fn("reference"))(logits)
-    assert hessian.shape == (2, 4, 2, 4)
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(fn("xla"), (logits,), (direction,))
+    want = jax.hessian(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels).sum())
+    for impl in ("reference", "xla"):
+        hessian = jax.hessian(fn(impl))(logits)
+        assert hessian.shape == (2, 4, 2, 4)
+        np.testing.assert_allclose(hessian, want(logits), rtol=1e-10, atol=1e-12)
+    pallas = sce.Pallas(interpret=True)
+    for impl, transform in (
+        ("xla", lambda f: jax.jvp(f, (logits,), (direction,))),
+        ("xla", lambda f: jax.linearize(f, logits)[1](direction)),
+        (pallas, lambda f: jax.jvp(f, (logits,), (direction,))),
+        (pallas, lambda f: jax.hessian(f)(logits)),
+    ):
+        with pytest.raises(TypeError, match="custom_vjp"):
+            transform(fn(impl))
+
+
+def test_a_scalar_where_applies_to_every_class():
+    logits, labels = jnp.asarray([[1.0, 2.0, 0.5]]), jnp.asarray([1])
+    plain = sce.softmax_cross_entropy_with_integer_labels(logits, labels)
+    np.testing.assert_array_equal(
+        sce.softmax_cross_entropy_with_integer_labels(logits, labels, where=True), plain
+    )
+    nothing = sce.softmax_cross_entropy_with_integer_labels(logits, labels, where=False)
+    np.testing.assert_array_equal(nothing, 0.0)
+
+
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, sce.Pallas(interpret=True)])
+@pytest.mark.parametrize("value", [-1.0, 0.0, np.nan])
+def test_non_positive_array_temperature_gives_nan(implementation, value):
+    """A Python temperature that is not positive raises; an array one cannot raise under jit
+    and gives NaN losses, like an out-of-range label (never a finite loss of a negated or
+    infinite z')."""
+    logits = jnp.asarray([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    labels = jnp.asarray([1, 2])
+    loss = jax.jit(
+        lambda t: sce.softmax_cross_entropy_with_integer_labels(
+            logits, labels, temperature=t, implementation=implementation
+        )
+    )(jnp.asarray(value, jnp.float32))
+    assert loss.shape == (2,) and np.all(np.isnan(loss))
+    linear = sce.linear_softmax_cross_entropy(
+        logits, jnp.eye(3), labels, temperature=jnp.asarray(value), implementation=implementation
+    )
+    assert np.all(np.isnan(linear))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sce.softmax_cross_entropy_with_integer_labels(logits, labels, temperature=value)
 
 
 def test_optax_training_step():
