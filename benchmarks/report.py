@@ -103,7 +103,7 @@ def markdown(record: dict[str, Any]) -> str:
 # The README shows, for each results file present, one table (bf16 forward+backward, the case
 # the goals are about) between markers, regenerated from the JSON by `python -m
 # benchmarks.report` so that no number in it is typed by hand.
-README_TABLES = ("ce_cpu", "linear_cpu", "ce_gpu", "linear_gpu")
+README_TABLES = ("ce_cpu", "linear_cpu", "ce_gpu", "linear_gpu", "compiled_memory")
 README_CASE = ("bfloat16", "forward_backward")
 
 
@@ -134,8 +134,11 @@ def update_readme(readme: pathlib.Path, results: pathlib.Path) -> str:
         if start not in text:
             continue
         path = results / f"{name}.json"
-        if path.exists():
-            body = readme_table(json.loads(path.read_text()), f"benchmarks/results/{path.name}")
+        source = f"benchmarks/results/{path.name}"
+        if path.exists() and name == "compiled_memory":
+            body = compiled_memory_table(json.loads(path.read_text()), source)
+        elif path.exists():
+            body = readme_table(json.loads(path.read_text()), source)
         elif name.endswith("_gpu"):
             body = f"**Not measured yet**: no session so far has had a GPU (no `{name}.json`)."
         else:
@@ -215,6 +218,85 @@ def _memory_mib(row) -> float | None:
     if value is None:
         value = memory.get("device_peak_bytes")
     return None if value is None else value / 2**20
+
+
+def _mib(x: int) -> str:
+    return f"{x / 2**20:.1f}"
+
+
+def compiled_memory_table(record: dict, source: str) -> str:
+    """`benchmarks.compiled_memory`'s table: temporary memory (MiB and % of the logits) per
+    implementation and target."""
+    target_names = list(dict.fromkeys(r["target"] for r in record["results"]))
+    versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+    lines = [
+        f"Compiled for each target on a CPU host, {record['date'][:10]} ({versions}); bf16, "
+        f"value_and_grad of the mean loss; temporary memory in MiB (% of the bf16 logits). "
+        f"From `{source}`.",
+    ]
+    for case, info in record["cases"].items():
+        shape = " x ".join(f"{k}={v}" for k, v in info["shape"].items())
+        title = "logits loss" if case == "logits" else "fused linear loss"
+        lines += [
+            "",
+            f"{title}, {shape} (logits {_mib(info['logits_bytes'])} MiB):",
+            "",
+            "| implementation | " + " | ".join(target_names) + " |",
+            "|---|" + "---:|" * len(target_names),
+        ]
+        rows = {
+            (r["implementation"], r["target"]): r for r in record["results"] if r["case"] == case
+        }
+        for name in dict.fromkeys(name for name, _ in rows):
+            cells = []
+            for target in target_names:
+                r = rows.get((name, target))
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append(r["status"])
+                else:
+                    cells.append(f"{_mib(r['temp_bytes'])} ({100 * r['temp_fraction']:.2f}%)")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    missing = {r["implementation"]: r["reason"] for r in record["results"] if r["status"] != "ok"}
+    if missing:
+        lines += ["", *(f"- {name}: {reason}" for name, reason in missing.items())]
+    return "\n".join(lines)
+
+
+def compiled_memory_plot(record: dict, path: pathlib.Path) -> None:
+    """Temporary memory per implementation, one panel per case, one bar group per target."""
+    import matplotlib
+    import numpy
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(record["cases"])
+    fig, axes = plt.subplots(1, len(cases), figsize=(7 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases, strict=True):
+        ok = [r for r in record["results"] if r["case"] == case and r["status"] == "ok"]
+        temp = {(r["implementation"], r["target"]): r["temp_bytes"] / 2**20 for r in ok}
+        names = list(dict.fromkeys(r["implementation"] for r in ok))
+        target_names = list(dict.fromkeys(r["target"] for r in ok))
+        width = 0.8 / max(len(names), 1)
+        for k, name in enumerate(names):
+            values = [temp.get((name, t), 0.0) for t in target_names]
+            positions = numpy.arange(len(target_names)) + k * width
+            ax.bar(positions, numpy.maximum(values, 1e-2), width, label=name)
+        logits = record["cases"][case]["logits_bytes"] / 2**20
+        ax.axhline(logits, color="k", linestyle="--", linewidth=0.8, label="the logits")
+        goal = record["goals_by_case"][case]
+        ax.axhline(goal * logits, color="g", linestyle=":", linewidth=0.8, label="goal")
+        ax.set_yscale("log")
+        ax.set_xticks(numpy.arange(len(target_names)) + 0.4 - width / 2, target_names)
+        ax.set_ylabel("compiled temporary memory (MiB)")
+        ax.set_title(f"{case}: value_and_grad, bf16")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"compiled for each target on a CPU host, {record['date'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
@@ -206,7 +205,6 @@ def branches(options: Options, config: Pallas, ops: _blocks.Operands, step: str)
     if config.interpret:
         schedule = config.schedule or "gpu"
         return {None: kernel(schedule, _interpreter(schedule))[0]}
-    dtype = (ops.x if fused else ops.logits).dtype
     out = {}
     for platform in PLATFORMS:
         schedule = config.schedule or NATIVE.get(platform, "gpu")
@@ -223,10 +221,8 @@ def branches(options: Options, config: Pallas, ops: _blocks.Operands, step: str)
                 f"the {schedule!r} schedule does not compile for a {platform!r} device; "
                 f"pass Pallas(interpret=True) to run it in the interpreter"
             )
-        elif platform == "tpu" and np.dtype(dtype).itemsize > 4:
-            reason = f"the TPU has no float64 ({'inputs' if fused else 'logits'} {dtype})"
         else:
-            reason = _blocks.block_error(schedule, blocks, ops, options)
+            reason = _blocks.compile_error(schedule, blocks, ops, options)
         out[platform] = compiled if reason is None else _refusing(kernel(schedule, True)[0], reason)
     return out
 

@@ -4,13 +4,14 @@ The forward pass loops over row blocks and, inside, over vocabulary blocks (``la
 each step forms one ``[block_n, block_v]`` tile with a matmul and merges it into a running
 log-sum-exp and target sum in float32 (the `kernels._linear` tile steps, the same as the Pallas
 kernels'). Only the per-example ``lse`` and ``W`` (float32 ``[N, 1]`` each) are saved beside the
-inputs. The backward pass loops over vocabulary blocks and, inside, over row blocks: it
-recomputes each tile, forms its gradient block, and accumulates ``d_inputs`` (``[N, D]``,
-float32) and one ``[D, block_v]`` block of ``d_weight`` (float32) before writing it out in the
-weight's dtype. Temporary memory is therefore O(block_n·block_v + N·D + D·block_v), plus a
-float32 ``[N, D]`` and the ``[D, V]`` output, and never O(N·V). A ragged last block is moved back
-to end at the array's edge and ignores the rows or columns an earlier block covered, so nothing
-is padded or copied.
+inputs. The backward pass makes two passes, as flash attention's does: over row blocks, each
+accumulating its ``d_inputs`` block (float32 ``[block_n, D]``) over the vocabulary before writing
+it in the inputs' dtype, then over vocabulary blocks, each accumulating its ``d_weight`` block
+(float32 ``[D, block_v]``) and ``d_bias`` over the rows. Each recomputes its tiles from the saved
+``lse``. Temporary memory is therefore O(block_n·block_v + block_n·D + D·block_v) besides the
+gradients themselves, in their own dtypes, and never O(N·V): no float32 accumulator spans the
+inputs or the projection. A ragged last block is moved back to end at the array's edge and
+ignores the rows or columns an earlier block covered, so nothing is padded or copied.
 """
 
 from __future__ import annotations
@@ -165,61 +166,83 @@ def _forward(options: Options, blocks: BlockSizes, problem: Problem):
     return jnp.where(rows.counted, loss, 0)[:, 0], lse, w_total
 
 
+def _write(full, new, start, size: int, axis: int, fresh):
+    """``full`` with ``new`` written at ``start`` along ``axis``, where ``fresh`` (the part of a
+    moved-back block that an earlier block did not cover)."""
+    old = _slice(full, start, size, axis)
+    new = jnp.where(fresh, new.astype(full.dtype), old)
+    return jax.lax.dynamic_update_slice_in_dim(full, new, start, axis)
+
+
 def _backward(options: Options, blocks: BlockSizes, problem: Problem, lse, w_total, ct):
-    """``_linear.Grads``: loops over vocabulary blocks, then row blocks. ``lse``, ``w_total``
-    and ``ct`` (the cotangent, 0 for rows that do not count) are ``[N, 1]``."""
+    """``_linear.Grads``, in two passes, as in flash attention's backward: ``d_inputs`` over row
+    blocks (each accumulated over the vocabulary in a float32 ``[block_n, D]`` block, then
+    written in the inputs' dtype), then ``d_weight`` and ``d_bias`` over vocabulary blocks (each
+    accumulated over the rows in a float32 ``[D, block_v]`` block). Every tile's gradient is
+    formed twice, one matmul more than a single pass, so that no float32 accumulator spans the
+    inputs or the projection. ``lse``, ``w_total`` and ``ct`` (the cotangent, 0 for rows that do
+    not count) are ``[N, 1]``."""
     loops = _Loops(options, blocks, problem, lse=lse, w_total=w_total, ct=ct)
     n, d, v, bn, bv = loops.n, loops.d, loops.v, loops.bn, loops.bv
     dtype, vd = loops.dtype, loops.vd
     has_bias = problem.logits.bias is not None
 
-    def vocab_block(j, carry):
-        dx, dw, db, t_sum = carry
-        c0 = _linear.block_start(j, bv, v)
+    def tile_grad(i, j):
+        tile, x_blk, w_blk = loops.tile(i, j)
+        grad = tile.backward(loops.logits(x_blk, w_blk, tile), filter_eps=options.filter_eps)
+        return grad, x_blk, w_blk
 
-        def row_block(i, inner):
-            dx, dw_blk, db_blk, t_sum = inner
-            r0 = _linear.block_start(i, bn, n)
-            tile, x_blk, w_blk = loops.tile(i, j)
-            grad = tile.backward(loops.logits(x_blk, w_blk, tile), filter_eps=options.filter_eps)
+    def row_block(i, carry):
+        dx, t_sum = carry
+
+        def vocab_block(j, inner):
+            acc, t_sum = inner
+            grad, _, w_blk = tile_grad(i, j)
             if grad.t_part is not None:
                 t_sum = t_sum + jnp.sum(grad.t_part)
 
-            def accumulate(acc):
-                dx, dw_blk, db_blk = acc
-                rows_dx = _slice(dx, r0, bn, 0) + _linear.input_grad(grad.d_logits, w_blk, vd=vd)
-                dx = jax.lax.dynamic_update_slice_in_dim(dx, rows_dx, r0, 0)
+            def add(acc):
+                return acc + _linear.input_grad(grad.d_logits, w_blk, vd=vd)
+
+            return _linear.when_kept(grad.keep, add, acc), t_sum
+
+        init = (_varying(jnp.zeros((bn, d), dtype), loops.axes), t_sum)
+        acc, t_sum = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
+        r0 = _linear.block_start(i, bn, n)
+        return _write(dx, acc, r0, bn, 0, _linear.rows_ok(r0, i * bn, bn, n)), t_sum
+
+    def vocab_block(j, carry):
+        dw, db = carry
+
+        def row_block(i, acc):
+            grad, x_blk, _ = tile_grad(i, j)
+
+            def add(acc):
+                dw_blk, db_blk = acc
                 dw_blk = dw_blk + _linear.weight_grad(x_blk, grad.d_logits, vd=vd)
                 if db_blk is not None:
                     db_blk = db_blk + jnp.sum(grad.d_logits, axis=0, keepdims=True)
-                return dx, dw_blk, db_blk
+                return dw_blk, db_blk
 
-            return (*_linear.when_kept(grad.keep, accumulate, (dx, dw_blk, db_blk)), t_sum)
+            return _linear.when_kept(grad.keep, add, acc)
 
-        dw_init = _varying(jnp.zeros((bv, d) if vd else (d, bv), dtype), loops.axes)
-        db_init = _varying(jnp.zeros((1, bv), dtype), loops.axes) if has_bias else None
-        dx, dw_blk, db_blk, t_sum = jax.lax.fori_loop(
-            0, _cdiv(n, bn), row_block, (dx, dw_init, db_init, t_sum)
+        init = (
+            jnp.zeros((bv, d) if vd else (d, bv), dtype),
+            jnp.zeros((1, bv), dtype) if has_bias else None,
         )
+        dw_blk, db_blk = jax.lax.fori_loop(0, _cdiv(n, bn), row_block, _varying(init, loops.axes))
+        c0 = _linear.block_start(j, bv, v)
         ok = _linear.columns_ok(c0, j * bv, bv, v)
-        axis = 0 if vd else 1
-        new = jnp.where(ok.T if vd else ok, dw_blk.astype(dw.dtype), _slice(dw, c0, bv, axis))
-        dw = jax.lax.dynamic_update_slice_in_dim(dw, new, c0, axis)
-        if db is not None:
-            new = jnp.where(ok, db_blk, _slice(db, c0, bv, 1))
-            db = jax.lax.dynamic_update_slice_in_dim(db, new, c0, 1)
-        return dx, dw, db, t_sum
+        dw = _write(dw, dw_blk, c0, bv, 0 if vd else 1, ok.T if vd else ok)
+        return dw, None if db is None else _write(db, db_blk, c0, bv, 1, ok)
 
-    init = _varying(
-        (
-            jnp.zeros((n, d), dtype),
-            jnp.zeros(loops.w.shape, loops.w.dtype),
-            jnp.zeros((1, v), dtype) if has_bias else None,
-            jnp.zeros((), dtype),
-        ),
-        loops.axes,
+    zeros = (jnp.zeros((n, d), loops.x.dtype), jnp.zeros((), dtype))
+    dx, t_sum = jax.lax.fori_loop(0, _cdiv(n, bn), row_block, _varying(zeros, loops.axes))
+    zeros = (
+        jnp.zeros(loops.w.shape, loops.w.dtype),
+        jnp.zeros((1, v), dtype) if has_bias else None,
     )
-    dx, dw, db, t_sum = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
+    dw, db = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, _varying(zeros, loops.axes))
     return _linear.Grads(dx, dw, None if db is None else db[0], t_sum)
 
 

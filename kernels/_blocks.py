@@ -121,10 +121,22 @@ def is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def block_error(schedule: str, blocks, ops: Operands, options) -> str | None:
-    """Why ``schedule`` (``"tpu"`` or ``"gpu"``), compiled, cannot take ``blocks`` for these
-    operands, or None. The interpreters take any positive blocks."""
+def compile_error(schedule: str, blocks, ops: Operands, options) -> str | None:
+    """Why ``schedule`` (``"tpu"`` or ``"gpu"``), compiled, cannot take these operands with
+    ``blocks``, or None. The interpreters take any operands and positive blocks.
+
+    The TPU kernels take float32 and bfloat16 values: the TPU has no float64, and Mosaic loads
+    no float16 vector (found compiling for v5e, v6e and v5p)."""
     fused = ops.x is not None
+    if schedule == "tpu":
+        floats = [x.dtype for x in ops if x is not None and jnp.issubdtype(x.dtype, jnp.floating)]
+        unsupported = sorted({np.dtype(d).name for d in floats} & {"float16", "float64"})
+        if unsupported:
+            return (
+                f"the TPU (Mosaic) schedule takes float32 and bfloat16 operands, not "
+                f"{' or '.join(unsupported)} (the TPU has no float64, and Mosaic loads no "
+                f'float16 vectors); use bfloat16, or implementation="xla"'
+            )
     n = ops.labels.shape[0]
     v = ops.w.shape[0 if options.vd else 1] if fused else ops.logits.shape[1]
     sizes = (blocks.block_n, blocks.block_v) + ((blocks.block_d,) if fused else ())
@@ -150,6 +162,13 @@ def block_error(schedule: str, blocks, ops: Operands, options) -> str | None:
             f"({dict(zip(('N', 'V', 'D'), extents, strict=False))}), got {blocks}"
         )
     return None
+
+
+def valid_mask(ok, where):
+    """``ok`` (bool, broadcastable) where the block of the ``where`` operand is nonzero. The
+    mask is compared as int32: Mosaic cannot lay out an int8 comparison combined with a mask
+    that broadcasts over rows (found compiling for TPU v5e, v6e and v5p)."""
+    return ok if where is None else ok & (where.astype(jnp.int32) != 0)
 
 
 def temperature_value(options, temperature):

@@ -138,7 +138,7 @@ class Tile:
         (row0, self.col0), (rows, cols), (num_rows, num_classes) = start, shape, extents
         row_ok = rows_ok(row0, lo[0], rows, num_rows)
         self.ok = columns_ok(self.col0, lo[1], cols, num_classes)
-        self.valid = self.ok if blocks.where is None else self.ok & (blocks.where != 0)
+        self.valid = _blocks.valid_mask(self.ok, blocks.where)
 
         def rows_only(x):
             return None if x is None else jnp.where(row_ok, x, jnp.zeros((), x.dtype))
@@ -162,7 +162,9 @@ class Tile:
 
 
 class Grads(NamedTuple):
-    """The fused backward's gradients, in the accumulation dtype."""
+    """The fused backward's gradients: ``d_inputs`` and ``d_weight`` in the operands' dtype
+    (accumulated in float32 and rounded once), ``d_bias`` and ``t_sum`` in the accumulation
+    dtype."""
 
     d_inputs: jax.Array  # [N, D]
     d_weight: jax.Array  # like the weight

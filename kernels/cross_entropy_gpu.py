@@ -121,9 +121,7 @@ class Block:
         )
 
     def valid(self, ins: _blocks.Operands):
-        if self.options.mask is None:
-            return self.ok
-        return self.ok & (self.load(ins, "where") != 0)
+        return _blocks.valid_mask(self.ok, self.load(ins, "where"))
 
 
 def _forward_kernel(*refs, options, names, bn, bv, n, v):

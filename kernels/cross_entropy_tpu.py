@@ -43,8 +43,9 @@ def interpret_params() -> pltpu.InterpretParams:
 
 def spec(name: str, options, bn: int, bv: int) -> pl.BlockSpec:
     """The BlockSpec of operand ``name`` on a grid ``(i, j)`` of row and vocab blocks."""
-    if name == "temperature":
-        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    if name == "temperature":  # int32 indices: the default index map's would be int64 under x64
+        first = _blocks.first_block
+        return pl.BlockSpec((1, 1), lambda i, j: (first(), first()), memory_space=pltpu.SMEM)
     row, col = _blocks.axes(name, options)
     block = (bn if row == 0 else 1, bv if col == 1 else 1)
     return pl.BlockSpec(
@@ -60,7 +61,7 @@ def _masks(options, ins: _blocks.Operands, n: int, v: int):
     col0 = j * bv
     col_ids = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, bv), 1)
     ok = (row_ids < n) & (col_ids < v)
-    valid = ok if options.mask is None else ok & (ins.where[...] != 0)
+    valid = _blocks.valid_mask(ok, None if ins.where is None else ins.where[...])
     return col0, ok, valid
 
 

@@ -13,7 +13,8 @@ The backward is two kernels, as in flash attention: ``d_inputs`` on the same gri
 recomputing its tiles from the saved ``lse``. Their chunk axis has two phases: the first forms
 the logits and then the gradient tile, the second walks the chunks again and adds
 ``dz W_chunk^T`` (or ``x_chunk^T dz``) into a float32 VMEM accumulator of ``[block_n, D]`` (or
-``[D, block_v]``), written out chunk by chunk during the last reduction step; the projection (or
+``[D, block_v]``), written out chunk by chunk, in the operands' dtype, during the last reduction
+step, so that no float32 array spans the inputs or the projection; the projection (or
 input) chunks are read twice per tile for that. The matmul is ``jax.lax.dot_general`` with
 float32 accumulation. Each kernel's VMEM need is estimated from its blocks (`vmem_limit`) and
 passed as its limit when it exceeds the default; at ``D = 4096`` the ``d_weight`` kernel's
@@ -250,7 +251,7 @@ def _backward_kernel(*refs, names, options, geo, eps, wrt: str, n_extra: int):
 
         @pl.when(last)
         def _write():
-            out_ref[...] = acc[...]
+            out_ref[...] = acc[...].astype(out_ref.dtype)
 
 
 def _add_bias_grad(db_refs, dz):
@@ -358,7 +359,7 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _lin
     first = _blocks.first_block
     dx_out = [
         (
-            _blocks.out_struct((n, d), dtype, ops.x),
+            _blocks.out_struct((n, d), ops.x.dtype, ops.x),
             pl.BlockSpec((bn, bd), lambda i, j, s: (i, out_chunk(j == cols - 1, s))),
         )
     ]
@@ -369,7 +370,7 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _lin
         dw_spec = pl.BlockSpec((bv, bd), lambda j, i, s: (j, out_chunk(i == rows - 1, s)))
     else:
         dw_spec = pl.BlockSpec((bd, bv), lambda j, i, s: (out_chunk(i == rows - 1, s), j))
-    dw_out = [(_blocks.out_struct(ops.w.shape, dtype, ops.x), dw_spec)]
+    dw_out = [(_blocks.out_struct(ops.w.shape, ops.w.dtype, ops.x), dw_spec)]
     if has_bias:
         db_spec = pl.BlockSpec((1, bv), lambda j, i, s: (first(), j))
         dw_out.append((_blocks.out_struct((1, v), dtype, ops.x), db_spec))
