@@ -41,6 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax._src import dispatch
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
@@ -133,37 +134,30 @@ def with_kernels(forward, backward, xla):
 # --------------------------------------------------------- operands, schedules and platforms
 
 
-def _refused(reason: str):
-    """A primitive that passes its operands through and whose lowering raises
-    ``NotImplementedError(reason)``: the branch of a platform that cannot take the case."""
-    primitive = jex_core.Primitive("jax_softmax_ce_refused")
-    primitive.multiple_results = True
-    primitive.def_impl(lambda *args: args)
-    primitive.def_abstract_eval(lambda *avals: avals)
-
-    def lowering(ctx, *args):
-        raise NotImplementedError(f'implementation="pallas": {reason}')
-
-    mlir.register_lowering(primitive, lowering)
-    return primitive
+def _lower_kernel(ctx, *args, kernels, platform: str):
+    """The lowering of `kernel_p` for ``platform``: its kernel's jaxpr, or the reason it has
+    none raised as ``NotImplementedError``."""
+    kernel = dict(kernels)[platform]
+    if isinstance(kernel, str):
+        raise NotImplementedError(f'implementation="pallas": {kernel}')
+    return mlir.lower_fun(jex_core.jaxpr_as_fun(kernel), multiple_results=True)(ctx, *args)
 
 
-@functools.cache
-def refusal(reason: str):
-    """`_refused`, one primitive per reason."""
-    return _refused(reason)
-
-
-def _refusing(kernel, reason: str):
-    """``kernel`` (interpreted, so that it traces with any blocks) behind `refusal`: its outputs
-    have the right types, and lowering it raises with ``reason``."""
-
-    def branch(ops):
-        out = kernel(ops)
-        leaves, tree = jax.tree.flatten(out)
-        return jax.tree.unflatten(tree, refusal(reason).bind(*leaves))
-
-    return branch
+# One kernel call whose body depends on the platform lowered for: ``kernels`` pairs each
+# platform with its kernel's traced jaxpr, or with the reason it has none. Unlike
+# lax.platform_dependent, whose branches are all lowered for every platform of a
+# multi-platform lowering (so a TPU kernel would meet the CPU's lowering rule), each platform's
+# lowering rule lowers that platform's jaxpr only: jax.export for several platforms works.
+kernel_p = jex_core.Primitive("jax_softmax_ce_kernel")
+kernel_p.multiple_results = True
+kernel_p.def_impl(functools.partial(dispatch.apply_primitive, kernel_p))
+kernel_p.def_abstract_eval(
+    lambda *avals, kernels: next(k.out_avals for _, k in kernels if not isinstance(k, str))
+)
+for _platform in PLATFORMS:
+    mlir.register_lowering(
+        kernel_p, functools.partial(_lower_kernel, platform=_platform), platform=_platform
+    )
 
 
 def _blocks_for(config: Pallas, schedule: str, options: Options, ops) -> BlockSizes:
@@ -190,40 +184,31 @@ def _interpreter(schedule: str):
     return cross_entropy_tpu.interpret_params() if schedule == "tpu" else True
 
 
-def branches(options: Options, config: Pallas, ops: _blocks.Operands, step: str) -> dict:
-    """``{platform: kernel}`` for ``lax.platform_dependent`` (one entry, under the key None,
-    when ``config.interpret``): ``step`` is ``"forward"`` or ``"backward"``."""
+def kernels(options: Options, config: Pallas, ops: _blocks.Operands, step: str) -> dict:
+    """``{platform: kernel, or the reason it has none}`` (one entry, under the key None, when
+    ``config.interpret``): ``step`` is ``"forward"`` or ``"backward"``."""
     fused = ops.x is not None
 
     def kernel(schedule, interpret):
         module = KERNELS[fused, schedule]
         blocks = _blocks_for(config, schedule, options, ops)
-        return functools.partial(
-            getattr(module, step), options, blocks=blocks, interpret=interpret
-        ), blocks
+        return functools.partial(getattr(module, step), options, blocks=blocks, interpret=interpret)
 
     if config.interpret:
         schedule = config.schedule or "gpu"
-        return {None: kernel(schedule, _interpreter(schedule))[0]}
-    out = {}
-    for platform in PLATFORMS:
-        schedule = config.schedule or NATIVE.get(platform, "gpu")
-        if platform == "cpu":
-            out[platform] = kernel(schedule, True)[0]
-            continue
-        if platform == "rocm":  # the same kernel as CUDA's: one branch for both
-            out[platform] = out["cuda"]
-            continue
-        compiled, blocks = kernel(schedule, False)
-        reason = None
+        return {None: kernel(schedule, _interpreter(schedule))}
+    out = {"cpu": kernel(config.schedule or "gpu", True)}
+    for platform in ("tpu", "cuda", "rocm"):
+        schedule = config.schedule or NATIVE[platform]
         if schedule != NATIVE[platform]:
-            reason = (
+            out[platform] = (
                 f"the {schedule!r} schedule does not compile for a {platform!r} device; "
                 f"pass Pallas(interpret=True) to run it in the interpreter"
             )
-        else:
-            reason = _blocks.compile_error(schedule, blocks, ops, options)
-        out[platform] = compiled if reason is None else _refusing(kernel(schedule, True)[0], reason)
+            continue
+        blocks = _blocks_for(config, schedule, options, ops)
+        reason = _blocks.compile_error(schedule, blocks, ops, options)
+        out[platform] = reason or kernel(schedule, False)
     return out
 
 
@@ -234,7 +219,7 @@ def launch(options: Options, config: Pallas, ops: _blocks.Operands, step: str, *
     With ``rows_out`` every output is per row too; a batched operand that is not per row, or an
     output that is not (``rows_out=False``, a gradient summed over rows), cannot be folded and
     makes the kernel run once per batch element."""
-    table = branches(options, config, ops, step)
+    table = kernels(options, config, ops, step)
     leaves, tree = jax.tree.flatten(ops)
     row_leaves = jax.tree.leaves(_blocks.per_row(ops, options))
 
@@ -243,7 +228,16 @@ def launch(options: Options, config: Pallas, ops: _blocks.Operands, step: str, *
         ops = jax.tree.unflatten(tree, leaves)
         if None in table:
             return table[None](ops)
-        return jax.lax.platform_dependent(ops, **table)
+        # Every platform's kernel is traced now, each lowered only for its own platform.
+        traced = {
+            platform: kernel
+            if isinstance(kernel, str)
+            else jax.make_jaxpr(kernel, return_shape=True)(ops)
+            for platform, kernel in table.items()
+        }
+        out_tree = jax.tree.structure(traced["cpu"][1])
+        jaxprs = tuple((p, k if isinstance(k, str) else k[0]) for p, k in traced.items())
+        return jax.tree.unflatten(out_tree, kernel_p.bind(*leaves, kernels=jaxprs))
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *leaves):

@@ -263,6 +263,19 @@ def backward_block(
     return BlockGrad(d_logits, d_labels, t_part, keep)
 
 
+def store_packed(ref, state: _tile.RowState) -> None:
+    """The ``[rows, 1]`` leaves of ``state`` into the columns of a ``[rows, k]`` ref."""
+    for c, leaf in enumerate(jax.tree.leaves(state)):
+        ref[:, c : c + 1] = leaf
+
+
+def unpacked(packed: jax.Array, state_tree) -> _tile.RowState:
+    """The state whose leaves `store_packed` wrote into the columns of ``packed``."""
+    return jax.tree.unflatten(
+        state_tree, [packed[:, c : c + 1] for c in range(state_tree.num_leaves)]
+    )
+
+
 def present(ops: Operands) -> tuple[tuple[str, ...], list]:
     """The names and values of the operands that are not None: how a kernel call passes them."""
     names = tuple(name for name in ops._fields if getattr(ops, name) is not None)

@@ -4,8 +4,10 @@ Forward: grid ``(row blocks, vocab blocks)`` with semantics ``("parallel", "arbi
 step loads one ``[block_n, block_v]`` block of logits (and of probability labels or of the
 ``where`` mask when they are dense) and merges it into the float32 accumulators of its rows: the
 running max and sum-exp, the target term and the smoothing term (`_blocks.forward_step`). They
-live in the ``[block_n, 1]`` output blocks, which stay resident in VMEM while the vocabulary
-index moves; the loss is finished from them outside the kernel (`_tile.finish`).
+live in VMEM scratch while the vocabulary index moves, and the last step writes them packed
+into one ``[block_n, k]`` output block (`_blocks.store_packed`): in HBM a ``[N, 1]`` float32
+array takes 128 lanes per row, like ``[N, 128]``, so one packed array costs what each column
+would. The loss is finished from them outside the kernel (`_tile.finish`).
 
 Backward: grid ``(row blocks, vocab blocks)``, both parallel. Each step recomputes
 ``p = exp(z' - lse)`` for its block and writes the logits gradient in the logits' dtype (one read
@@ -77,22 +79,27 @@ def _loaded(ins: _blocks.Operands) -> _blocks.Operands:
 
 
 def _forward_kernel(*refs, options, names, state_tree, n, v):
-    ins, out_refs = _blocks.named(names, refs)
-    dtype = out_refs[0].dtype
+    ins, (out_ref, *state_refs) = _blocks.named(names, refs)
+    dtype = out_ref.dtype
+    j = pl.program_id(1)
 
-    @pl.when(pl.program_id(1) == 0)
+    @pl.when(j == 0)
     def _init():
         init = _tile.row_state_init(ins.logits.shape[0], dtype, bool(options.label_smoothing))
-        for ref, x in zip(out_refs, jax.tree.leaves(init), strict=True):
+        for ref, x in zip(state_refs, jax.tree.leaves(init), strict=True):
             ref[...] = x
 
     col0, ok, valid = _masks(options, ins, n, v)
     blocks = _loaded(ins)
     z = _blocks.masked_logits(options, ins.logits[...].astype(dtype), valid, blocks.temperature)
-    state = jax.tree.unflatten(state_tree, [ref[...] for ref in out_refs])
+    state = jax.tree.unflatten(state_tree, [ref[...] for ref in state_refs])
     state = _blocks.forward_step(options, state, z, col0, ok, valid, blocks)
-    for ref, x in zip(out_refs, jax.tree.leaves(state), strict=True):
+    for ref, x in zip(state_refs, jax.tree.leaves(state), strict=True):
         ref[...] = x
+
+    @pl.when(j == pl.num_programs(1) - 1)
+    def _write():
+        _blocks.store_packed(out_ref, state)
 
 
 def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile.RowState:
@@ -102,22 +109,23 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     bn, bv = blocks.block_n, blocks.block_v
     dtype = accumulation_dtype(ops.logits.dtype)
     names, leaves = _blocks.present(ops)
-    state_tree = jax.tree.structure(_tile.row_state_init(1, dtype, bool(options.label_smoothing)))
-    row_out = pl.BlockSpec((bn, 1), lambda i, j: (i, _blocks.first_block()))
-    out_shape = _blocks.out_struct((n, 1), dtype, ops.logits)
-    outs = pl.pallas_call(
+    state = _tile.row_state_init(bn, dtype, bool(options.label_smoothing))
+    state_tree = jax.tree.structure(state)
+    k = state_tree.num_leaves
+    out = pl.pallas_call(
         functools.partial(
             _forward_kernel, options=options, names=names, state_tree=state_tree, n=n, v=v
         ),
         grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
         in_specs=[spec(name, options, bn, bv) for name in names],
-        out_specs=[row_out] * state_tree.num_leaves,
-        out_shape=[out_shape] * state_tree.num_leaves,
+        out_specs=pl.BlockSpec((bn, k), lambda i, j: (i, _blocks.first_block())),
+        out_shape=_blocks.out_struct((n, k), dtype, ops.logits),
+        scratch_shapes=[pltpu.VMEM(x.shape, x.dtype) for x in jax.tree.leaves(state)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
         name="softmax_cross_entropy_fwd_tpu",
     )(*leaves)
-    return jax.tree.unflatten(state_tree, outs)
+    return _blocks.unpacked(out, state_tree)
 
 
 def _backward_kernel(*refs, options, names, n, v):

@@ -5,8 +5,8 @@ tile's logits are summed over ``block_d`` chunks of ``D`` into a float32 VMEM sc
 spans the hidden size: a whole ``[block_n, D]`` block of inputs and ``[D, block_v]`` block of the
 projection, double-buffered, would take 12 MiB of VMEM at ``D = 4096`` in bf16 with the default
 tiles, and their float32 gradient blocks 8 or 16 MiB more, against the 16 MiB that a kernel may
-use by default. The forward kernel keeps its running ``(m, s)`` and target sums in the
-``[block_n, 1]`` output blocks, which stay resident while the vocabulary and chunk indices move.
+use by default. The forward kernel keeps its running ``(m, s)`` and target sums in VMEM scratch
+while the vocabulary and chunk indices move, and writes them packed into one output block.
 
 The backward is two kernels, as in flash attention: ``d_inputs`` on the same grid, and
 ``d_weight``/``d_bias`` on the transposed grid ``(vocab blocks, row blocks, ...)``, each
@@ -165,15 +165,16 @@ def _run_if_kept(keep, accumulate):
 
 def _forward_kernel(*refs, names, treedef, options, geo):
     """Grid ``(row blocks, vocabulary blocks, hidden chunks)``; the running log-sum-exp and
-    target sums stay in the ``[bn, 1]`` output blocks while the last two indices move."""
+    target sums stay in VMEM scratch while the last two indices move, and the last step writes
+    them packed into the ``[bn, k]`` output block (`_blocks.store_packed`)."""
     i, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    ins, (*out_refs, z_ref) = _blocks.named(names, refs)
+    ins, (out_ref, z_ref, *state_refs) = _blocks.named(names, refs)
     tpu_tile = _TpuTile(ins, options, geo, i=i, j=j)
 
     @pl.when((j == 0) & (k == 0))
     def _init():
-        init = _tile.row_state_init(geo.bn, out_refs[0].dtype, bool(options.label_smoothing))
-        for ref, value in zip(out_refs, jax.tree.leaves(init), strict=True):
+        init = _tile.row_state_init(geo.bn, out_ref.dtype, bool(options.label_smoothing))
+        for ref, value in zip(state_refs, jax.tree.leaves(init), strict=True):
             ref[...] = value
 
     tpu_tile.add_logits(z_ref, k)
@@ -181,10 +182,14 @@ def _forward_kernel(*refs, names, treedef, options, geo):
     @pl.when(k == geo.chunks - 1)
     def _merge():
         tile = tpu_tile.tile()
-        state = jax.tree.unflatten(treedef, [r[...] for r in out_refs])
+        state = jax.tree.unflatten(treedef, [r[...] for r in state_refs])
         state = tile.forward(state, tpu_tile.logits(z_ref, tile))
-        for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
+        for ref, value in zip(state_refs, jax.tree.leaves(state), strict=True):
             ref[...] = value
+
+        @pl.when(j == pl.num_programs(1) - 1)
+        def _write():
+            _blocks.store_packed(out_ref, state)
 
 
 def _backward_kernel(*refs, names, options, geo, eps, wrt: str, n_extra: int):
@@ -291,20 +296,25 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     n, v, bn, bv = geo.num_rows, geo.num_classes, geo.bn, geo.bv
     dtype = accumulation_dtype(ops.x.dtype)
     names, leaves = _blocks.present(ops)
-    treedef = jax.tree.structure(_tile.row_state_init(1, dtype, bool(options.label_smoothing)))
-    n_out = treedef.num_leaves
+    state, treedef = jax.tree.flatten(
+        _tile.row_state_init(bn, dtype, bool(options.label_smoothing))
+    )
+    k = treedef.num_leaves
     out = _pallas_call(
         functools.partial(_forward_kernel, names=names, treedef=treedef, options=options, geo=geo),
         leaves,
-        [_blocks.out_struct((n, 1), dtype, ops.x)] * n_out,
+        [_blocks.out_struct((n, k), dtype, ops.x)],
         (pl.cdiv(n, bn), pl.cdiv(v, bv), geo.chunks),
         interpret=interpret,
         name="linear_ce_forward",
         in_specs=_specs(names, options, geo, lambda i, j, k: (i, j, k, k)),
-        out_specs=[pl.BlockSpec((bn, 1), lambda i, j, k: (i, _blocks.first_block()))] * n_out,
-        scratch_shapes=[pltpu.VMEM((bn, bv), dtype)],
+        out_specs=[pl.BlockSpec((bn, k), lambda i, j, c: (i, _blocks.first_block()))],
+        scratch_shapes=[
+            pltpu.VMEM((bn, bv), dtype),
+            *(pltpu.VMEM(x.shape, x.dtype) for x in state),
+        ],
     )(*leaves)
-    return jax.tree.unflatten(treedef, out)
+    return _blocks.unpacked(out[0], treedef)
 
 
 def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _linear.Grads:

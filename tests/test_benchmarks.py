@@ -249,3 +249,29 @@ def test_gpu_session_script_runs_end_to_end_on_cpu(tmp_path):
     assert [r["status"] for r in record["results"]] == ["ok", "ok"]
     table = readme.read_text()
     assert "old" not in table and "| jax_softmax_ce:xla | 64 |" in table
+
+
+def test_compiled_memory_table_and_plot(tmp_path):
+    """`benchmarks.report` renders a compiled-memory record, hand-made with known numbers, as
+    the README's table (MiB and % of the logits per target, the reason where a case did not
+    compile) and a plot."""
+    from benchmarks import report
+
+    record = {
+        "date": "2026-12-03T00:00:00+00:00",
+        "versions": {"jax": "0.10.2"},
+        "cases": {"logits": {"shape": {"N": 2, "V": 3}, "logits_bytes": 100 * 2**20}},
+        "goals_by_case": {"logits": 0.01},
+        "results": [
+            {"implementation": "optax", "target": "v5e", "case": "logits", "status": "ok",
+             "temp_bytes": 2**20, "temp_fraction": 0.01},
+            {"implementation": "ours", "target": "h100", "case": "logits", "status": "failed",
+             "reason": "NotImplementedError: x"},
+        ],
+    }  # fmt: skip
+    table = report.compiled_memory_table(record, "x.json")
+    assert "| implementation | v5e | h100 |" in table
+    assert "| optax | 1.0 (1.00%) |  |" in table and "| ours |  | failed |" in table
+    assert "- ours: NotImplementedError: x" in table
+    report.compiled_memory_plot(record, tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").stat().st_size > 0

@@ -525,6 +525,30 @@ def test_the_kernel_is_chosen_when_lowering(lowering_target):
     assert kernel_calls(lower(fn, args, "cpu", lowering_target)) == {"tpu": 0, "gpu": 0}
 
 
+def test_export_for_several_platforms(lowering_target):
+    """jax.export for CPU, TPU and CUDA at once holds each platform's kernel (each lowered only
+    for its own platform), and the exported function runs here, on the CPU's interpreter.
+    Pallas kernels' custom calls carry no compatibility guarantee, so export needs them
+    allowed explicitly."""
+    logits, labels = make_case(SMALL_V, jnp.float32, integer=True)
+    checks = [
+        jax.export.DisabledSafetyCheck.custom_call(name)
+        for name in ("tpu_custom_call", "__gpu$xla.gpu.triton")
+    ]
+    fn = jax.jit(loss_and_grads("pallas", label_smoothing=0.1))
+    with warnings.catch_warnings(), lowering_target("gpu"):
+        warnings.simplefilter("ignore", DeprecationWarning)  # jax >= 0.11 deprecates Triton
+        exported = jax.export.export(fn, platforms=("cpu", "tpu", "cuda"), disabled_checks=checks)(
+            logits, labels
+        )
+    text = exported.mlir_module()
+    assert text.count("tpu_custom_call") == 2 and text.count("__gpu$xla.gpu.triton") == 2
+    value, grad = exported.call(logits, labels)
+    want = reference(np.asarray(logits), np.asarray(labels), integer=True, label_smoothing=0.1)
+    np.testing.assert_allclose(value, np.mean(want[0]), rtol=1e-6)
+    np.testing.assert_allclose(grad, want[1] / N, rtol=1e-5, atol=1e-7)
+
+
 def test_unsupported_blocks_raise_when_lowered_for_their_platform(schedule, lowering_target):
     """Blocks that a schedule cannot compile raise NotImplementedError naming them when (and
     only when) the computation is lowered for that schedule's platform; the interpreter takes
