@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from typing import Any
 
@@ -152,10 +153,12 @@ def _compare(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    """One line per implementation: errors, the median time with the fastest and slowest
+    repeat (the spread a busy machine shows), and each against optax's."""
     optax_row = next((r for r in rows if r["name"] == "optax" and r["status"] == "ok"), None)
     lines = [
-        "| implementation | loss max rel err | grad max abs err | fwd+bwd median ms "
-        "| vs optax | temp MiB | vs optax |",
+        "| implementation | loss max rel err | grad max abs err | fwd+bwd ms: median [min, max] "
+        "| time vs optax | temp MiB | temp vs optax |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -163,6 +166,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['name']} | {row['status']}: {row['reason']} ||||||")
             continue
         time_s = row["time"]["median_s"]
+        repeats = row["time"]["repeats_s"]
         temp = row["memory"]["temp_bytes"]
         time_ratio = temp_ratio = "-"
         if optax_row is not None:
@@ -172,10 +176,24 @@ def _table(rows: list[dict[str, Any]]) -> str:
         errors = row["errors"]
         lines.append(
             f"| {row['name']} | {errors['loss_max_rel_error']:.1e} "
-            f"| {errors['grad_max_abs_error']:.1e} | {1e3 * time_s:.1f} | {time_ratio} "
-            f"| {temp / 2**20:.1f} | {temp_ratio} |"
+            f"| {errors['grad_max_abs_error']:.1e} "
+            f"| {1e3 * time_s:.1f} [{1e3 * min(repeats):.1f}, {1e3 * max(repeats):.1f}] "
+            f"| {time_ratio} | {temp / 2**20:.1f} | {temp_ratio} |"
         )
     return "\n".join(lines)
+
+
+def _load_note(load: tuple[float, float]) -> str | None:
+    """A warning when the machine was busy: the 1-minute load average before and after the
+    timings, against the number of cores."""
+    cores = os.cpu_count() or 1
+    if max(load) <= 0.5 * cores:
+        return None
+    return (
+        f"Note: the 1-minute load average was {load[0]:.1f} before and {load[1]:.1f} after the "
+        f"timings, on {cores} cores: other work shared the machine, so the times are noisy "
+        f"(compare the [min, max] spreads)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,11 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         f"\nlogits [{args.n}, {args.v}] {args.dtype}, integer labels, jit(value_and_grad(mean "
         f"loss)), median of {args.repeats}; errors on the first 256 rows against float64:\n"
     )
+    load_before = os.getloadavg()[0]
     rows = _compare(args)
+    load = (load_before, os.getloadavg()[0])
     print(_table(rows))
+    note = _load_note(load)
+    if note:
+        print(f"\n{note}")
     if args.json:
+        record = {**env, "args": vars(args), "load_average_1min": load, "rows": rows}
         with open(args.json, "w") as f:
-            json.dump({**env, "args": vars(args), "self_check_failures": failures, "rows": rows}, f)
+            json.dump({**record, "self_check_failures": failures}, f)
             f.write("\n")
     if failures:
         print("\nSelf-check FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)

@@ -32,7 +32,9 @@ def test_main_job_self_check_and_table(tmp_path):
     )  # fmt: skip
     assert "Self-check passed." in result.stdout
     assert "| optax |" in result.stdout
+    assert "median [min, max] | time vs optax | temp MiB | temp vs optax |" in result.stdout
     record = json.loads(out.read_text())
+    assert len(record["load_average_1min"]) == 2
     for field in ("date", "command", "platform", "device_kind", "versions", "rows"):
         assert field in record
     assert record["self_check_failures"] == []
