@@ -111,7 +111,7 @@ class ReliabilityDiagram(NamedTuple):
         an empty bin).
       accuracy: ``[num_bins]`` fraction of those examples whose top label is correct (0 for an
         empty bin).
-      count: ``[num_bins]`` number of examples in each bin.
+      count: ``[num_bins]`` int32 number of examples in each bin.
     """
 
     bin_edges: jax.Array
@@ -121,7 +121,8 @@ class ReliabilityDiagram(NamedTuple):
 
 
 def _bin_sums(logits, labels, num_bins, where):
-    """``(edges, count, confidence_sum, correct_sum)`` per bin of the top-label confidence."""
+    """``(edges, count, confidence_sum, correct_sum)`` per bin of the top-label confidence; the
+    count is int32, the rest in the accumulation dtype."""
     num_bins = _positive_int("num_bins", num_bins)
     logits = _canonical.check_logits(logits)
     labels = _check_integer_labels(labels)
@@ -141,10 +142,10 @@ def _bin_sums(logits, labels, num_bins, where):
     bins = jnp.clip(jnp.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
 
     def per_bin(x):
-        return jnp.zeros((num_bins,), dtype).at[bins].add(jnp.where(counted, x, 0))
+        return jnp.zeros((num_bins,), x.dtype).at[bins].add(jnp.where(counted, x, 0))
 
-    ones = jnp.ones_like(confidence)
-    return edges, per_bin(ones), per_bin(confidence), per_bin(correct.astype(dtype))
+    count = per_bin(jnp.ones(confidence.shape, jnp.int32))
+    return edges, count, per_bin(confidence), per_bin(correct.astype(dtype))
 
 
 def reliability_diagram_data(
@@ -184,7 +185,7 @@ def reliability_diagram_data(
       >>> logits = jnp.array([[3.0, 0.0], [0.2, 0.0], [0.0, 2.0], [1.0, 0.0]])
       >>> diagram = sce.reliability_diagram_data(logits, jnp.array([0, 1, 1, 1]), num_bins=4)
       >>> print(diagram.count, diagram.accuracy, diagram.confidence.round(4))
-      [0. 0. 2. 2.] [0. 0. 0. 1.] [0.     0.     0.6404 0.9167]
+      [0 0 2 2] [0. 0. 0. 1.] [0.     0.     0.6404 0.9167]
 
     References:
       Guo et al., `On Calibration of Modern Neural Networks
@@ -192,7 +193,7 @@ def reliability_diagram_data(
     """
     edges, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where)
     nonempty = count > 0
-    denominator = jnp.where(nonempty, count, 1)
+    denominator = jnp.where(nonempty, count, 1).astype(confidence_sum.dtype)
     return ReliabilityDiagram(
         bin_edges=edges,
         confidence=jnp.where(nonempty, confidence_sum / denominator, 0),
@@ -245,7 +246,7 @@ def expected_calibration_error(
       <https://arxiv.org/abs/1706.04599>`_, 2017.
     """
     _, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where)
-    total = jnp.sum(count)
+    total = jnp.sum(count).astype(confidence_sum.dtype)
     gap = jnp.sum(jnp.abs(correct_sum - confidence_sum))
     return jnp.where(total > 0, gap / jnp.where(total > 0, total, 1), 0)
 

@@ -104,6 +104,18 @@ def test_ece_and_diagram_match_reference(num_bins):
     np.testing.assert_allclose(sce.expected_calibration_error(logits, labels, num_bins), ece)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float64])
+def test_diagram_count_is_int32(dtype):
+    logits, labels = overconfident(n=300, v=5, seed=7)
+    diagram = jax.jit(sce.reliability_diagram_data, static_argnums=2)(
+        jnp.asarray(logits, dtype), labels, 12
+    )
+    assert diagram.count.dtype == jnp.int32
+    assert diagram.confidence.dtype == diagram.accuracy.dtype == diagram.bin_edges.dtype
+    rounded = np.asarray(jnp.asarray(logits, dtype).astype(jnp.float64))
+    np.testing.assert_array_equal(diagram.count, bins_reference(rounded, labels, 12)[0])
+
+
 def test_empty_bins_edges_and_masks():
     # Confidences 0.5 (a bin edge: it belongs to the bin below), 1/3, and ~1; most bins empty.
     logits = np.array([[0.0, 0.0, -np.inf], [1.0, 1.0, 1.0], [40.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
