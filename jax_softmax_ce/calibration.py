@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_softmax_ce import _canonical
+from jax_softmax_ce import _canonical, _options
 from jax_softmax_ce._util import accumulation_dtype
 from jax_softmax_ce.cross_entropy import (
     softmax_cross_entropy,
@@ -120,24 +120,29 @@ class ReliabilityDiagram(NamedTuple):
     count: jax.Array
 
 
-def _bin_sums(logits, labels, num_bins, where):
+def _bin_sums(logits, labels, num_bins, where, ignore_index):
     """``(edges, count, confidence_sum, correct_sum)`` per bin of the top-label confidence; the
     count is int32, the rest in the accumulation dtype."""
     num_bins = _positive_int("num_bins", num_bins)
     logits = _canonical.check_logits(logits)
     labels = _check_integer_labels(labels)
-    lay = _canonical.layout(logits.shape, -1)
-    labels = _canonical.integer_labels(labels, logits.shape, lay, -1)
-    valid = _canonical.mask(where, logits.shape, lay, -1)
-    dtype = accumulation_dtype(logits.dtype)
-    z = lay.to_rows(logits).astype(dtype)
-    if valid is not None:
-        z = jnp.where(valid, z, _tile.NEG_INF)
+    options = _options.make_options(ignore_index=ignore_index)
+    problem, _, _ = _canonical.canonicalise(logits, labels, -1, where, None, None, options)
+    dtype = problem.accumulation_dtype
+    z = problem.logits.astype(dtype)
+    if problem.where is not None:
+        z = jnp.where(problem.where, z, _tile.NEG_INF)
     m = jnp.max(z, axis=1, keepdims=True)
     s = jnp.sum(jnp.exp(z - _tile.reference_point(m)), axis=1)
-    counted = s != 0  # a NaN or +inf logit makes s NaN: counted, so the NaN reaches the result
+    # A NaN or +inf logit makes s NaN: counted, so the NaN reaches the result. Ignored and fully
+    # masked examples do not count.
+    counted = (s != 0) & problem.rows.counted[:, 0]
     confidence = jnp.where(counted, 1.0 / jnp.where(counted, s, 1), 0)  # max_k p_k = 1 / s
-    correct = (jnp.argmax(z, axis=1) == labels) & counted
+    # A label outside [0, V) (label weight NaN) is neither right nor wrong: its correctness is
+    # NaN. A select, not hit * label_weight, which XLA simplifies to a select that drops the NaN.
+    hit = jnp.argmax(z, axis=1).astype(problem.labels.dtype) == problem.labels
+    label_weight = problem.rows.label_weight[:, 0]
+    correct = jnp.where(jnp.isnan(label_weight), label_weight, hit.astype(dtype))
     edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=dtype)
     bins = jnp.clip(jnp.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
 
@@ -145,7 +150,7 @@ def _bin_sums(logits, labels, num_bins, where):
         return jnp.zeros((num_bins,), x.dtype).at[bins].add(jnp.where(counted, x, 0))
 
     count = per_bin(jnp.ones(confidence.shape, jnp.int32))
-    return edges, count, per_bin(confidence), per_bin(correct.astype(dtype))
+    return edges, count, per_bin(confidence), per_bin(correct)
 
 
 def reliability_diagram_data(
@@ -154,6 +159,7 @@ def reliability_diagram_data(
     num_bins: int = 15,
     *,
     where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
 ) -> ReliabilityDiagram:
     r"""Per-bin confidence, accuracy and count of the top-label predictions, for a reliability
     diagram.
@@ -166,8 +172,12 @@ def reliability_diagram_data(
       \mathrm{acc}_b = \frac{1}{|B_b|} \sum_{i \in B_b} [\arg\max_k z_{ik} = t_i] .
 
     An empty bin has count 0 and confidence and accuracy 0 (filter on ``count > 0`` to plot).
-    Fully masked examples are not counted. An example with a NaN or +inf logit is counted, with a
-    NaN confidence, in the last bin, so the NaN shows instead of the example silently missing.
+    Examples that do not count are in no bin: a label equal to ``ignore_index``, and a fully
+    masked example (whatever its label). A value cannot raise under ``jit``, so a NaN marks
+    what would otherwise be silently wrong: an example with a NaN or +inf logit is counted, with
+    a NaN confidence, in the last bin; an example with a label outside ``[0, V)`` that is not
+    ``ignore_index`` is counted in the bin of its confidence with a NaN correctness, so that
+    bin's accuracy is NaN (its count and confidence are as usual).
 
     Args:
       logits: ``[batch_size, num_classes]`` logits (the class axis last, any batch shape).
@@ -175,6 +185,7 @@ def reliability_diagram_data(
       num_bins: ``M``, the number of equal-width bins, a positive Python int.
       where: Boolean mask of the valid classes, broadcast against ``logits``; a mask of the rank
         of the batch shape masks whole examples.
+      ignore_index: A label value whose examples do not count (PyTorch uses -100), or None.
 
     Returns:
       A `ReliabilityDiagram` of ``[num_bins]`` arrays (and ``[num_bins + 1]`` edges).
@@ -191,7 +202,9 @@ def reliability_diagram_data(
       Guo et al., `On Calibration of Modern Neural Networks
       <https://arxiv.org/abs/1706.04599>`_, 2017.
     """
-    edges, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where)
+    edges, count, confidence_sum, correct_sum = _bin_sums(
+        logits, labels, num_bins, where, ignore_index
+    )
     nonempty = count > 0
     denominator = jnp.where(nonempty, count, 1).astype(confidence_sum.dtype)
     return ReliabilityDiagram(
@@ -208,6 +221,7 @@ def expected_calibration_error(
     num_bins: int = 15,
     *,
     where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
 ) -> jax.Array:
     r"""Top-label expected calibration error (ECE) with equal-width bins.
 
@@ -217,9 +231,12 @@ def expected_calibration_error(
       \mathrm{ECE} = \sum_{b=1}^{M} \frac{|B_b|}{N}
         \left| \mathrm{acc}_b - \mathrm{conf}_b \right| ,
 
-    computed from per-bin sums, so empty bins contribute 0 and never a NaN. It is 0 when no example
-    counts, and NaN when a counted example has a NaN or +inf logit. The gradient with respect to
-    the logits flows through the confidences.
+    computed from per-bin sums, so empty bins contribute 0 and never a NaN. An example whose
+    label equals ``ignore_index`` does not count (it is in no bin and not in ``N``), nor does a
+    fully masked one. The ECE is 0 when no example counts, and NaN when a counted example has a
+    NaN or +inf logit, or a label outside ``[0, V)`` that is not ``ignore_index`` (a value cannot
+    raise under ``jit``; such a label is never silently counted as wrong or dropped). The
+    gradient with respect to the logits flows through the confidences.
 
     Args:
       logits: ``[batch_size, num_classes]`` logits (the class axis last, any batch shape).
@@ -227,6 +244,7 @@ def expected_calibration_error(
       num_bins: ``M``, the number of equal-width bins ``(i / M, (i + 1) / M]``.
       where: Boolean mask of the valid classes, broadcast against ``logits``; a mask of the rank
         of the batch shape masks whole examples.
+      ignore_index: A label value whose examples do not count (PyTorch uses -100), or None.
 
     Returns:
       A scalar in ``[0, 1]``, float32 for 16-bit and float32 logits, float64 for float64 logits.
@@ -245,7 +263,7 @@ def expected_calibration_error(
       Guo et al., `On Calibration of Modern Neural Networks
       <https://arxiv.org/abs/1706.04599>`_, 2017.
     """
-    _, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where)
+    _, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where, ignore_index)
     total = jnp.sum(count).astype(confidence_sum.dtype)
     gap = jnp.sum(jnp.abs(correct_sum - confidence_sum))
     return jnp.where(total > 0, gap / jnp.where(total > 0, total, 1), 0)

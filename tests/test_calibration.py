@@ -66,11 +66,17 @@ def test_weights_errors():
 # --- expected_calibration_error and reliability_diagram_data --------------------------------------
 
 
-def bins_reference(logits, labels, num_bins, keep=None):
-    """Per-bin (count, mean confidence, accuracy) and the ECE, with an explicit loop."""
+def bins_reference(logits, labels, num_bins, keep=None, ignore_index=None):
+    """Per-bin (count, mean confidence, accuracy) and the ECE, with an explicit loop. Examples
+    outside ``keep`` or labelled ``ignore_index`` are left out; a label outside ``[0, V)`` is
+    neither right nor wrong: NaN."""
     p = special.softmax(np.asarray(logits, np.float64), axis=-1)
     conf, pred = p.max(-1), p.argmax(-1)
-    keep = np.ones(len(conf), bool) if keep is None else keep
+    labels = np.asarray(labels)
+    keep = np.ones(len(conf), bool) if keep is None else keep.copy()
+    if ignore_index is not None:
+        keep &= labels != ignore_index
+    correct = np.where((labels >= 0) & (labels < p.shape[-1]), pred == labels, np.nan)
     count, confidence, accuracy = np.zeros((3, num_bins))
     ece = 0.0
     for b in range(num_bins):
@@ -78,7 +84,7 @@ def bins_reference(logits, labels, num_bins, keep=None):
         count[b] = in_bin.sum()
         if count[b]:
             confidence[b] = conf[in_bin].mean()
-            accuracy[b] = (pred[in_bin] == labels[in_bin]).mean()
+            accuracy[b] = correct[in_bin].mean()
             ece += count[b] / keep.sum() * abs(accuracy[b] - confidence[b])
     return count, confidence, accuracy, ece
 
@@ -132,6 +138,61 @@ def test_empty_bins_edges_and_masks():
     masked = sce.expected_calibration_error(logits, labels, 10, where=keep)
     np.testing.assert_allclose(masked, bins_reference(logits, labels, 10, keep)[3])
     assert sce.expected_calibration_error(logits, labels, 10, where=np.zeros(4, bool)) == 0
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_ece_and_diagram_ignore_index(ignore_index):
+    """Ignored examples are in no bin and not in the ECE's denominator: the result is that of
+    the other examples alone (the clean subset). An ``ignore_index`` inside ``[0, V)`` is
+    ignored too, as in the losses."""
+    logits, labels = overconfident(n=600, v=5, seed=8)
+    labels[::7] = ignore_index
+    clean = labels != ignore_index
+    count, confidence, accuracy, ece = bins_reference(logits[clean], labels[clean], 10)
+    diagram = jax.jit(
+        lambda z, t: sce.reliability_diagram_data(z, t, 10, ignore_index=ignore_index)
+    )(logits, labels)
+    np.testing.assert_array_equal(diagram.count, count)
+    np.testing.assert_allclose(diagram.confidence, confidence, rtol=1e-12)
+    np.testing.assert_allclose(diagram.accuracy, accuracy, rtol=1e-12)
+    ece_ignored = jax.jit(
+        lambda z, t: sce.expected_calibration_error(z, t, 10, ignore_index=ignore_index)
+    )(logits, labels)
+    np.testing.assert_allclose(ece_ignored, ece, rtol=1e-12)
+    # With a mask as well: both leave examples out.
+    keep = np.arange(600) % 3 != 0
+    np.testing.assert_allclose(
+        sce.expected_calibration_error(logits, labels, 10, where=keep, ignore_index=ignore_index),
+        bins_reference(logits, labels, 10, keep, ignore_index)[3],
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("bad_label", [-100, -1, 5, 2**40])
+def test_out_of_range_label_gives_nan_in_its_bin(bad_label):
+    """A label outside ``[0, V)`` that is not ``ignore_index`` is neither counted as wrong nor
+    dropped: its bin's accuracy and the ECE are NaN; counts and confidences are as usual."""
+    logits, labels = overconfident(n=300, v=5, seed=9)
+    labels = labels.astype(np.int64)
+    labels[[3, 40]] = bad_label
+    labels[::11] = -7  # ignored
+    count, confidence, accuracy, ece = bins_reference(logits, labels, 10, ignore_index=-7)
+    nan_bins = np.isnan(accuracy)
+    assert 1 <= nan_bins.sum() <= 2 and np.isnan(ece)
+    diagram = jax.jit(lambda z, t: sce.reliability_diagram_data(z, t, 10, ignore_index=-7))(
+        logits, labels
+    )
+    np.testing.assert_array_equal(diagram.count, count)
+    np.testing.assert_allclose(diagram.confidence, confidence, rtol=1e-12)
+    np.testing.assert_array_equal(np.isnan(diagram.accuracy), nan_bins)
+    np.testing.assert_allclose(diagram.accuracy, accuracy, rtol=1e-12)  # NaN where NaN
+    assert np.isnan(sce.expected_calibration_error(logits, labels, 10, ignore_index=-7))
+    assert np.isnan(jax.jit(sce.expected_calibration_error)(logits, labels))
+    # A fully masked example is not looked at, its label included.
+    keep = ~np.isin(np.arange(300), [3, 40])
+    masked = sce.expected_calibration_error(logits, labels, 10, where=keep, ignore_index=-7)
+    np.testing.assert_allclose(masked, bins_reference(logits, labels, 10, keep, -7)[3])
+    assert np.isfinite(masked)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
