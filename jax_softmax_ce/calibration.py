@@ -40,6 +40,7 @@ def inverse_frequency_weights(
     num_classes: int,
     *,
     where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
 ) -> jax.Array:
     r"""Balanced class weights, inversely proportional to how often each class occurs.
 
@@ -51,22 +52,25 @@ def inverse_frequency_weights(
     scikit-learn's ``compute_class_weight("balanced", classes=np.arange(V), y=...)`` when every
     class occurs. A class that never occurs gets 0 (scikit-learn raises there), and the others
     keep the factor ``N / (V n_k)`` with ``V`` counting every class, so they are not rescaled to
-    make up for it. Labels outside ``[0, num_classes)``,
-    such as an ``ignore_index``, and labels where ``where`` is False are not counted. The result
-    feeds ``class_weights=`` of the cross-entropy directly; with ``reduction="mean"`` every class
-    then carries the same total weight.
+    make up for it. Labels equal to ``ignore_index`` and labels where ``where`` is False are
+    not counted (neither in ``n_k`` nor in ``N``). A label outside ``[0, num_classes)`` that is
+    not ``ignore_index`` (and not masked by ``where``) makes every weight NaN: ``N`` is then
+    unknown, and a value cannot raise under ``jit``. The result feeds ``class_weights=`` of
+    the cross-entropy directly (with the same ``ignore_index``); with ``reduction="mean"`` every
+    class then carries the same total weight.
 
     Args:
       labels: Integer class ids, any shape, e.g. ``[batch_size]``.
       num_classes: ``V``, a positive Python int (the length of the result).
       where: Boolean mask of the labels to count, broadcastable to ``labels.shape``.
+      ignore_index: A label value that is not counted (PyTorch uses -100), or None.
 
     Returns:
       ``[num_classes]`` weights in the default floating dtype (float64 with ``jax_enable_x64``,
       float32 otherwise).
 
     Raises:
-      TypeError: labels that are not integers.
+      TypeError: labels that are not integers, or an ``ignore_index`` that is not an int.
       ValueError: a bad ``num_classes``, or a ``where`` that does not broadcast to the labels.
 
     Examples:
@@ -75,6 +79,11 @@ def inverse_frequency_weights(
       >>> labels = jnp.array([0, 0, 0, 1, 2, 2])
       >>> print(sce.inverse_frequency_weights(labels, 4).round(4))
       [0.5  1.5  0.75 0.  ]
+      >>> labels = jnp.array([0, 0, 0, 1, -100, 2, 2])
+      >>> print(sce.inverse_frequency_weights(labels, 4, ignore_index=-100).round(4))
+      [0.5  1.5  0.75 0.  ]
+      >>> print(sce.inverse_frequency_weights(labels, 4))
+      [nan nan nan nan]
 
     References:
       King and Zeng, `Logistic Regression in Rare Events Data
@@ -82,23 +91,24 @@ def inverse_frequency_weights(
     """
     labels = _check_integer_labels(labels)
     num_classes = _positive_int("num_classes", num_classes)
-    counted = (labels >= 0) & (labels < num_classes)
+    options = _options.make_options(ignore_index=ignore_index)
+    dtype = jnp.result_type(float)
+    flat = labels.reshape(-1)
+    rows = _canonical.rows(options, flat, None, None, num_classes, dtype)
+    counted = rows.counted[:, 0]  # not ignored
     if where is not None:
         where = jnp.asarray(where)
         if not _canonical.broadcasts_to(where.shape, labels.shape):
             raise ValueError(
                 f"where shape {where.shape} does not broadcast to labels shape {labels.shape}"
             )
-        counted = counted & where.astype(jnp.bool_)
-    dtype = jnp.result_type(float)
-    counts = (
-        jnp.zeros((num_classes,), dtype)
-        .at[labels.reshape(-1)]
-        .add(counted.reshape(-1).astype(dtype), mode="drop")
-    )
-    total = jnp.sum(counts)
+        counted = counted & jnp.broadcast_to(where.astype(jnp.bool_), labels.shape).reshape(-1)
+    # The label weight is 1 in [0, V) and NaN outside: N is NaN when such a label counts.
+    total = jnp.sum(jnp.where(counted, rows.label_weight[:, 0], 0))
+    counts = jnp.zeros((num_classes,), dtype).at[flat].add(counted.astype(dtype), mode="drop")
     present = counts > 0
-    return jnp.where(present, total / (num_classes * jnp.where(present, counts, 1)), 0)
+    weights = jnp.where(present, total / (num_classes * jnp.where(present, counts, 1)), 0)
+    return jnp.where(jnp.isnan(total), total, weights)
 
 
 class ReliabilityDiagram(NamedTuple):

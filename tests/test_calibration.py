@@ -29,13 +29,55 @@ def test_weights_match_sklearn_and_zero_for_absent_classes():
     np.testing.assert_allclose(np.asarray(weights)[present], expected, rtol=1e-12)
 
 
-def test_weights_where_and_out_of_range_labels():
+def weights_reference(labels, num_classes, keep=None, ignore_index=None):
+    """scikit-learn's balanced weights of the kept, not ignored labels; all NaN when one of
+    them is outside ``[0, num_classes)``."""
+    labels = np.asarray(labels).reshape(-1)
+    keep = np.ones(labels.shape, bool) if keep is None else np.asarray(keep).reshape(-1)
+    kept = labels[keep & (labels != ignore_index)]
+    if np.any((kept < 0) | (kept >= num_classes)):
+        return np.full(num_classes, np.nan)
+    present = np.unique(kept)
+    weights = np.zeros(num_classes)
+    balanced = compute_class_weight("balanced", classes=present, y=kept)
+    weights[present] = balanced * len(present) / num_classes
+    return weights
+
+
+weights_jit = jax.jit(
+    sce.inverse_frequency_weights, static_argnames=("num_classes", "ignore_index")
+)
+
+
+def test_weights_where_and_ignore_index():
     labels = np.array([[0, 0, 1, -100], [2, 2, 2, 5]])
-    where = np.array([[True, True, True, True], [True, False, True, True]])
-    weights = jax.jit(sce.inverse_frequency_weights, static_argnums=1)(labels, 3, where=where)
-    kept = np.array([0, 0, 1, 2, 2])  # -100 and 5 are outside [0, 3); one 2 is masked
+    where = np.array([[True, True, True, True], [True, False, True, False]])  # masks a 2 and the 5
+    weights = weights_jit(labels, num_classes=3, where=where, ignore_index=-100)
     np.testing.assert_allclose(
-        weights, compute_class_weight("balanced", classes=np.arange(3), y=kept)
+        weights, compute_class_weight("balanced", classes=np.arange(3), y=[0, 0, 1, 2, 2])
+    )
+    np.testing.assert_allclose(weights, weights_reference(labels, 3, where, -100))
+    # An ignore_index inside [0, V) is not counted either: its class gets 0.
+    in_range = np.array([0, 0, 1, 3, 2, 2, 2, 1])
+    np.testing.assert_allclose(
+        weights_jit(in_range, num_classes=4, ignore_index=2),
+        weights_reference(in_range, 4, ignore_index=2),
+    )
+    assert weights_jit(in_range, num_classes=4, ignore_index=2)[2] == 0
+
+
+@pytest.mark.parametrize("bad_label", [-100, -1, 4, 2**40])
+def test_weights_out_of_range_label_gives_nan(bad_label):
+    """A label outside ``[0, V)`` that is neither ``ignore_index`` nor masked is never silently
+    skipped: every weight is NaN, also an absent class's. Masked, it is not looked at."""
+    labels = np.array([0, 0, 1, -7, 2, bad_label], np.int64)
+    assert np.all(np.isnan(weights_reference(labels, 4, ignore_index=-7)))
+    assert np.all(np.isnan(weights_jit(labels, num_classes=4, ignore_index=-7)))
+    assert np.all(np.isnan(sce.inverse_frequency_weights(labels[labels != -7], 4)))
+    keep = labels != bad_label
+    np.testing.assert_allclose(
+        weights_jit(labels, num_classes=4, where=keep, ignore_index=-7),
+        weights_reference(labels, 4, keep, -7),
     )
 
 
@@ -61,6 +103,8 @@ def test_weights_errors():
         sce.inverse_frequency_weights(jnp.zeros(3), 2)
     with pytest.raises(ValueError, match="num_classes must be a positive"):
         sce.inverse_frequency_weights(jnp.zeros(3, jnp.int32), 0)
+    with pytest.raises(TypeError, match="ignore_index must be a Python int"):
+        sce.inverse_frequency_weights(jnp.zeros(3, jnp.int32), 2, ignore_index=1.0)
 
 
 # --- expected_calibration_error and reliability_diagram_data --------------------------------------
