@@ -283,12 +283,31 @@ _MAX_NEWTON_STEPS = 50
 _LOG_T_BOUND = 10.0
 
 
+class TemperatureFit(NamedTuple):
+    """How `fit_temperature` ended, returned beside the temperature with ``return_info=True``.
+
+    Attributes:
+      at_bound: bool scalar, True when the temperature is an end, ``e^10`` or ``e^-10``, of the
+        interval it is kept in: the NLL kept falling towards that end (no minimiser inside), so
+        the value is where the search stopped, not a fit. False for a NaN temperature.
+      converged: bool scalar, True when the last Newton step in ``log T`` was at most
+        ``sqrt(eps)``. False when the 50 steps ran out (typically at a bound, or where the NLL
+        is flat to working precision, as in the ``T -> 0`` case of `fit_temperature`), and for
+        a NaN temperature.
+    """
+
+    at_bound: jax.Array
+    converged: jax.Array
+
+
 def fit_temperature(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
     where: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
+    ignore_index: int | None = None,
+    return_info: bool = False,
+) -> jax.Array | tuple[jax.Array, TemperatureFit]:
     r"""The temperature ``T > 0`` that minimises the mean negative log-likelihood of ``z / T``.
 
     .. math::
@@ -298,10 +317,23 @@ def fit_temperature(
     a gradient step where the curvature is not positive), to a step below ``sqrt(eps)``; the
     loss is our cross-entropy with the fused ``temperature=`` option and an array temperature,
     whose gradient is exact, and the curvature is its grad-of-grad (forward mode is not
-    available through the ``custom_vjp``). ``T`` is kept in ``[e^-10, e^10]``. When no
-    minimiser exists (every counted example already classified correctly, so the NLL keeps
-    falling as ``T -> 0``), the result is a small ``T`` at which the NLL and its slope are 0 to
-    working precision.
+    available through the ``custom_vjp``). When no minimiser exists because every counted
+    example is already classified correctly, the NLL keeps falling as ``T -> 0``, and the
+    result is a small ``T`` at which the NLL and its slope are 0 to working precision.
+
+    ``T`` is kept in ``[e^-10, e^10]``. When the NLL keeps falling towards an end of that
+    interval, the result is that end (``e^10`` or ``e^-10`` to the precision of the result's
+    dtype), which is not a fit. It happens to logits that carry no information about the
+    labels: logits that predict them worse than the uniform distribution at every temperature
+    give ``e^10``, and constant logits, whose NLL does not depend on ``T``, give either end, as
+    rounding has it. Pass ``return_info=True`` to detect it: the result is then ``(T, info)``,
+    and ``info.at_bound`` is True exactly when ``T`` is such an end (see `TemperatureFit`).
+
+    Examples that do not count are left out of the fit, as in the loss with
+    ``reduction="mean"``: a label equal to ``ignore_index`` and a fully masked example. The
+    result is 1 when no example counts. It is NaN, never a finite value, when the mean NLL is
+    NaN or +inf: an integer label outside ``[0, V)`` that is not ``ignore_index`` (a value cannot
+    raise under ``jit``), a NaN or +inf logit, or a target on a class of probability 0.
 
     The gradient of ``T*`` with respect to the logits is the implicit-function gradient
     ``-(d^2 L / du dz) / (d^2 L / du^2)``, obtained from one last Newton step whose curvature is
@@ -313,10 +345,16 @@ def fit_temperature(
         of ``logits``.
       where: Boolean mask of the valid classes, broadcast against ``logits``; a mask of the rank
         of the batch shape leaves whole examples out.
+      ignore_index: A label value whose examples do not count (integer labels only), or None.
+      return_info: Also return a `TemperatureFit` (a Python bool).
 
     Returns:
-      The scalar temperature, float32 for 16-bit and float32 logits, float64 for float64 logits.
-      Divide the logits by it (or pass it as ``temperature=``) to calibrate them.
+      The scalar temperature, float32 for 16-bit and float32 logits, float64 for float64 logits;
+      with ``return_info=True``, the pair ``(temperature, info)``. Divide the logits by it (or
+      pass it as ``temperature=``) to calibrate them.
+
+    Raises:
+      ValueError: ``ignore_index`` with probability labels.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -328,6 +366,10 @@ def fit_temperature(
       >>> temperature = sce.fit_temperature(logits, labels)
       >>> print(f"{temperature:.4f}")
       4.6300
+      >>> wrong = jnp.argmin(logits, axis=-1)  # every prediction wrong: the NLL falls as T grows
+      >>> temperature, info = sce.fit_temperature(logits, wrong, return_info=True)
+      >>> print(f"{temperature:.1f}", info.at_bound, info.converged)
+      22026.5 True False
 
     References:
       Guo et al., `On Calibration of Modern Neural Networks
@@ -335,14 +377,29 @@ def fit_temperature(
     """
     logits = _canonical.check_logits(logits)
     labels = jnp.asarray(labels)
-    return _fit_temperature(
-        logits, labels, where, integer=bool(jnp.issubdtype(labels.dtype, jnp.integer))
+    integer = bool(jnp.issubdtype(labels.dtype, jnp.integer))
+    if ignore_index is not None and not integer:
+        raise ValueError(
+            f"ignore_index applies to integer labels only, got labels of dtype {labels.dtype} "
+            f"and shape {labels.shape}"
+        )
+    ignore_index = _options.make_options(ignore_index=ignore_index).ignore_index
+    temperature, info = _fit_temperature(
+        logits, labels, where, integer=integer, ignore_index=ignore_index
     )
+    return (temperature, info) if return_info else temperature
 
 
-@functools.partial(jax.jit, static_argnames=("integer",))
-def _fit_temperature(logits, labels, where, *, integer: bool) -> jax.Array:
-    loss = softmax_cross_entropy_with_integer_labels if integer else softmax_cross_entropy
+@functools.partial(jax.jit, static_argnames=("integer", "ignore_index"))
+def _fit_temperature(
+    logits, labels, where, *, integer: bool, ignore_index: int | None
+) -> tuple[jax.Array, TemperatureFit]:
+    if integer:
+        loss = functools.partial(
+            softmax_cross_entropy_with_integer_labels, ignore_index=ignore_index
+        )
+    else:
+        loss = softmax_cross_entropy
     dtype = accumulation_dtype(logits.dtype)
 
     def mean_nll(log_t, logits, labels):
@@ -368,11 +425,17 @@ def _fit_temperature(logits, labels, where, *, integer: bool) -> jax.Array:
         return (i + 1, *newton_step(log_t))
 
     start = (0, jnp.zeros((), dtype), jnp.full((), np.inf, dtype))
-    _, log_t, _ = jax.lax.while_loop(not_converged, body, start)
+    _, log_t, last_step = jax.lax.while_loop(not_converged, body, start)
     log_t = jax.lax.stop_gradient(log_t)
     # The last Newton step, with the curvature held constant: exact in value (the slope is ~0)
     # and carrying the implicit-function gradient to the logits and probability labels.
     curvature = jax.lax.stop_gradient(slope_and_curvature(log_t, *fixed)[1])
-    interior = (curvature > 0) & (jnp.abs(log_t) < _LOG_T_BOUND)
+    at_bound = jnp.abs(log_t) >= _LOG_T_BOUND
+    interior = (curvature > 0) & ~at_bound
     step = -slope(log_t, logits, labels) / jnp.where(interior, curvature, 1)
-    return jnp.exp(log_t + jnp.where(interior, step, 0)).astype(dtype)
+    temperature = jnp.exp(log_t + jnp.where(interior, step, 0)).astype(dtype)
+    # A NaN or +inf NLL has no minimiser: NaN, whatever the iterations and clamps made of it.
+    finite = jnp.isfinite(mean_nll(log_t, *fixed))
+    temperature = jnp.where(finite, temperature, jnp.full((), np.nan, dtype))
+    converged = finite & (jnp.abs(last_step) <= tolerance)
+    return temperature, TemperatureFit(at_bound=finite & at_bound, converged=converged)

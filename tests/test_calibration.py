@@ -282,17 +282,19 @@ def test_ece_errors():
 # --- fit_temperature -----------------------------------------------------------------------------
 
 
-def temperature_reference(logits, labels, keep=None):
-    """The root in ``u = log T`` of the NLL's slope ``-mean(E_p[z / T] - E_y[z / T])``, by
-    Brent's root finder (a minimiser of the flat NLL would only reach sqrt(eps))."""
+def slope_reference(logits, labels, u, keep=None):
+    """The mean NLL's slope in ``u = log T``: ``-mean(E_p[z / T] - E_y[z / T])``, float64."""
     z = np.asarray(logits, np.float64)
     y = np.eye(z.shape[-1])[labels] if np.asarray(labels).dtype.kind == "i" else labels
     keep = np.ones(len(z), bool) if keep is None else keep
+    p = special.softmax(z * np.exp(-u), axis=-1)
+    return -np.mean(((p - y) * z).sum(-1)[keep])
 
-    def slope(u):
-        p = special.softmax(z * np.exp(-u), axis=-1)
-        return -np.mean(((p - y) * z).sum(-1)[keep])
 
+def temperature_reference(logits, labels, keep=None):
+    """The root in ``u = log T`` of the NLL's slope, by Brent's root finder (a minimiser of the
+    flat NLL would only reach sqrt(eps))."""
+    slope = lambda u: slope_reference(logits, labels, u, keep)
     return np.exp(optimize.brentq(slope, -8.0, 8.0, xtol=1e-15, rtol=1e-15))
 
 
@@ -364,7 +366,109 @@ def test_fit_temperature_without_minimiser_stays_bounded():
     # Every example already correct: the NLL keeps falling as T -> 0.
     logits = np.array([[2.0, 0.0], [0.0, 1.0]])
     labels = np.array([0, 1])
-    t = sce.fit_temperature(logits, labels)
-    assert np.isfinite(t) and np.exp(-10.0) <= t < 0.05
+    t, info = sce.fit_temperature(logits, labels, return_info=True)
+    assert np.isfinite(t) and np.exp(-10.0) < t < 0.05
+    # The search stops before the bound, where the NLL is 0 to working precision.
+    assert not info.at_bound
     nll = sce.softmax_cross_entropy_with_integer_labels(logits, labels, temperature=t)
     assert np.all(nll < 1e-12)
+
+
+fit_jit = jax.jit(sce.fit_temperature, static_argnames=("ignore_index", "return_info"))
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_fit_temperature_ignore_index(ignore_index):
+    """Ignored examples are left out of the fit: the temperature of the clean subset."""
+    logits, labels = overconfident(n=400, v=6, scale=3.0, seed=10)
+    labels[::5] = ignore_index
+    clean = labels != ignore_index
+    expected = temperature_reference(logits[clean], labels[clean])
+    t, info = fit_jit(logits, labels, ignore_index=ignore_index, return_info=True)
+    np.testing.assert_allclose(t, expected, rtol=1e-6)
+    assert info.converged and not info.at_bound
+    t32 = sce.fit_temperature(jnp.asarray(logits, jnp.float32), labels, ignore_index=ignore_index)
+    np.testing.assert_allclose(t32, expected, rtol=1e-4)
+
+
+def anticorrelated(n=200, v=5, seed=11):
+    """Logits whose every prediction is wrong (the label is the least likely class): the NLL
+    falls as ``T`` grows, towards log V, and has no minimiser."""
+    logits = 2.0 * np.random.default_rng(seed).standard_normal((n, v))
+    return logits, np.argmin(logits, axis=-1)
+
+
+@pytest.mark.parametrize("data", ["informative", "anticorrelated"])
+@pytest.mark.parametrize("bad_label", [-100, -1, 6, 2**40])
+def test_fit_temperature_out_of_range_label_is_nan(data, bad_label):
+    """A label outside ``[0, V)`` that is not ``ignore_index`` makes the NLL NaN at every
+    temperature: the result is NaN, through the Newton loop and its clamps, also for logits
+    whose fit would otherwise end at the bound."""
+    if data == "informative":
+        logits, labels = overconfident(n=200, v=6, seed=12)
+    else:
+        logits, labels = anticorrelated(v=6)
+    labels = labels.astype(np.int64)
+    labels[7] = bad_label
+    labels[::9] = -7  # ignored
+    t, info = fit_jit(logits, labels, ignore_index=-7, return_info=True)
+    assert np.isnan(t) and not info.at_bound and not info.converged
+    assert np.isnan(sce.fit_temperature(jnp.asarray(logits, jnp.float32), labels, ignore_index=-7))
+    ts = jax.vmap(lambda z: sce.fit_temperature(z, labels, ignore_index=-7))(
+        np.stack([logits, 0.5 * logits])
+    )
+    assert np.all(np.isnan(ts))
+    # Masked, the example is not looked at.
+    keep = np.arange(200) != 7
+    clean = keep & (labels != -7)
+    t, info = fit_jit(logits, labels, where=keep, ignore_index=-7, return_info=True)
+    if data == "informative":
+        np.testing.assert_allclose(t, temperature_reference(logits[clean], labels[clean]))
+    else:
+        assert info.at_bound
+        np.testing.assert_allclose(t, np.exp(10.0), rtol=1e-12)
+
+
+def test_fit_temperature_non_finite_nll_is_nan():
+    """A NaN or +inf logit, or a target of probability 0, makes the NLL non-finite at every
+    temperature: NaN, not the bound the iterations drift to."""
+    logits, labels = overconfident(n=100, v=4, seed=13)
+    for value in [np.nan, np.inf]:
+        bad = logits.copy()
+        bad[3, 1] = value
+        t, info = fit_jit(bad, labels, return_info=True)
+        assert np.isnan(t) and not info.at_bound and not info.converged
+    impossible = logits.copy()
+    impossible[5, labels[5]] = -np.inf
+    assert np.isnan(fit_jit(impossible, labels))
+
+
+def test_fit_temperature_reports_the_bound():
+    logits, labels = anticorrelated()
+    # The float64 slope is still negative at the upper end: no minimiser below e^10.
+    assert slope_reference(logits, labels, 10.0) < 0
+    t, info = fit_jit(logits, labels, return_info=True)
+    np.testing.assert_allclose(t, np.exp(10.0), rtol=1e-12)
+    assert info.at_bound and not info.converged
+    assert info.at_bound.dtype == info.converged.dtype == jnp.bool_
+    np.testing.assert_allclose(sce.fit_temperature(logits, labels), t, rtol=1e-12)
+    # Constant logits: the NLL does not depend on T, and the search ends at either bound.
+    t, info = fit_jit(np.zeros((6, 3), np.float32), np.arange(6) % 3, return_info=True)
+    assert info.at_bound and np.isclose(abs(np.log(t)), 10.0, rtol=1e-6)
+    # A fit inside, under vmap: the info is batched too.
+    good, good_labels = overconfident(n=200, v=5, seed=14)
+    stacked, stacked_labels = np.stack([good, logits]), np.stack([good_labels, labels])
+    ts, infos = jax.vmap(lambda z, y: sce.fit_temperature(z, y, return_info=True))(
+        stacked, stacked_labels
+    )
+    np.testing.assert_allclose(ts[0], temperature_reference(good, good_labels), rtol=1e-6)
+    np.testing.assert_allclose(ts[1], np.exp(10.0), rtol=1e-12)
+    np.testing.assert_array_equal(infos.at_bound, [False, True])
+    np.testing.assert_array_equal(infos.converged, [True, False])
+
+
+def test_fit_temperature_ignore_index_needs_integer_labels():
+    with pytest.raises(ValueError, match="ignore_index applies to integer labels only"):
+        sce.fit_temperature(jnp.zeros((2, 3)), jnp.full((2, 3), 1 / 3), ignore_index=-100)
+    with pytest.raises(TypeError, match="ignore_index must be a Python int"):
+        sce.fit_temperature(jnp.zeros((2, 3)), jnp.array([0, 1]), ignore_index="-100")
