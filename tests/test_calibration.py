@@ -29,13 +29,55 @@ def test_weights_match_sklearn_and_zero_for_absent_classes():
     np.testing.assert_allclose(np.asarray(weights)[present], expected, rtol=1e-12)
 
 
-def test_weights_where_and_out_of_range_labels():
+def weights_reference(labels, num_classes, keep=None, ignore_index=None):
+    """scikit-learn's balanced weights of the kept, not ignored labels; all NaN when one of
+    them is outside ``[0, num_classes)``."""
+    labels = np.asarray(labels).reshape(-1)
+    keep = np.ones(labels.shape, bool) if keep is None else np.asarray(keep).reshape(-1)
+    kept = labels[keep & (labels != ignore_index)]
+    if np.any((kept < 0) | (kept >= num_classes)):
+        return np.full(num_classes, np.nan)
+    present = np.unique(kept)
+    weights = np.zeros(num_classes)
+    balanced = compute_class_weight("balanced", classes=present, y=kept)
+    weights[present] = balanced * len(present) / num_classes
+    return weights
+
+
+weights_jit = jax.jit(
+    sce.inverse_frequency_weights, static_argnames=("num_classes", "ignore_index")
+)
+
+
+def test_weights_where_and_ignore_index():
     labels = np.array([[0, 0, 1, -100], [2, 2, 2, 5]])
-    where = np.array([[True, True, True, True], [True, False, True, True]])
-    weights = jax.jit(sce.inverse_frequency_weights, static_argnums=1)(labels, 3, where=where)
-    kept = np.array([0, 0, 1, 2, 2])  # -100 and 5 are outside [0, 3); one 2 is masked
+    where = np.array([[True, True, True, True], [True, False, True, False]])  # masks a 2 and the 5
+    weights = weights_jit(labels, num_classes=3, where=where, ignore_index=-100)
     np.testing.assert_allclose(
-        weights, compute_class_weight("balanced", classes=np.arange(3), y=kept)
+        weights, compute_class_weight("balanced", classes=np.arange(3), y=[0, 0, 1, 2, 2])
+    )
+    np.testing.assert_allclose(weights, weights_reference(labels, 3, where, -100))
+    # An ignore_index inside [0, V) is not counted either: its class gets 0.
+    in_range = np.array([0, 0, 1, 3, 2, 2, 2, 1])
+    np.testing.assert_allclose(
+        weights_jit(in_range, num_classes=4, ignore_index=2),
+        weights_reference(in_range, 4, ignore_index=2),
+    )
+    assert weights_jit(in_range, num_classes=4, ignore_index=2)[2] == 0
+
+
+@pytest.mark.parametrize("bad_label", [-100, -1, 4, 2**40])
+def test_weights_out_of_range_label_gives_nan(bad_label):
+    """A label outside ``[0, V)`` that is neither ``ignore_index`` nor masked is never silently
+    skipped: every weight is NaN, also an absent class's. Masked, it is not looked at."""
+    labels = np.array([0, 0, 1, -7, 2, bad_label], np.int64)
+    assert np.all(np.isnan(weights_reference(labels, 4, ignore_index=-7)))
+    assert np.all(np.isnan(weights_jit(labels, num_classes=4, ignore_index=-7)))
+    assert np.all(np.isnan(sce.inverse_frequency_weights(labels[labels != -7], 4)))
+    keep = labels != bad_label
+    np.testing.assert_allclose(
+        weights_jit(labels, num_classes=4, where=keep, ignore_index=-7),
+        weights_reference(labels, 4, keep, -7),
     )
 
 
@@ -61,16 +103,24 @@ def test_weights_errors():
         sce.inverse_frequency_weights(jnp.zeros(3), 2)
     with pytest.raises(ValueError, match="num_classes must be a positive"):
         sce.inverse_frequency_weights(jnp.zeros(3, jnp.int32), 0)
+    with pytest.raises(TypeError, match="ignore_index must be a Python int"):
+        sce.inverse_frequency_weights(jnp.zeros(3, jnp.int32), 2, ignore_index=1.0)
 
 
 # --- expected_calibration_error and reliability_diagram_data --------------------------------------
 
 
-def bins_reference(logits, labels, num_bins, keep=None):
-    """Per-bin (count, mean confidence, accuracy) and the ECE, with an explicit loop."""
+def bins_reference(logits, labels, num_bins, keep=None, ignore_index=None):
+    """Per-bin (count, mean confidence, accuracy) and the ECE, with an explicit loop. Examples
+    outside ``keep`` or labelled ``ignore_index`` are left out; a label outside ``[0, V)`` is
+    neither right nor wrong: NaN."""
     p = special.softmax(np.asarray(logits, np.float64), axis=-1)
     conf, pred = p.max(-1), p.argmax(-1)
-    keep = np.ones(len(conf), bool) if keep is None else keep
+    labels = np.asarray(labels)
+    keep = np.ones(len(conf), bool) if keep is None else keep.copy()
+    if ignore_index is not None:
+        keep &= labels != ignore_index
+    correct = np.where((labels >= 0) & (labels < p.shape[-1]), pred == labels, np.nan)
     count, confidence, accuracy = np.zeros((3, num_bins))
     ece = 0.0
     for b in range(num_bins):
@@ -78,7 +128,7 @@ def bins_reference(logits, labels, num_bins, keep=None):
         count[b] = in_bin.sum()
         if count[b]:
             confidence[b] = conf[in_bin].mean()
-            accuracy[b] = (pred[in_bin] == labels[in_bin]).mean()
+            accuracy[b] = correct[in_bin].mean()
             ece += count[b] / keep.sum() * abs(accuracy[b] - confidence[b])
     return count, confidence, accuracy, ece
 
@@ -104,6 +154,18 @@ def test_ece_and_diagram_match_reference(num_bins):
     np.testing.assert_allclose(sce.expected_calibration_error(logits, labels, num_bins), ece)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float64])
+def test_diagram_count_is_int32(dtype):
+    logits, labels = overconfident(n=300, v=5, seed=7)
+    diagram = jax.jit(sce.reliability_diagram_data, static_argnums=2)(
+        jnp.asarray(logits, dtype), labels, 12
+    )
+    assert diagram.count.dtype == jnp.int32
+    assert diagram.confidence.dtype == diagram.accuracy.dtype == diagram.bin_edges.dtype
+    rounded = np.asarray(jnp.asarray(logits, dtype).astype(jnp.float64))
+    np.testing.assert_array_equal(diagram.count, bins_reference(rounded, labels, 12)[0])
+
+
 def test_empty_bins_edges_and_masks():
     # Confidences 0.5 (a bin edge: it belongs to the bin below), 1/3, and ~1; most bins empty.
     logits = np.array([[0.0, 0.0, -np.inf], [1.0, 1.0, 1.0], [40.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
@@ -120,6 +182,61 @@ def test_empty_bins_edges_and_masks():
     masked = sce.expected_calibration_error(logits, labels, 10, where=keep)
     np.testing.assert_allclose(masked, bins_reference(logits, labels, 10, keep)[3])
     assert sce.expected_calibration_error(logits, labels, 10, where=np.zeros(4, bool)) == 0
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_ece_and_diagram_ignore_index(ignore_index):
+    """Ignored examples are in no bin and not in the ECE's denominator: the result is that of
+    the other examples alone (the clean subset). An ``ignore_index`` inside ``[0, V)`` is
+    ignored too, as in the losses."""
+    logits, labels = overconfident(n=600, v=5, seed=8)
+    labels[::7] = ignore_index
+    clean = labels != ignore_index
+    count, confidence, accuracy, ece = bins_reference(logits[clean], labels[clean], 10)
+    diagram = jax.jit(
+        lambda z, t: sce.reliability_diagram_data(z, t, 10, ignore_index=ignore_index)
+    )(logits, labels)
+    np.testing.assert_array_equal(diagram.count, count)
+    np.testing.assert_allclose(diagram.confidence, confidence, rtol=1e-12)
+    np.testing.assert_allclose(diagram.accuracy, accuracy, rtol=1e-12)
+    ece_ignored = jax.jit(
+        lambda z, t: sce.expected_calibration_error(z, t, 10, ignore_index=ignore_index)
+    )(logits, labels)
+    np.testing.assert_allclose(ece_ignored, ece, rtol=1e-12)
+    # With a mask as well: both leave examples out.
+    keep = np.arange(600) % 3 != 0
+    np.testing.assert_allclose(
+        sce.expected_calibration_error(logits, labels, 10, where=keep, ignore_index=ignore_index),
+        bins_reference(logits, labels, 10, keep, ignore_index)[3],
+        rtol=1e-12,
+    )
+
+
+@pytest.mark.parametrize("bad_label", [-100, -1, 5, 2**40])
+def test_out_of_range_label_gives_nan_in_its_bin(bad_label):
+    """A label outside ``[0, V)`` that is not ``ignore_index`` is neither counted as wrong nor
+    dropped: its bin's accuracy and the ECE are NaN; counts and confidences are as usual."""
+    logits, labels = overconfident(n=300, v=5, seed=9)
+    labels = labels.astype(np.int64)
+    labels[[3, 40]] = bad_label
+    labels[::11] = -7  # ignored
+    count, confidence, accuracy, ece = bins_reference(logits, labels, 10, ignore_index=-7)
+    nan_bins = np.isnan(accuracy)
+    assert 1 <= nan_bins.sum() <= 2 and np.isnan(ece)
+    diagram = jax.jit(lambda z, t: sce.reliability_diagram_data(z, t, 10, ignore_index=-7))(
+        logits, labels
+    )
+    np.testing.assert_array_equal(diagram.count, count)
+    np.testing.assert_allclose(diagram.confidence, confidence, rtol=1e-12)
+    np.testing.assert_array_equal(np.isnan(diagram.accuracy), nan_bins)
+    np.testing.assert_allclose(diagram.accuracy, accuracy, rtol=1e-12)  # NaN where NaN
+    assert np.isnan(sce.expected_calibration_error(logits, labels, 10, ignore_index=-7))
+    assert np.isnan(jax.jit(sce.expected_calibration_error)(logits, labels))
+    # A fully masked example is not looked at, its label included.
+    keep = ~np.isin(np.arange(300), [3, 40])
+    masked = sce.expected_calibration_error(logits, labels, 10, where=keep, ignore_index=-7)
+    np.testing.assert_allclose(masked, bins_reference(logits, labels, 10, keep, -7)[3])
+    assert np.isfinite(masked)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -165,17 +282,19 @@ def test_ece_errors():
 # --- fit_temperature -----------------------------------------------------------------------------
 
 
-def temperature_reference(logits, labels, keep=None):
-    """The root in ``u = log T`` of the NLL's slope ``-mean(E_p[z / T] - E_y[z / T])``, by
-    Brent's root finder (a minimiser of the flat NLL would only reach sqrt(eps))."""
+def slope_reference(logits, labels, u, keep=None):
+    """The mean NLL's slope in ``u = log T``: ``-mean(E_p[z / T] - E_y[z / T])``, float64."""
     z = np.asarray(logits, np.float64)
     y = np.eye(z.shape[-1])[labels] if np.asarray(labels).dtype.kind == "i" else labels
     keep = np.ones(len(z), bool) if keep is None else keep
+    p = special.softmax(z * np.exp(-u), axis=-1)
+    return -np.mean(((p - y) * z).sum(-1)[keep])
 
-    def slope(u):
-        p = special.softmax(z * np.exp(-u), axis=-1)
-        return -np.mean(((p - y) * z).sum(-1)[keep])
 
+def temperature_reference(logits, labels, keep=None):
+    """The root in ``u = log T`` of the NLL's slope, by Brent's root finder (a minimiser of the
+    flat NLL would only reach sqrt(eps))."""
+    slope = lambda u: slope_reference(logits, labels, u, keep)
     return np.exp(optimize.brentq(slope, -8.0, 8.0, xtol=1e-15, rtol=1e-15))
 
 
@@ -247,7 +366,109 @@ def test_fit_temperature_without_minimiser_stays_bounded():
     # Every example already correct: the NLL keeps falling as T -> 0.
     logits = np.array([[2.0, 0.0], [0.0, 1.0]])
     labels = np.array([0, 1])
-    t = sce.fit_temperature(logits, labels)
-    assert np.isfinite(t) and np.exp(-10.0) <= t < 0.05
+    t, info = sce.fit_temperature(logits, labels, return_info=True)
+    assert np.isfinite(t) and np.exp(-10.0) < t < 0.05
+    # The search stops before the bound, where the NLL is 0 to working precision.
+    assert not info.at_bound
     nll = sce.softmax_cross_entropy_with_integer_labels(logits, labels, temperature=t)
     assert np.all(nll < 1e-12)
+
+
+fit_jit = jax.jit(sce.fit_temperature, static_argnames=("ignore_index", "return_info"))
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_fit_temperature_ignore_index(ignore_index):
+    """Ignored examples are left out of the fit: the temperature of the clean subset."""
+    logits, labels = overconfident(n=400, v=6, scale=3.0, seed=10)
+    labels[::5] = ignore_index
+    clean = labels != ignore_index
+    expected = temperature_reference(logits[clean], labels[clean])
+    t, info = fit_jit(logits, labels, ignore_index=ignore_index, return_info=True)
+    np.testing.assert_allclose(t, expected, rtol=1e-6)
+    assert info.converged and not info.at_bound
+    t32 = sce.fit_temperature(jnp.asarray(logits, jnp.float32), labels, ignore_index=ignore_index)
+    np.testing.assert_allclose(t32, expected, rtol=1e-4)
+
+
+def anticorrelated(n=200, v=5, seed=11):
+    """Logits whose every prediction is wrong (the label is the least likely class): the NLL
+    falls as ``T`` grows, towards log V, and has no minimiser."""
+    logits = 2.0 * np.random.default_rng(seed).standard_normal((n, v))
+    return logits, np.argmin(logits, axis=-1)
+
+
+@pytest.mark.parametrize("data", ["informative", "anticorrelated"])
+@pytest.mark.parametrize("bad_label", [-100, -1, 6, 2**40])
+def test_fit_temperature_out_of_range_label_is_nan(data, bad_label):
+    """A label outside ``[0, V)`` that is not ``ignore_index`` makes the NLL NaN at every
+    temperature: the result is NaN, through the Newton loop and its clamps, also for logits
+    whose fit would otherwise end at the bound."""
+    if data == "informative":
+        logits, labels = overconfident(n=200, v=6, seed=12)
+    else:
+        logits, labels = anticorrelated(v=6)
+    labels = labels.astype(np.int64)
+    labels[7] = bad_label
+    labels[::9] = -7  # ignored
+    t, info = fit_jit(logits, labels, ignore_index=-7, return_info=True)
+    assert np.isnan(t) and not info.at_bound and not info.converged
+    assert np.isnan(sce.fit_temperature(jnp.asarray(logits, jnp.float32), labels, ignore_index=-7))
+    ts = jax.vmap(lambda z: sce.fit_temperature(z, labels, ignore_index=-7))(
+        np.stack([logits, 0.5 * logits])
+    )
+    assert np.all(np.isnan(ts))
+    # Masked, the example is not looked at.
+    keep = np.arange(200) != 7
+    clean = keep & (labels != -7)
+    t, info = fit_jit(logits, labels, where=keep, ignore_index=-7, return_info=True)
+    if data == "informative":
+        np.testing.assert_allclose(t, temperature_reference(logits[clean], labels[clean]))
+    else:
+        assert info.at_bound
+        np.testing.assert_allclose(t, np.exp(10.0), rtol=1e-12)
+
+
+def test_fit_temperature_non_finite_nll_is_nan():
+    """A NaN or +inf logit, or a target of probability 0, makes the NLL non-finite at every
+    temperature: NaN, not the bound the iterations drift to."""
+    logits, labels = overconfident(n=100, v=4, seed=13)
+    for value in [np.nan, np.inf]:
+        bad = logits.copy()
+        bad[3, 1] = value
+        t, info = fit_jit(bad, labels, return_info=True)
+        assert np.isnan(t) and not info.at_bound and not info.converged
+    impossible = logits.copy()
+    impossible[5, labels[5]] = -np.inf
+    assert np.isnan(fit_jit(impossible, labels))
+
+
+def test_fit_temperature_reports_the_bound():
+    logits, labels = anticorrelated()
+    # The float64 slope is still negative at the upper end: no minimiser below e^10.
+    assert slope_reference(logits, labels, 10.0) < 0
+    t, info = fit_jit(logits, labels, return_info=True)
+    np.testing.assert_allclose(t, np.exp(10.0), rtol=1e-12)
+    assert info.at_bound and not info.converged
+    assert info.at_bound.dtype == info.converged.dtype == jnp.bool_
+    np.testing.assert_allclose(sce.fit_temperature(logits, labels), t, rtol=1e-12)
+    # Constant logits: the NLL does not depend on T, and the search ends at either bound.
+    t, info = fit_jit(np.zeros((6, 3), np.float32), np.arange(6) % 3, return_info=True)
+    assert info.at_bound and np.isclose(abs(np.log(t)), 10.0, rtol=1e-6)
+    # A fit inside, under vmap: the info is batched too.
+    good, good_labels = overconfident(n=200, v=5, seed=14)
+    stacked, stacked_labels = np.stack([good, logits]), np.stack([good_labels, labels])
+    ts, infos = jax.vmap(lambda z, y: sce.fit_temperature(z, y, return_info=True))(
+        stacked, stacked_labels
+    )
+    np.testing.assert_allclose(ts[0], temperature_reference(good, good_labels), rtol=1e-6)
+    np.testing.assert_allclose(ts[1], np.exp(10.0), rtol=1e-12)
+    np.testing.assert_array_equal(infos.at_bound, [False, True])
+    np.testing.assert_array_equal(infos.converged, [True, False])
+
+
+def test_fit_temperature_ignore_index_needs_integer_labels():
+    with pytest.raises(ValueError, match="ignore_index applies to integer labels only"):
+        sce.fit_temperature(jnp.zeros((2, 3)), jnp.full((2, 3), 1 / 3), ignore_index=-100)
+    with pytest.raises(TypeError, match="ignore_index must be a Python int"):
+        sce.fit_temperature(jnp.zeros((2, 3)), jnp.array([0, 1]), ignore_index="-100")
