@@ -7,6 +7,7 @@ from jax_softmax_ce._version import __version__ as __version__
 from jax_softmax_ce.binary import sigmoid_binary_cross_entropy as sigmoid_binary_cross_entropy
 from jax_softmax_ce.binary import sigmoid_focal_loss as sigmoid_focal_loss
 from jax_softmax_ce.calibration import ReliabilityDiagram as ReliabilityDiagram
+from jax_softmax_ce.calibration import TemperatureFit as TemperatureFit
 from jax_softmax_ce.calibration import expected_calibration_error as expected_calibration_error
 from jax_softmax_ce.calibration import fit_temperature as fit_temperature
 from jax_softmax_ce.calibration import inverse_frequency_weights as inverse_frequency_weights

@@ -398,7 +398,7 @@ def temperature(options: Options, problem: Problem, dtype=None):
 
 
 def operands(options: Options, problem: Problem, **saved) -> _blocks.Operands:
-    """The kernel operands of ``problem`` (and the backward's ``lse``, ``w_total`` and ``ct``,
+    """The kernel operands of ``problem`` (and the backward's `_tile.Stats` fields and ``ct``,
     each ``[N, 1]``): two-dimensional, the ``where`` mask as int8 (``[N, V]``) or int32, the
     temperature resolved (`_canonical.temperature`); inside ``shard_map`` all varying over the
     same axes, so that the outputs can be typed like any of them."""

@@ -2,9 +2,9 @@
 chosen when lowering, and first derivatives from the kernels.
 
 Forward, a kernel streams the logits once (or forms them tile by tile from ``inputs @ weight``)
-and writes each row's float32 accumulators, from which XLA finishes the loss, the log-sum-exp and
-the total target weight ``W`` (`_tile.finish`, O(N)). Backward, a kernel streams them once more
-and writes the gradient, from the saved ``lse`` and ``W``. Four schedules share the block math
+and writes each row's float32 accumulators, from which XLA finishes the loss and the statistics
+that the backward needs (`_tile.finish`, O(N)). Backward, a kernel streams them once more and
+writes the gradient, from those statistics (`_tile.Stats`). Four schedules share the block math
 of `kernels._blocks`: the logits losses' ``cross_entropy_tpu`` (Mosaic, a reduction grid axis
 over the vocabulary) and ``cross_entropy_gpu`` (Triton, an in-kernel loop), and the fused loss's
 ``linear_tpu`` and ``linear_gpu``.
@@ -82,7 +82,7 @@ def with_kernels(forward, backward, xla):
     ``forward(options, config, problem)`` returns ``(losses, saved)`` and
     ``backward(options, config, problem, saved, ct)`` the problem's cotangent. First derivatives
     come from ``backward``; every higher one is ``xla``'s: each kernel call is a ``custom_vjp``
-    whose rule differentiates ``xla``. The ``saved`` statistics (``lse``, ``W``) get a zero
+    whose rule differentiates ``xla``. The ``saved`` statistics (`_tile.Stats`) get a zero
     cotangent: they feed only ``backward``, whose rule recomputes them from the operands, so
     their whole influence reaches the operands' cotangent.
     """
@@ -267,29 +267,28 @@ def launch(options: Options, config: Pallas, ops: _blocks.Operands, step: str, *
 
 
 def forward(options: Options, config: Pallas, problem: Problem):
-    """``(losses [N], (lse, w_total))``: the forward kernel's per-example losses (0 for examples
-    that do not count), and what the backward kernel needs."""
+    """``(losses [N], stats)``: the forward kernel's per-example losses (0 for examples that do
+    not count), and what the backward kernel needs (`_tile.Stats`)."""
     if _canonical.explicit_mesh(problem) is not None:
         raise NotImplementedError(EXPLICIT_SHARDING)
     rows = problem.rows
     call, leaves = launch(options, config, _canonical.operands(options, problem), "forward")
-    loss, lse, w_total = _tile.finish(
+    loss, _, stats = _tile.finish(
         call(*leaves),
         rows.label_weight,
         rows.n_valid,
         label_smoothing=options.label_smoothing,
         z_loss=options.z_loss,
     )
-    return jnp.where(rows.counted, loss, jnp.zeros((), loss.dtype))[:, 0], (lse, w_total)
+    return jnp.where(rows.counted, loss, jnp.zeros((), loss.dtype))[:, 0], stats
 
 
-def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> Problem:
+def backward(options: Options, config: Pallas, problem: Problem, stats, ct) -> Problem:
     """The cotangent of ``problem`` (None where there is none) from the backward kernels."""
-    lse, w_total = saved
     rows = problem.rows
-    dtype = lse.dtype
+    dtype = stats.m.dtype
     ct = jnp.where(rows.counted, ct.astype(dtype)[:, None], jnp.zeros((), dtype))
-    ops = _canonical.operands(options, problem, lse=lse, w_total=w_total, ct=ct)
+    ops = _canonical.operands(options, problem, **stats._asdict(), ct=ct)
     logits = problem.logits
     fused = isinstance(logits, Linear)
     call, leaves = launch(options, config, ops, "backward", rows_out=not fused)
@@ -308,6 +307,7 @@ def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> P
         d_logits, d_labels, t_terms = call(*leaves)
     d_temperature = None
     if problem.temperature is not None:
+        lse = _tile.lse_of(stats.m, stats.r)
         d_temperature = _canonical.temperature_gradient(t_terms, lse, ct, problem, options)
     return Problem(d_logits, d_labels, None, None, d_temperature, None)
 

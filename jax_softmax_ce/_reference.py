@@ -55,14 +55,21 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     valid = jnp.ones((n, v), jnp.bool_) if where is None else jnp.broadcast_to(where, (n, v))
     z = jnp.where(valid, _transformed(options, problem, logits.astype(dtype)), -np.inf)
 
-    # lse - z_k formed as log(sum exp(z - m)) - (z_k - m), never as a difference of large numbers.
-    m = jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True))
-    m = jnp.where(m == -np.inf, 0, m)
-    s = jnp.sum(jnp.exp(z - m), axis=1, keepdims=True)
-    # s = 0: no finite valid logit. A NaN s (a NaN or +inf logit) stays NaN.
-    has_mass = s != 0
-    log_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)), 0)
-    nll = log_s - (z - m)  # [n, v], +inf on invalid classes and at -inf logits
+    # lse - z_k formed as log(sum exp(z - m)) - (z_k - m), never as a difference of large numbers,
+    # with m the logit of the (first) max class, and sum exp(z - m) as 1 + r, r the mass besides
+    # it: lse - z_k is log1p(r) there, whose derivative in z_k is -r / (1 + r). Autodiff then
+    # forms the gradient at the max class from that and from the other classes' weights, never
+    # as a difference of two numbers near W, which has no relative accuracy as p -> 1.
+    nonempty = jnp.max(z, axis=1, keepdims=True) != -np.inf  # a NaN max counts: NaN follows
+    z_safe = jnp.where(nonempty, z, 0)  # no derivative meets -inf - (-inf) in an empty row
+    first_max = jnp.arange(v) == jnp.argmax(z_safe, axis=1)[:, None]
+    # The max class's logit (a reduction, not a gather, which a vocabulary-sharded type has not).
+    m = jnp.max(jnp.where(first_max, z_safe, -np.inf), axis=1, keepdims=True)
+    r = jnp.sum(jnp.where(first_max, 0, jnp.exp(z - m)), axis=1, keepdims=True)
+    r = jnp.where(m == np.inf, np.nan, r)  # a +inf logit: a non-finite loss
+    has_mass = nonempty | jnp.isnan(r)
+    log_s = jnp.where(has_mass, jnp.log1p(jnp.where(has_mass, r, 0)), 0)
+    nll = log_s + jnp.where(first_max, 0, m - z)  # [n, v], +inf on invalid classes, -inf logits
     lse = jnp.where(has_mass, m + log_s, -np.inf)
 
     if options.integer:

@@ -1,12 +1,13 @@
 """The ``"xla"`` implementation: plain JAX with a ``custom_vjp``.
 
 For ``[N, V]`` logits the forward pass is the tile math of `kernels._tile` applied to one block
-that spans the whole vocabulary; it saves only the per-example log-sum-exp and total target weight
-``W`` (float32, float64 for float64 logits) beside its inputs. The backward pass is the kernels'
-own block step (`_blocks.backward_block`) on that one block: it recomputes ``p = exp(z' - lse)``
-and forms ``(W + 2 z_loss lse) p - w q`` in one fused elementwise pass, then applies the softcap
-and temperature chain rule. No ``[N, V]`` float32 copy of the logits is kept between the two
-passes. A `Linear` problem (the fused loss) runs the blockwise loops of `_xla_linear`.
+that spans the whole vocabulary; it saves only per-example statistics (`_tile.Stats`: the max,
+the mass besides it and the total target weight ``W``, float32, float64 for float64 logits)
+beside its inputs. The backward pass is the kernels' own block step (`_blocks.backward_block`)
+on that one block: it recomputes ``p = exp(z' - m) / s`` and forms ``(W + 2 z_loss lse) p - w q``
+in one fused elementwise pass, then applies the softcap and temperature chain rule. No
+``[N, V]`` float32 copy of the logits is kept between the two passes. A `Linear` problem (the
+fused loss) runs the blockwise loops of `_xla_linear`.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _target_logit(options: Options, problem: Problem, temperature):
 
 
 def _forward(options: Options, problem: Problem):
-    """``(losses [N], lse [N, 1], W [N, 1])``."""
+    """``(losses [N], stats)``: what the backward needs is `_tile.Stats`."""
     # The row max and the target logit are read from the raw logits (the transform is monotone
     # and exact on one value per row), so that no float32 copy of 16-bit logits is shared by
     # several reductions: XLA would materialise it as an [N, V] temporary.
@@ -118,14 +119,14 @@ def _forward(options: Options, problem: Problem):
         weights = _tile.smoothing_weights(valid, _class_row(problem), dtype)
         smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z.shape), z, ref))
     state = _tile.RowState(lse, _tile.Term(*target), smoothing)
-    loss, lse_value, w_total = _tile.finish(
+    loss, _, stats = _tile.finish(
         state,
         rows.label_weight,
         rows.n_valid,
         label_smoothing=options.label_smoothing,
         z_loss=options.z_loss,
     )
-    return jnp.where(rows.counted, loss, 0)[:, 0], lse_value, w_total
+    return jnp.where(rows.counted, loss, 0)[:, 0], stats
 
 
 def _class_row(problem: Problem):
@@ -133,14 +134,14 @@ def _class_row(problem: Problem):
 
 
 def _fwd(options: Options, problem: Problem):
-    loss, lse, w_total = _forward(options, problem)
-    return loss, (problem, lse, w_total)
+    loss, stats = _forward(options, problem)
+    return loss, (problem, stats)
 
 
 def _bwd(options: Options, residuals, cotangent):
-    problem, lse, w_total = residuals
+    problem, stats = residuals
     logits, rows = problem.logits, problem.rows
-    dtype = lse.dtype
+    dtype = stats.m.dtype
     if logits.dtype != dtype:
         # Keeps XLA from merging this upcast with the forward's into one [N, V] float32 buffer.
         logits = jax.lax.optimization_barrier(logits)
@@ -151,11 +152,12 @@ def _bwd(options: Options, residuals, cotangent):
         0,
         jnp.ones((1, logits.shape[1]), jnp.bool_),
         True if problem.where is None else problem.where,
-        _canonical.operands(options, problem, lse=lse, w_total=w_total, ct=ct),
+        _canonical.operands(options, problem, **stats._asdict(), ct=ct),
     )
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     d_temperature = None
     if problem.temperature is not None:
+        lse = _tile.lse_of(stats.m, stats.r)
         d_temperature = _canonical.temperature_gradient(grad.t_part, lse, ct, problem, options)
     d_logits = grad.d_logits.astype(problem.logits.dtype)
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)

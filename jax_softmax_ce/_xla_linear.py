@@ -3,12 +3,12 @@
 The forward pass loops over row blocks and, inside, over vocabulary blocks (``lax.fori_loop``);
 each step forms one ``[block_n, block_v]`` tile with a matmul and merges it into a running
 log-sum-exp and target sum in float32 (the `kernels._linear` tile steps, the same as the Pallas
-kernels'). Only the per-example ``lse`` and ``W`` (float32 ``[N, 1]`` each) are saved beside the
+kernels'). Only per-example statistics (`_tile.Stats`, float32 ``[N, 1]`` each) are saved beside the
 inputs. The backward pass makes two passes, as flash attention's does: over row blocks, each
 accumulating its ``d_inputs`` block (float32 ``[block_n, D]``) over the vocabulary before writing
 it in the inputs' dtype, then over vocabulary blocks, each accumulating its ``d_weight`` block
 (float32 ``[D, block_v]``) and ``d_bias`` over the rows. Each recomputes its tiles from the saved
-``lse``. Temporary memory is therefore O(block_n·block_v + block_n·D + D·block_v) besides the
+statistics. Temporary memory is therefore O(block_n·block_v + block_n·D + D·block_v) besides the
 gradients themselves, in their own dtypes, and never O(N·V): no float32 accumulator spans the
 inputs or the projection. A ragged last block is moved back to end at the array's edge and
 ignores the rows or columns an earlier block covered, so nothing is padded or copied.
@@ -154,16 +154,16 @@ def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _t
 
 
 def _forward(options: Options, blocks: BlockSizes, problem: Problem):
-    """``(losses [N], lse [N, 1], W [N, 1])``."""
+    """``(losses [N], stats)`` (`_tile.Stats`)."""
     rows = problem.rows
-    loss, lse, w_total = _tile.finish(
+    loss, _, stats = _tile.finish(
         _forward_state(options, blocks, problem),
         rows.label_weight,
         rows.n_valid,
         label_smoothing=options.label_smoothing,
         z_loss=options.z_loss,
     )
-    return jnp.where(rows.counted, loss, 0)[:, 0], lse, w_total
+    return jnp.where(rows.counted, loss, 0)[:, 0], stats
 
 
 def _write(full, new, start, size: int, axis: int, fresh):
@@ -174,15 +174,15 @@ def _write(full, new, start, size: int, axis: int, fresh):
     return jax.lax.dynamic_update_slice_in_dim(full, new, start, axis)
 
 
-def _backward(options: Options, blocks: BlockSizes, problem: Problem, lse, w_total, ct):
+def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct):
     """``_linear.Grads``, in two passes, as in flash attention's backward: ``d_inputs`` over row
     blocks (each accumulated over the vocabulary in a float32 ``[block_n, D]`` block, then
     written in the inputs' dtype), then ``d_weight`` and ``d_bias`` over vocabulary blocks (each
     accumulated over the rows in a float32 ``[D, block_v]`` block). Every tile's gradient is
     formed twice, one matmul more than a single pass, so that no float32 accumulator spans the
-    inputs or the projection. ``lse``, ``w_total`` and ``ct`` (the cotangent, 0 for rows that do
-    not count) are ``[N, 1]``."""
-    loops = _Loops(options, blocks, problem, lse=lse, w_total=w_total, ct=ct)
+    inputs or the projection. ``stats`` (`_tile.Stats`) and ``ct`` (the cotangent, 0 for rows
+    that do not count) are ``[N, 1]``."""
+    loops = _Loops(options, blocks, problem, **stats._asdict(), ct=ct)
     n, d, v, bn, bv = loops.n, loops.d, loops.v, loops.bn, loops.bv
     dtype, vd = loops.dtype, loops.vd
     has_bias = problem.logits.bias is not None
@@ -252,17 +252,18 @@ def _fused(options: Options, blocks: BlockSizes, problem: Problem):
 
 
 def _fused_fwd(options, blocks, problem):
-    loss, lse, w_total = _forward(options, blocks, problem)
-    return loss, (problem, lse, w_total)
+    loss, stats = _forward(options, blocks, problem)
+    return loss, (problem, stats)
 
 
 def _fused_bwd(options, blocks, residuals, cotangent):
-    problem, lse, w_total = residuals
+    problem, stats = residuals
     rows, linear = problem.rows, problem.logits
-    ct = jnp.where(rows.counted, cotangent.astype(lse.dtype)[:, None], 0)
-    grads = _backward(options, blocks, problem, lse, w_total, ct)
+    ct = jnp.where(rows.counted, cotangent.astype(stats.m.dtype)[:, None], 0)
+    grads = _backward(options, blocks, problem, stats, ct)
     d_temperature = None
     if problem.temperature is not None:
+        lse = _tile.lse_of(stats.m, stats.r)
         d_temperature = _canonical.temperature_gradient(grads.t_sum, lse, ct, problem, options)
 
     def like(grad, primal):

@@ -25,7 +25,7 @@ from jax_softmax_ce._util import varying_axes
 
 FIELDS = (
     "logits", "x", "w", "bias", "labels", "label_weight", "where", "class_weights", "n_valid",
-    "temperature", "lse", "w_total", "ct",
+    "temperature", "m", "r", "w_total", "w_rest", "ct",
 )  # fmt: skip
 Operands = collections.namedtuple("Operands", FIELDS, defaults=(None,) * len(FIELDS))
 Operands.__doc__ = """The operands of a kernel call (arrays, or refs inside a kernel); absent
@@ -43,8 +43,9 @@ Operands.__doc__ = """The operands of a kernel call (arrays, or refs inside a ke
       class_weights: ``[1, V]``.
       n_valid: ``[N, 1]`` or ``[1, 1]`` valid classes per row (backward, label smoothing).
       temperature: ``[1, 1]`` (an array temperature).
-      lse, w_total, ct: ``[N, 1]`` each (backward): the saved log-sum-exp and total target
-        weight ``W``, and the loss cotangent (0 for examples that do not count).
+      m, r, w_total, w_rest: ``[N, 1]`` each (backward): the saved `_tile.Stats` (``w_rest``
+        for integer labels only).
+      ct: ``[N, 1]`` (backward): the loss cotangent, 0 for examples that do not count.
     """
 
 
@@ -67,7 +68,7 @@ def axes(name: str, options) -> tuple[int | None, int | None]:
         return (0, None) if options.mask in ("row", "full") else (None, None)
     if name == "temperature":
         return None, None
-    return 0, None  # label_weight, lse, w_total, ct
+    return 0, None  # label_weight and the backward's per-row operands
 
 
 def per_row(ops: Operands, options) -> Operands:
@@ -233,8 +234,8 @@ def keep_block(g: jax.Array, filter_eps: float) -> jax.Array:
 def backward_block(
     options, z_raw, col0, ok, valid, blocks: Operands, *, filter_eps: float = 0.0
 ) -> BlockGrad:
-    """The gradient of one block of raw logits ``z_raw``, recomputed from the saved ``lse`` and
-    ``w_total`` (``blocks`` holds this block's part of them and of the other operands besides
+    """The gradient of one block of raw logits ``z_raw``, recomputed from the saved
+    `_tile.Stats` (``blocks`` holds this block's part of them and of the other operands besides
     the logits). Rows with a zero cotangent ``ct`` (those that do not count, or padding) get a
     zero gradient. With ``filter_eps``, ``keep`` says whether any ``|dl/dz'|`` (before the
     cotangent) reaches it."""
@@ -245,21 +246,29 @@ def backward_block(
     if options.label_smoothing:
         smoothing = _tile.smoothing_weights(valid, b.class_weights, dtype)
         a = _tile.mix(options.label_smoothing, b.n_valid, a, smoothing)
-    g = _tile.grad_block(z, b.lse, b.w_total, a, z_loss=options.z_loss)
+    target = None
+    if options.integer:
+        target = (_tile.onehot_block(b.labels, col0, z.shape[1]) & ok, b.w_rest)
+    g = _tile.grad_block(z, b.m, b.r, b.w_total, a, z_loss=options.z_loss, target=target)
     counted = b.ct != 0
     zero = jnp.zeros((), dtype)
-    g = jnp.where(counted, g, zero)
-    keep = keep_block(g, filter_eps) if filter_eps else None
+    keep = None
+    if filter_eps:
+        keep = keep_block(jnp.where(counted, g, zero), filter_eps)
     g = jnp.where(counted, g * b.ct, zero)
     t = temperature_value(options, b.temperature)
     d_logits = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=t)
+    _, _, log_s = _tile.mass(b.m, b.r)
     d_labels = None
     if not options.integer:
         scale = (1.0 - options.label_smoothing) * b.ct
         if b.class_weights is not None:
             scale = scale * b.class_weights
-        d_labels = jnp.where(counted, _tile.label_grad_block(z, b.lse, valid, scale), zero)
-    t_part = None if options.temperature is not None else _tile.temperature_term(z, g, b.lse)
+        d_labels = _tile.label_grad_block(z, b.m, log_s, valid, scale)
+        d_labels = jnp.where(counted, d_labels, zero)
+    t_part = None
+    if options.temperature is None:
+        t_part = _tile.temperature_term(z, g, b.m, log_s)
     return BlockGrad(d_logits, d_labels, t_part, keep)
 
 

@@ -130,8 +130,9 @@ class Tile:
 
     Rows and columns below ``lo`` (covered by an earlier block that was moved back to end at
     the array's edge) or past the extents (the padding of a ragged block) are not part of the
-    tile: the columns are masked, and the rows get a zero cotangent (their lse is zeroed too,
-    since padding may hold garbage, NaN in interpret mode), so they add no gradient."""
+    tile: the columns are masked, and the rows get a zero cotangent (their saved statistics are
+    zeroed too, since padding may hold garbage, NaN in interpret mode), so they add no
+    gradient."""
 
     def __init__(self, blocks: _blocks.Operands, options, *, start, lo, shape, extents):
         self.options = options
@@ -143,7 +144,9 @@ class Tile:
         def rows_only(x):
             return None if x is None else jnp.where(row_ok, x, jnp.zeros((), x.dtype))
 
-        self.blocks = blocks._replace(lse=rows_only(blocks.lse), ct=rows_only(blocks.ct))
+        self.blocks = blocks._replace(
+            m=rows_only(blocks.m), r=rows_only(blocks.r), ct=rows_only(blocks.ct)
+        )
         bias = blocks.bias
         self.bias = None if bias is None else jnp.where(self.ok, bias, jnp.zeros((), bias.dtype))
 
@@ -155,7 +158,7 @@ class Tile:
         return _blocks.forward_step(self.options, state, z, self.col0, self.ok, self.valid, b)
 
     def backward(self, z_raw, *, filter_eps: float) -> _blocks.BlockGrad:
-        """The gradient of this tile of raw logits, recomputed from the saved lse."""
+        """The gradient of this tile of raw logits, recomputed from the saved statistics."""
         return _blocks.backward_block(
             self.options, z_raw, self.col0, self.ok, self.valid, self.blocks, filter_eps=filter_eps
         )

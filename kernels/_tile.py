@@ -93,10 +93,17 @@ def smoothing_weights(valid, class_weights, dtype) -> jax.Array:
 
 
 class Lse(NamedTuple):
-    """Running log-sum-exp of one row block: ``lse = m + log(s)``."""
+    """Running log-sum-exp of one row block: ``lse = m + log1p(r)``.
+
+    ``r`` is the mass besides the max: the sum of ``exp(z' - m)`` over every class seen but one
+    instance of the max (whose term is exactly 1), so that ``s = 1 + r`` and, where a confident
+    prediction has ``p_max -> 1``, ``1 - p_max = r / s`` keep float32 relative accuracy: formed
+    as ``1 - exp(z' - lse)`` instead, the rounding of a float32 ``lse`` of magnitude 30 (an ulp
+    is 2e-6) would be the whole error of a gradient entry of 1e-4.
+    """
 
     m: jax.Array  # [rows, 1] max of z' seen so far; -inf when no finite valid class yet
-    s: jax.Array  # [rows, 1] sum of exp(z' - ref(m))
+    r: jax.Array  # [rows, 1] sum of exp(z' - m) besides one instance of the max
 
 
 class Term(NamedTuple):
@@ -144,14 +151,51 @@ def lse_merge(
     so it may come from the raw logits). Returns the new state, the new reference point ``ref``
     (``[rows, 1]``) against which this block's terms are formed, and ``shift``, how far the
     reference moved since the last block.
+
+    The mass besides the max never subtracts 1 from a sum near 1: this block's classes at the
+    new max have ``exp(z' - ref) = 1`` exactly, so its mass besides them is summed directly
+    (``e - at_max``), and one of them (or the old max) is the instance left out. A NaN logit
+    makes ``r`` NaN, whether or not the max saw it.
     """
     if z_max is None:
         z_max = jnp.max(z, axis=-1, keepdims=True)
     m_new = jnp.maximum(state.m, z_max)
     ref = reference_point(m_new)
-    s = state.s * jnp.exp(state.m - ref) + jnp.sum(jnp.exp(z - ref), axis=-1, keepdims=True)
+    e = jnp.exp(z - ref)
+    at_max = (z == ref).astype(z.dtype)  # never true without a finite max: z' is -inf then
+    besides = jnp.sum(e - at_max, axis=-1, keepdims=True)
+    count = jnp.sum(at_max, axis=-1, keepdims=True)
+    r = jnp.where(
+        m_new > state.m,  # this block holds the max: the old mass joins the rest
+        (1.0 + state.r) * jnp.exp(state.m - ref) + besides + (count - 1.0),
+        state.r + besides + count,
+    )
+    r = jnp.where(m_new == NEG_INF, jnp.zeros_like(r), r)
     shift = jnp.where(state.m == NEG_INF, jnp.zeros_like(m_new), m_new - state.m)
-    return Lse(m_new, s), ref, shift
+    return Lse(m_new, r), ref, shift
+
+
+class Stats(NamedTuple):
+    """What the backward pass needs of a row, each ``[rows, 1]``: its ``m`` and ``r``
+    (`Lse`), the total target weight ``W = sum_k a_k`` and, for integer labels, ``W - a_t``,
+    the weight of every target class but the label's (0 without smoothing), formed without
+    subtracting the two."""
+
+    m: jax.Array
+    r: jax.Array
+    w_total: jax.Array
+    w_rest: jax.Array | None
+
+
+def mass(m: jax.Array, r: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(has_mass, s, log s)`` of a row with ``s = 1 + r``: no mass where no valid logit is
+    finite (``m = -inf``), and then ``s = 1``, ``log s = 0`` so that nothing downstream turns
+    NaN. A NaN ``r`` (from a NaN or +inf logit, which the row max need not see: XLA's
+    vectorised max on CPU can skip a NaN) counts as mass, so the NaN reaches the loss instead of
+    passing for an empty row."""
+    has_mass = (m != NEG_INF) | jnp.isnan(r)
+    log_s = jnp.where(has_mass, jnp.log1p(jnp.where(has_mass, r, 0)), 0)
+    return has_mass, 1.0 + r, log_s
 
 
 def weighted(weight: jax.Array, value: jax.Array) -> jax.Array:
@@ -208,6 +252,12 @@ def log_mass(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     return has_mass, jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)), 0)
 
 
+def lse_of(m: jax.Array, r: jax.Array) -> jax.Array:
+    """``lse = m + log1p(r)`` per row; -inf for a row without mass."""
+    has_mass, _, log_s = mass(m, r)
+    return jnp.where(has_mass, reference_point(m) + log_s, NEG_INF)
+
+
 def row_loss(
     lse: Lse,
     target: Term,
@@ -221,9 +271,9 @@ def row_loss(
 
     ``loss = W log(s) - A + z_loss lse**2``; a row with no finite valid logit has ``lse = -inf``,
     and its loss is +inf when it puts weight on one of those classes, 0 otherwise. A NaN or +inf
-    valid logit makes ``s``, and so the loss and lse, NaN, whatever the weights (`log_mass`).
+    valid logit makes ``r``, and so the loss and lse, NaN, whatever the weights (`mass`).
     """
-    has_mass, log_s = log_mass(lse.s)
+    has_mass, _, log_s = mass(lse.m, lse.r)
     lse_value = jnp.where(has_mass, reference_point(lse.m) + log_s, NEG_INF)
     w, a = target
     if smoothing is not None:
@@ -242,13 +292,14 @@ def finish(
     *,
     label_smoothing: float,
     z_loss: float,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(loss, lse, W)`` per row, each ``[rows, 1]``, from the forward accumulators.
+) -> tuple[jax.Array, jax.Array, Stats]:
+    """``(loss, lse, stats)`` per row, each ``[rows, 1]``, from the forward accumulators.
 
     ``W = sum_k w_k q_k`` after smoothing is the total target weight that the backward pass
-    needs; it is produced here, once, and saved. With integer labels (``label_weight`` given)
-    the target's total weight is the label's class weight itself, so that a label outside
-    ``[0, V)`` (weight NaN, found in no block) gives a NaN loss.
+    needs; it is produced here, once, and saved (`Stats`). With integer labels (``label_weight``
+    given) the target's total weight is the label's class weight itself, so that a label
+    outside ``[0, V)`` (weight NaN, found in no block) gives a NaN loss, and ``W - a_t`` is the
+    smoothing mass of the other valid classes, ``e / V_valid`` times their summed weights.
     """
     target = state.target if label_weight is None else Term(label_weight, state.target.a)
     loss, lse = row_loss(
@@ -260,34 +311,69 @@ def finish(
         z_loss=z_loss,
     )
     w_total = target.w
+    w_rest = None if label_weight is None else jnp.zeros_like(label_weight)
     if state.smoothing is not None:
         w_total = mix(label_smoothing, n_valid, w_total, state.smoothing.w)
-    return loss, lse, jnp.broadcast_to(w_total, loss.shape)
+        if w_rest is not None:
+            w_rest = mix(label_smoothing, n_valid, w_rest, state.smoothing.w - label_weight)
+    rows = loss.shape
+    stats = Stats(
+        state.lse.m,
+        state.lse.r,
+        jnp.broadcast_to(w_total, rows),
+        None if w_rest is None else jnp.broadcast_to(w_rest, rows),
+    )
+    return loss, lse, stats
 
 
 def grad_block(
-    z: jax.Array, lse: jax.Array, total_weight: jax.Array, weights: jax.Array, *, z_loss: float
+    z: jax.Array,
+    m: jax.Array,
+    r: jax.Array,
+    total_weight: jax.Array,
+    weights: jax.Array,
+    *,
+    z_loss: float,
+    target=None,
 ) -> jax.Array:
-    """``dl/dz' = (W + 2 z_loss lse) p - a`` for one block, with ``p = exp(z' - lse)``.
+    """``dl/dz' = c p - a`` for one block, with ``c = W + 2 z_loss lse`` and
+    ``p = exp(z' - m) / s``, ``s = 1 + r`` (`Lse`).
 
-    ``z`` are masked, transformed logits, ``lse`` and ``total_weight`` (``W``) are ``[rows, 1]``,
-    ``weights`` (``a``) broadcast to ``z``. A row with ``lse = -inf`` has ``p = 0``.
+    At a class at the max, where a confident prediction has ``p -> 1``, it is formed as
+    ``(c - a) - c r / s``: ``1 - p = r / s`` keeps relative accuracy, and so does ``c - a``
+    wherever ``target = (hit, w_rest)`` gives it: at the label's column ``hit`` (``[rows,
+    cols]``), ``c - a_t = w_rest + 2 z_loss lse`` with ``w_rest = W - a_t`` (`Stats`), which is
+    exactly 0 without smoothing. ``z`` are masked, transformed logits, ``m``, ``r`` and
+    ``total_weight`` (``W``) are ``[rows, 1]``, ``weights`` (``a``) broadcast to ``z``. A row
+    without mass has ``p = 0``.
     """
-    finite_lse = jnp.where(lse == NEG_INF, jnp.zeros_like(lse), lse)
-    p = jnp.exp(z - jnp.where(lse == NEG_INF, np.inf, lse))
-    coef = total_weight + 2.0 * z_loss * finite_lse if z_loss else total_weight
-    return p * coef - weights
+    has_mass, s, log_s = mass(m, r)
+    ref = reference_point(m)
+    p = jnp.exp(z - ref) / s
+    coef = total_weight
+    if z_loss:
+        coef = coef + 2.0 * z_loss * (ref + log_s)
+    c_minus_a = coef - weights
+    if target is not None:
+        hit, w_rest = target
+        c_minus_a = jnp.where(hit, w_rest + (coef - total_weight), c_minus_a)
+    at_max = (z == ref) & has_mass
+    # At the max p = 1 / s exactly, so r p is r / s (formed from p, which keeps both cases of
+    # the select typed like z under an explicit sharding).
+    return jnp.where(at_max, c_minus_a - coef * (r * p), coef * p - weights)
 
 
-def temperature_term(z: jax.Array, g: jax.Array, lse: jax.Array) -> jax.Array:
+def temperature_term(z: jax.Array, g: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
     """``sum_k g_k (z'_k - lse)`` per row (``[rows, 1]``), the part of ``sum_k g_k z'_k`` that
-    needs the logits; `grad_block` makes ``sum_k g_k = 2 z_loss lse``, which gives the rest."""
-    return jnp.sum(weighted(g, z - lse), axis=-1, keepdims=True)
+    needs the logits, with ``z'_k - lse`` formed as ``(z'_k - m) - log s``; `grad_block` makes
+    ``sum_k g_k = 2 z_loss lse``, which gives the rest."""
+    return jnp.sum(weighted(g, (z - reference_point(m)) - log_s), axis=-1, keepdims=True)
 
 
-def label_grad_block(z: jax.Array, lse: jax.Array, valid, scale: jax.Array) -> jax.Array:
-    """``dl/dy_k = scale_k (lse - z'_k)`` on valid classes, with ``scale = (1 - e) w_k`` times
-    the cotangent (broadcast to ``z``); 0 on invalid classes and wherever ``scale_k = 0``, also
-    at a ``-inf`` logit, where ``lse - z'_k`` is +inf (0 times inf would be NaN)."""
-    g = weighted(scale, lse - z)
+def label_grad_block(z: jax.Array, m: jax.Array, log_s: jax.Array, valid, scale) -> jax.Array:
+    """``dl/dy_k = scale_k (lse - z'_k)`` on valid classes, formed as ``log s - (z'_k - m)``,
+    with ``scale = (1 - e) w_k`` times the cotangent (broadcast to ``z``); 0 on invalid classes
+    and wherever ``scale_k = 0``, also at a ``-inf`` logit, where ``lse - z'_k`` is +inf (0 times
+    inf would be NaN)."""
+    g = weighted(scale, log_s - (z - reference_point(m)))
     return g if valid is None else jnp.where(valid, g, 0)
