@@ -56,10 +56,14 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     z = jnp.where(valid, _transformed(options, problem, logits.astype(dtype)), -np.inf)
 
     # lse - z_k formed as log(sum exp(z - m)) - (z_k - m), never as a difference of large numbers,
-    # with m the logit of the (first) max class, and sum exp(z - m) as 1 + r, r the mass besides
-    # it: lse - z_k is log1p(r) there, whose derivative in z_k is -r / (1 + r). Autodiff then
-    # forms the gradient at the max class from that and from the other classes' weights, never
-    # as a difference of two numbers near W, which has no relative accuracy as p -> 1.
+    # m the logit of the (first) max class. Two ways, chosen per row, so that autodiff forms
+    # every gradient entry without cancellation:
+    # - a confident row (p_max > 1/2): sum exp(z - m) as 1 + r, r the mass besides the max, and
+    #   lse - z_k is log1p(r) at the max, whose derivative in z_k is -r / (1 + r): the max
+    #   class's entry comes from that and the other classes' weights, never as a difference of
+    #   two numbers near W, which has no relative accuracy as p -> 1;
+    # - any other row: m held constant (lse does not depend on it), so that the max class's
+    #   entry is W p - a, not p - 1 plus 1, which has none for a small p_max.
     nonempty = jnp.max(z, axis=1, keepdims=True) != -np.inf  # a NaN max counts: NaN follows
     z_safe = jnp.where(nonempty, z, 0)  # no derivative meets -inf - (-inf) in an empty row
     first_max = jnp.arange(v) == jnp.argmax(z_safe, axis=1)[:, None]
@@ -68,8 +72,16 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     r = jnp.sum(jnp.where(first_max, 0, jnp.exp(z - m)), axis=1, keepdims=True)
     r = jnp.where(m == np.inf, np.nan, r)  # a +inf logit: a non-finite loss
     has_mass = nonempty | jnp.isnan(r)
-    log_s = jnp.where(has_mass, jnp.log1p(jnp.where(has_mass, r, 0)), 0)
-    nll = log_s + jnp.where(first_max, 0, m - z)  # [n, v], +inf on invalid classes, -inf logits
+    confident = r < 1
+    m_held = jax.lax.stop_gradient(m)
+    log_s = jnp.where(
+        confident,
+        jnp.log1p(jnp.where(confident, r, 0)),
+        jnp.log(jnp.where(has_mass, jnp.sum(jnp.exp(z - m_held), axis=1, keepdims=True), 1)),
+    )
+    log_s = jnp.where(has_mass, log_s, 0)
+    m = jnp.where(confident, m, m_held)
+    nll = log_s + jnp.where(first_max & confident, 0, m - z)  # +inf at invalid classes
     lse = jnp.where(has_mass, m + log_s, -np.inf)
 
     if options.integer:

@@ -26,6 +26,11 @@ NEG_INF = -np.inf
 def transform(z: jax.Array, *, softcap: float | None, temperature) -> jax.Array:
     """``z' = softcap(z) / T``; ``temperature`` is a Python float or a scalar array.
 
+    Both divisions are multiplications by the reciprocal, written out: XLA turns ``x / t`` for a
+    broadcast ``t`` into ``x * (1 / t)`` in some fusions and not in others, and the backward pass
+    needs ``z'`` rounded exactly as the forward's row max was (``z' - m`` is exactly 0 at the
+    max, where ``lse - z' = log1p(r)`` is tiny).
+
     Infinite logits stay as they are: a -inf logit is a class of probability 0 and a +inf logit
     makes the loss non-finite, with or without a softcap (``c tanh(z / c)`` alone would turn
     them into ``-c`` and ``c``). Only finite values enter the formula, so that none of its
@@ -37,9 +42,9 @@ def transform(z: jax.Array, *, softcap: float | None, temperature) -> jax.Array:
     infinite = jnp.abs(z) == np.inf
     finite = jnp.where(infinite, jnp.zeros((), z.dtype), z)
     if softcap is not None:
-        finite = softcap * jnp.tanh(finite / softcap)
+        finite = softcap * jnp.tanh(finite * (1.0 / softcap))
     if not unit_temperature:
-        finite = finite / temperature
+        finite = finite * (1.0 / temperature)
     return jnp.where(infinite, z, finite)
 
 
@@ -339,11 +344,12 @@ def grad_block(
     """``dl/dz' = c p - a`` for one block, with ``c = W + 2 z_loss lse`` and
     ``p = exp(z' - m) / s``, ``s = 1 + r`` (`Lse`).
 
-    At a class at the max, where a confident prediction has ``p -> 1``, it is formed as
-    ``(c - a) - c r / s``: ``1 - p = r / s`` keeps relative accuracy, and so does ``c - a``
-    wherever ``target = (hit, w_rest)`` gives it: at the label's column ``hit`` (``[rows,
-    cols]``), ``c - a_t = w_rest + 2 z_loss lse`` with ``w_rest = W - a_t`` (`Stats`), which is
-    exactly 0 without smoothing. ``z`` are masked, transformed logits, ``m``, ``r`` and
+    At a class at the max of a confident row (``p_max > 1/2``, where ``p -> 1`` is possible), it
+    is formed as ``(c - a) - c r / s``: ``1 - p = r / s`` keeps relative accuracy, and so does
+    ``c - a`` wherever ``target = (hit, w_rest)`` gives it: at the label's column ``hit``
+    (``[rows, cols]``), ``c - a_t = w_rest + 2 z_loss lse`` with ``w_rest = W - a_t``
+    (`Stats`), which is exactly 0 without smoothing, and the z-loss term added, not recovered
+    as ``c - W``. ``z`` are masked, transformed logits, ``m``, ``r`` and
     ``total_weight`` (``W``) are ``[rows, 1]``, ``weights`` (``a``) broadcast to ``z``. A row
     without mass has ``p = 0``.
     """
@@ -351,16 +357,20 @@ def grad_block(
     ref = reference_point(m)
     p = jnp.exp(z - ref) / s
     coef = total_weight
+    z_term = None
     if z_loss:
-        coef = coef + 2.0 * z_loss * (ref + log_s)
+        z_term = 2.0 * z_loss * (ref + log_s)
+        coef = coef + z_term
     c_minus_a = coef - weights
     if target is not None:
         hit, w_rest = target
-        c_minus_a = jnp.where(hit, w_rest + (coef - total_weight), c_minus_a)
-    at_max = (z == ref) & has_mass
+        c_minus_a = jnp.where(hit, w_rest if z_term is None else w_rest + z_term, c_minus_a)
+    # Only where p_max > 1/2 (r < 1): below, 1 - r / s would cancel instead (a flat softmax over
+    # 32k classes has r / s = 1 - 3e-5), and c p - a has nothing to cancel there.
+    confident = (z == ref) & has_mass & (r < 1.0)
     # At the max p = 1 / s exactly, so r p is r / s (formed from p, which keeps both cases of
     # the select typed like z under an explicit sharding).
-    return jnp.where(at_max, c_minus_a - coef * (r * p), coef * p - weights)
+    return jnp.where(confident, c_minus_a - coef * (r * p), coef * p - weights)
 
 
 def temperature_term(z: jax.Array, g: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:

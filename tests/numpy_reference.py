@@ -86,12 +86,25 @@ def cross_entropy(
         a = weights * q
         z = np.where(ok, z_all[i], -np.inf)
         with np.errstate(all="ignore"):
-            m = z.max()
-            lse = m + np.log(np.sum(np.exp(z - m)))
-            nll = lse - z
+            # Every quantity formed without cancellation, so that float64 keeps relative
+            # accuracy where float32 is judged by it: 1 - p_k and sum_{j != k} a_j for the one
+            # class where they would cancel (the max, the largest weight) are sums of the rest.
+            top = int(np.argmax(z))
+            m = z[top]
+            exps = np.where(ok, np.exp(z - m), 0.0)
+            rest = np.sum(np.delete(exps, top))
+            log_s = np.log1p(rest)
+            lse = m + log_s
+            nll = log_s - (z - m)
             loss[i] = np.sum(np.where(a != 0, a * nll, 0.0)) + z_loss * lse**2
-            p = np.where(ok, np.exp(z - lse), 0.0)
-            g = a.sum() * p - a + 2 * z_loss * lse * p
+            p = exps / (1.0 + rest)
+            one_minus_p = 1.0 - p
+            one_minus_p[top] = rest / (1.0 + rest)
+            heavy = int(np.argmax(a))
+            a_others = a.sum() - a
+            a_others[heavy] = np.sum(np.delete(a, heavy))
+            # W p_k - a_k = (sum_{j != k} a_j) p_k - a_k (1 - p_k)
+            g = a_others * p - a * one_minus_p + 2 * z_loss * lse * p
             dlogits[i] = ct[i] * g * dcap[i] / temperature
             size = np.abs(a.sum() * p) + np.abs(a) + np.abs(2 * z_loss * lse * p)
             terms[i] = np.abs(ct[i] * dcap[i] / temperature) * size
