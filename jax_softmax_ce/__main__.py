@@ -25,6 +25,9 @@ DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 # Self-check tolerances by logits dtype: the loss is accumulated in float32 (float64), so it is
 # accurate to float32 precision whatever the input; the gradient comes back in the logits' dtype.
+# The gradient's max per-entry relative error is reported beside them but not judged: with label
+# smoothing or a z-loss an entry is a difference that may cancel to any size (issue 15's goals are
+# asserted by tests/test_numerics.py and measured by benchmarks/numerics.py).
 LOSS_RTOL = {"bfloat16": 1e-5, "float16": 1e-5, "float32": 1e-5, "float64": 1e-12}
 GRAD_ATOL = {"bfloat16": 1e-2, "float16": 2e-3, "float32": 1e-5, "float64": 1e-12}
 OPTIONS = (
@@ -76,7 +79,8 @@ def _self_check(dtype: str) -> list[str]:
             print(
                 f"  {'ok' if ok else 'FAILED':7}  {name:26} {_describe(options):22} "
                 f"loss rel err {errors['loss_max_rel_error']:.1e}  "
-                f"grad abs err {errors['grad_max_abs_error']:.1e}"
+                f"grad abs err {errors['grad_max_abs_error']:.1e}  "
+                f"grad rel err {errors['grad_max_rel_error']:.1e}"
             )
             if not ok:
                 failures.append(f"{name} {options} against float64: {errors}")
@@ -157,13 +161,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
     repeat (the spread a busy machine shows), and each against optax's."""
     optax_row = next((r for r in rows if r["name"] == "optax" and r["status"] == "ok"), None)
     lines = [
-        "| implementation | loss max rel err | grad max abs err | fwd+bwd ms: median [min, max] "
-        "| time vs optax | temp MiB | temp vs optax |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| implementation | loss max rel err | grad max abs err | grad max rel err "
+        "| fwd+bwd ms: median [min, max] | time vs optax | temp MiB | temp vs optax |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"| {row['name']} | {row['status']}: {row['reason']} ||||||")
+            lines.append(f"| {row['name']} | {row['status']}: {row['reason']} |||||||")
             continue
         time_s = row["time"]["median_s"]
         repeats = row["time"]["repeats_s"]
@@ -176,7 +180,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
         errors = row["errors"]
         lines.append(
             f"| {row['name']} | {errors['loss_max_rel_error']:.1e} "
-            f"| {errors['grad_max_abs_error']:.1e} "
+            f"| {errors['grad_max_abs_error']:.1e} | {errors['grad_max_rel_error']:.1e} "
             f"| {1e3 * time_s:.1f} [{1e3 * min(repeats):.1f}, {1e3 * max(repeats):.1f}] "
             f"| {time_ratio} | {temp / 2**20:.1f} | {temp_ratio} |"
         )

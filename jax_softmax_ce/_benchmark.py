@@ -26,6 +26,9 @@ import numpy as np
 # Inputs rotate among copies whose total size is at least this, so that no call finds its
 # operands in a cache that the previous call warmed (the largest last-level caches are ~256 MiB).
 CACHE_FLUSH_BYTES = 256 * 2**20
+# Gradient entries smaller than this are not judged by relative error: XLA on the CPU flushes
+# float32 subnormals to 0.
+GRAD_SMALLEST = 1e-30
 
 
 class Stopwatch(Protocol):
@@ -195,20 +198,38 @@ def reference_cross_entropy(
 
     The loss is ``(1 - e)(lse - z_t) + e/V sum_k (lse - z_k) + z_loss lse**2``; its gradient is
     ``(1 + 2 z_loss lse) softmax(z) - q``. Rows labelled ``ignore_index`` have loss and gradient 0.
+
+    With ``m`` the max logit and ``r = sum_{k != argmax} exp(z_k - m)`` the mass besides it, the
+    loss's terms are ``log1p(r) - (z_k - m)`` and ``1 - p`` at the max is ``r / (1 + r)``: at a
+    confident row (``r`` below float64's epsilon) neither cancels, so the gradient's entries keep
+    relative accuracy, the target's included.
     """
     z = np.asarray(logits, np.float64)
     t = np.asarray(labels)
     n, v = z.shape
-    m = z.max(axis=1, keepdims=True)
-    s = np.exp(z - m).sum(axis=1, keepdims=True)
-    lse = m + np.log(s)
+    rows = np.arange(n)
+    top = z.argmax(axis=1)
+    m = z[rows, top][:, None]
+    exps = np.exp(z - m)
+    exps_besides_top = exps.copy()
+    exps_besides_top[rows, top] = 0.0
+    r = exps_besides_top.sum(axis=1, keepdims=True)
+    log_s = np.log1p(r)
+    lse = m + log_s
     counted = np.ones(n, bool) if ignore_index is None else t != ignore_index
     t_safe = np.where(counted, t, 0)
     q = np.zeros((n, v))
-    q[np.arange(n), t_safe] = 1.0 - label_smoothing
+    q[rows, t_safe] = 1.0 - label_smoothing
     q += label_smoothing / v
-    loss = np.sum(q * (lse - z), axis=1) + z_loss * lse[:, 0] ** 2
-    grad = np.exp(z - lse) * (1.0 + 2.0 * z_loss * lse) - q
+    loss = np.sum(q * (log_s - (z - m)), axis=1) + z_loss * lse[:, 0] ** 2
+    p = exps / (1.0 + r)
+    c = 1.0 + 2.0 * z_loss * lse
+    grad = c * p - q
+    # At the max, c p - q = (c - 1) p - q (1 - p) + (1 - q) p, with 1 - p = r / (1 + r).
+    p_top, q_top = p[rows, top], q[rows, top]
+    q_besides_top = np.where(np.arange(v) == top[:, None], 0.0, q).sum(axis=1)
+    grad[rows, top] = (c[:, 0] - 1.0) * p_top - q_top * (r[:, 0] / (1.0 + r[:, 0]))
+    grad[rows, top] += q_besides_top * p_top
     return np.where(counted, loss, 0.0), np.where(counted[:, None], grad, 0.0)
 
 
@@ -218,12 +239,13 @@ def max_abs_error(values, reference) -> float:
     return float(diff.max(initial=0.0))
 
 
-def max_relative_error(values, reference) -> float:
-    """``max |values - reference| / |reference|`` over entries where the reference is nonzero."""
+def max_relative_error(values, reference, *, smallest: float = 0.0) -> float:
+    """``max |values - reference| / |reference|`` over entries where the reference is nonzero
+    and at least ``smallest`` in magnitude."""
     values = np.asarray(values, np.float64)
     reference = np.asarray(reference, np.float64)
-    nonzero = reference != 0
-    diff = np.abs(values - reference)[nonzero] / np.abs(reference[nonzero])
+    judged = (reference != 0) & (np.abs(reference) >= smallest)
+    diff = np.abs(values - reference)[judged] / np.abs(reference[judged])
     return float(diff.max(initial=0.0))
 
 
@@ -282,7 +304,10 @@ def loss_errors(
     against `reference_cross_entropy` on the same, already rounded, logits.
 
     Returns the max relative error of the per-example losses, the relative error of their mean,
-    and the max absolute error of the gradient (whose entries ``softmax - onehot`` lie in [-1, 1]).
+    the max absolute error of the gradient (whose entries ``softmax - onehot`` lie in [-1, 1]) and
+    its max relative error per entry, over entries of magnitude at least `GRAD_SMALLEST` (XLA on
+    the CPU flushes float32 subnormals). With label smoothing or a z-loss an entry is a difference
+    ``c p_k - q_k`` that may cancel, where no float32 result keeps relative accuracy.
     Losses are independent per row, so a caller may pass the first rows of a large problem.
     """
     values = jax.jit(per_example)(logits, labels)
@@ -291,12 +316,14 @@ def loss_errors(
         np.asarray(logits).astype(np.float64), np.asarray(labels), **reference_options
     )
     values = np.asarray(values).astype(np.float64)
+    grads = np.asarray(grads).astype(np.float64)
     return {
         "loss_max_rel_error": max_relative_error(values, ref_loss),
         "mean_loss_rel_error": max_relative_error(
             values.mean(keepdims=True), ref_loss.mean(keepdims=True)
         ),
-        "grad_max_abs_error": max_abs_error(np.asarray(grads).astype(np.float64), ref_grad),
+        "grad_max_abs_error": max_abs_error(grads, ref_grad),
+        "grad_max_rel_error": max_relative_error(grads, ref_grad, smallest=GRAD_SMALLEST),
     }
 
 

@@ -32,7 +32,11 @@ def test_main_job_self_check_and_table(tmp_path):
     )  # fmt: skip
     assert "Self-check passed." in result.stdout
     assert "| optax |" in result.stdout
-    assert "median [min, max] | time vs optax | temp MiB | temp vs optax |" in result.stdout
+    header = (
+        "| grad max abs err | grad max rel err | fwd+bwd ms: median [min, max] | time vs optax |"
+    )
+    assert header in result.stdout
+    assert "grad rel err" in result.stdout  # in the self-check's lines
     record = json.loads(out.read_text())
     assert len(record["load_average_1min"]) == 2
     for field in ("date", "command", "platform", "device_kind", "versions", "rows"):
@@ -44,6 +48,7 @@ def test_main_job_self_check_and_table(tmp_path):
     assert len(xla["time"]["repeats_s"]) == 2
     assert xla["memory"]["temp_bytes"] >= 0
     assert xla["errors"]["loss_max_rel_error"] < 1e-5
+    assert xla["errors"]["grad_max_rel_error"] < 1e-5
 
 
 def test_harness_tiny_case(tmp_path):
@@ -86,6 +91,28 @@ def test_reference_cross_entropy_matches_a_direct_formula():
     np.testing.assert_allclose(loss[:4], expected, rtol=1e-12)
     assert loss[4] == 0 and not grad[4].any()
     np.testing.assert_allclose(grad[:4].sum(1), 0, atol=1e-12)
+
+
+def test_reference_cross_entropy_keeps_relative_accuracy_at_confident_rows():
+    """The main job's float64 reference forms ``1 - p`` at the max without cancellation: at a
+    margin of 60 its target entry is ``-r / (1 + r)``, not 0, and every entry and loss agrees
+    with the tests' NumPy reference, with and without options."""
+    import numpy_reference
+
+    rng = np.random.default_rng(0)
+    logits = -np.abs(rng.normal(0.0, 2.0, (6, 50)))
+    labels = np.array([3, 7, 0, 49, 11, 20])
+    logits[np.arange(6), labels] = [0.0, 1.0, 10.0, 30.0, 45.0, 60.0]
+    logits[0, 5] = 0.0  # a tie at the max
+    for options in ({}, {"label_smoothing": 0.1, "z_loss": 1e-3}):
+        loss, grad = _benchmark.reference_cross_entropy(logits, labels, **options)
+        exact = numpy_reference.cross_entropy(logits, labels, integer=True, **options)
+        np.testing.assert_allclose(loss, exact.loss, rtol=1e-13, atol=0)
+        error = np.abs(grad - exact.dlogits) / exact.dlogits_terms
+        assert error.max() <= 1e-13
+        if not options:
+            np.testing.assert_allclose(grad, exact.dlogits, rtol=1e-12, atol=0)
+            assert grad[5, labels[5]] < 0 and loss[5] > 0
 
 
 def test_linear_cpu_script_and_filter_count(tmp_path):
