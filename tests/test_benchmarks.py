@@ -115,6 +115,33 @@ def test_reference_cross_entropy_keeps_relative_accuracy_at_confident_rows():
             assert grad[5, labels[5]] < 0 and loss[5] > 0
 
 
+def test_numerics_quick(tmp_path):
+    """`python -m benchmarks.numerics --quick`: the record holds every metric by margin, and
+    every float32 case of ours meets issue 15's goals."""
+    _run("-m", "benchmarks.numerics", "--quick", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("numerics_*_quick.json")
+    record = json.loads(path.read_text())
+    for field in ("date", "versions", "margins", "spreads", "shapes", "options", "goals", "cases"):
+        assert field in record
+    assert path.with_suffix(".md").read_text().startswith("# Numerics")
+    assert path.with_suffix(".png").stat().st_size > 0
+    ours = {"xla", "reference", "pallas-tpu", "pallas-gpu", "linear:xla", "linear:pallas-tpu",
+            "linear:pallas-gpu"}  # fmt: skip
+    measured = {c["implementation"] for c in record["cases"] if c["status"] == "ok"}
+    assert ours | {"optax"} <= measured
+    f32 = [c for c in record["cases"] if c["ours"] and c["dtype"] == "float32"]
+    assert {c["implementation"] for c in f32} == ours and {c["v"] for c in f32} == {3, 1000}
+    for case in f32:
+        assert case["status"] == "ok" and case["above_goals"] == [], case
+        for metric in ("loss_rel", "grad_rel", "grad_terms", "target_rel"):
+            assert len(case[metric]) == len(record["margins"])
+        assert max(case["loss_rel"]) <= 1e-6
+        judged = "grad_rel" if case["options"] == "plain" else "grad_terms"
+        assert max(case[judged]) <= 1e-5, case
+    bf16 = [c for c in record["cases"] if c["ours"] and c["dtype"] == "bfloat16"]
+    assert bf16 and all(len(c["ulps"]) == len(record["margins"]) for c in bf16)
+
+
 def test_linear_cpu_script_and_filter_count(tmp_path):
     """The fused-linear CPU benchmark runs and records the filter; its NumPy tile count is
     checked on logits whose softmax is known: ``x = I`` and ``W = 60 I`` make ``p`` one-hot at
