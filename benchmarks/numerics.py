@@ -476,8 +476,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"{record['spreads']}); options: {record['options']['options']}. Generated from the "
         "JSON beside this file by `python -m benchmarks.numerics`.",
         "",
-        f"Library: `{library['path']}` at commit {commit}"
-        + (f", with changes to {', '.join(library['modified'])}." if modified else "."),
+        f"The library at commit {commit}"
+        + (f", with changes to {', '.join(modified)}." if modified else ", unmodified."),
         "",
         *[f"- {note}" for note in record["notes"]],
     ]
