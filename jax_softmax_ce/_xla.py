@@ -106,7 +106,7 @@ def _forward(options: Options, problem: Problem):
     # The empty state built like z_max, so that it carries z_max's sharding (rows sharded
     # under an explicit mesh would not mix with a replicated constant).
     empty = _tile.Lse(jnp.full_like(z_max, _tile.NEG_INF), jnp.zeros_like(z_max))
-    lse, ref, _ = _tile.lse_merge(empty, z, z_max)
+    lse, ref, _ = _tile.lse_merge(empty, z, z_max, ties=functools.partial(_ties, options, problem))
     if options.integer:
         target = _tile.picked_term(rows.label_weight, _target_logit(options, problem, t), ref)
     else:
@@ -129,6 +129,21 @@ def _forward(options: Options, problem: Problem):
     return jnp.where(rows.counted, loss, 0)[:, 0], stats
 
 
+def _ties(options: Options, problem: Problem, ref):
+    """`_tile.at_max_count` of the row max ``ref``, on a copy of the logits and of ``ref``
+    behind barriers: XLA on the CPU fuses each of the forward's reductions with its own
+    elementwise math only where they share no ``[N, V]`` value (an upcast, a broadcast ``ref``);
+    a shared one is materialised."""
+    logits, where, ref = jax.lax.optimization_barrier((problem.logits, problem.where, ref))
+    z = _tile.masked_transform(
+        logits.astype(ref.dtype),
+        True if where is None else where,
+        softcap=options.logit_softcap,
+        temperature=_canonical.temperature(options, problem),
+    )
+    return _tile.at_max_count(z, ref)
+
+
 def _class_row(problem: Problem):
     return None if problem.class_weights is None else problem.class_weights[None, :]
 
@@ -140,6 +155,9 @@ def _fwd(options: Options, problem: Problem):
 
 def _bwd(options: Options, residuals, cotangent):
     problem, stats = residuals
+    # The saved statistics behind a barrier: the backward's exp(z' - m) is then not the same
+    # value as the forward's, which XLA would otherwise share as one [N, V] temporary.
+    stats = jax.lax.optimization_barrier(stats)
     logits, rows = problem.logits, problem.rows
     dtype = stats.m.dtype
     if logits.dtype != dtype:

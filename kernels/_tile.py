@@ -148,7 +148,7 @@ def reference_point(m: jax.Array) -> jax.Array:
 
 
 def lse_merge(
-    state: Lse, z: jax.Array, z_max: jax.Array | None = None
+    state: Lse, z: jax.Array, z_max: jax.Array | None = None, ties=None
 ) -> tuple[Lse, jax.Array, jax.Array]:
     """Online log-sum-exp update with one block ``z`` of masked, transformed logits.
 
@@ -158,26 +158,55 @@ def lse_merge(
     reference moved since the last block.
 
     The mass besides the max never subtracts 1 from a sum near 1: this block's classes at the
-    new max have ``exp(z' - ref) = 1`` exactly, so its mass besides them is summed directly
-    (``e - at_max``), and one of them (or the old max) is the instance left out. A NaN logit
-    makes ``r`` NaN, whether or not the max saw it.
+    new max (whose terms would be exactly 1) are counted, not summed, and one of them (or the
+    old max) is the instance left out. ``ties(ref)`` gives that count (``[rows, 1]``) where the
+    caller forms it apart (`at_max_count`); else it is counted here. A NaN logit makes ``r``
+    NaN, whether or not the max saw it.
     """
     if z_max is None:
         z_max = jnp.max(z, axis=-1, keepdims=True)
     m_new = jnp.maximum(state.m, z_max)
     ref = reference_point(m_new)
-    e = jnp.exp(z - ref)
-    at_max = (z == ref).astype(z.dtype)  # never true without a finite max: z' is -inf then
-    besides = jnp.sum(e - at_max, axis=-1, keepdims=True)
-    count = jnp.sum(at_max, axis=-1, keepdims=True)
+    if ties is None:
+        at_max = z == ref  # never true without a finite max: z' is -inf then
+        zero = jnp.zeros((), z.dtype)
+        besides = jnp.sum(jnp.where(at_max, zero, jnp.exp(z - ref)), axis=-1, keepdims=True)
+        count = jnp.sum(jnp.where(at_max, 1.0, zero), axis=-1, keepdims=True)
+    else:
+        # Arithmetic, not a select, which XLA on the CPU cannot fuse into a reduction: with
+        # z' - ref <= 0, -sign is 1 below the max and 0 at it (NaN for a NaN logit).
+        x = z - ref
+        besides = jnp.sum(jnp.exp(x) * -jnp.sign(x), axis=-1, keepdims=True)
+        count = ties(ref)
     r = jnp.where(
         m_new > state.m,  # this block holds the max: the old mass joins the rest
-        (1.0 + state.r) * jnp.exp(state.m - ref) + besides + (count - 1.0),
+        (1.0 + state.r) * exp_of_difference(state.m, ref) + besides + (count - 1.0),
         state.r + besides + count,
     )
     r = jnp.where(m_new == NEG_INF, jnp.zeros_like(r), r)
     shift = jnp.where(state.m == NEG_INF, jnp.zeros_like(m_new), m_new - state.m)
     return Lse(m_new, r), ref, shift
+
+
+def exp_of_difference(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``exp(a - b)`` for finite ``b`` (``a`` may be -inf), with ``a - b`` exact: its rounding
+    error ``e`` (Knuth's two-sum) enters as ``exp(d) (1 + e)``. Where the max moves far (a
+    confident row's label found late), ``a - b`` is of magnitude 50 and its rounding alone would
+    be a relative error of 2e-6 in all the mass seen so far."""
+    d = a - b
+    b_part = d - a  # d = a + (-b) rounded; two-sum recovers what the rounding lost
+    a_part = d - b_part
+    error = (a - a_part) + (-b - b_part)
+    error = jnp.where(a == NEG_INF, jnp.zeros_like(error), error)
+    return jnp.exp(d) * (1.0 + error)
+
+
+def at_max_count(z: jax.Array, ref: jax.Array) -> jax.Array:
+    """How many of a row's ``z'`` equal ``ref`` (``[rows, 1]``), in arithmetic that XLA on the
+    CPU fuses into one reduction: ``1 - sign(z' - ref)**2`` is 1 at the max and 0 below it, and
+    0 everywhere without a finite max (``z' = -inf``)."""
+    sign = jnp.sign(z - ref)
+    return z.shape[-1] - jnp.sum(sign * sign, axis=-1, keepdims=True)
 
 
 class Stats(NamedTuple):
