@@ -90,30 +90,10 @@ numpy_reference = _numpy_reference()
 
 def confident_logits(num_classes: int, margins, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``[len(margins) * len(SPREADS), V]`` float64 logits, margin by margin, and their labels."""
-    rng = np.random.default_rng(seed)
-    rows, labels = [], []
-    for margin in margins:
-        for spread in SPREADS:
-            others = -np.abs(rng.normal(0.0, spread, num_classes - 1))
-            others -= others.max()
-            z = np.concatenate([[float(margin)], others])
-            order = rng.permutation(num_classes)
-            rows.append(z[order])
-            labels.append(int(np.flatnonzero(order == 0)[0]))
-    return np.stack(rows), np.asarray(labels, np.int32)
+    return numpy_reference.confident_logits(num_classes, margins, SPREADS, seed=seed)
 
 
-def ordered(x: np.ndarray, dtype) -> np.ndarray:
-    """The values of a 16-bit ``dtype`` as integers in their order: a difference counts ulps."""
-    bits = np.asarray(x, dtype).view(np.int16).astype(np.int64)
-    magnitude = bits & 0x7FFF  # sign and magnitude: -0 is 0
-    return np.where(bits < 0, -magnitude, magnitude)
-
-
-def ulps(got: np.ndarray, exact: np.ndarray, dtype) -> np.ndarray:
-    """Representable ``dtype`` values between ``got`` and float64 ``exact`` rounded to ``dtype``."""
-    rounded = np.asarray(exact, np.float64).astype(dtype)
-    return np.abs(ordered(np.asarray(got).astype(dtype), dtype) - ordered(rounded, dtype))
+ulps = numpy_reference.ulps
 
 
 def library_state() -> dict[str, Any]:

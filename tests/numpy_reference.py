@@ -142,3 +142,39 @@ def reduction_cotangent(result: Result, labels, *, integer: bool, class_weights,
     else:
         denominator = result.counted.sum()
     return np.full(n, 1.0 / denominator if denominator else 0.0)
+
+
+def confident_logits(
+    num_classes: int, margins, spreads, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``[len(margins) * len(spreads), V]`` float64 logits, margin by margin, and their integer
+    labels: the label's logit ``margin`` above the runner-up at 0 (a confident prediction),
+    the others ``-|normal(0, spread)|`` below it (flat to peaked), the label at a random
+    position."""
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for margin in margins:
+        for spread in spreads:
+            others = -np.abs(rng.normal(0.0, spread, num_classes - 1))
+            others -= others.max()
+            z = np.concatenate([[float(margin)], others])
+            order = rng.permutation(num_classes)
+            rows.append(z[order])
+            labels.append(int(np.flatnonzero(order == 0)[0]))
+    return np.stack(rows), np.asarray(labels, np.int32)
+
+
+def ordered(x: np.ndarray, dtype) -> np.ndarray:
+    """The values of ``dtype`` (16 or 32 bits) as integers in their order, so that a difference
+    counts units in the last place."""
+    size = np.dtype(dtype).itemsize
+    bits = np.asarray(x, dtype).view({2: np.int16, 4: np.int32}[size]).astype(np.int64)
+    magnitude = bits & (2 ** (8 * size - 1) - 1)  # sign and magnitude: -0 is 0
+    return np.where(bits < 0, -magnitude, magnitude)
+
+
+def ulps(got: np.ndarray, exact: np.ndarray, dtype) -> np.ndarray:
+    """How many representable ``dtype`` values lie between ``got`` and float64 ``exact``
+    rounded to ``dtype``; 0 and -0 are one value."""
+    rounded = np.asarray(exact, np.float64).astype(dtype)
+    return np.abs(ordered(np.asarray(got).astype(dtype), dtype) - ordered(rounded, dtype))

@@ -52,34 +52,7 @@ IMPLEMENTATIONS = {
 
 
 def confident_logits(num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``[len(MARGINS) * len(SPREADS), V]`` float64 logits and their labels: the label's logit
-    ``margin`` above the runner-up at 0, the others normal below it, at a random position."""
-    rng = np.random.default_rng(seed)
-    rows, labels = [], []
-    for margin in MARGINS:
-        for spread in SPREADS:
-            others = -np.abs(rng.normal(0.0, spread, num_classes - 1))
-            others -= others.max()
-            z = np.concatenate([[margin], others])
-            order = rng.permutation(num_classes)
-            rows.append(z[order])
-            labels.append(int(np.flatnonzero(order == 0)[0]))
-    return np.stack(rows), np.asarray(labels, np.int32)
-
-
-def ordered(x: np.ndarray, dtype) -> np.ndarray:
-    """The values of ``dtype`` as integers in their order, so that a difference counts ulps."""
-    size = np.dtype(dtype).itemsize
-    bits = np.asarray(x, dtype).view({2: np.int16, 4: np.int32}[size]).astype(np.int64)
-    magnitude = bits & (2 ** (8 * size - 1) - 1)  # sign and magnitude: -0 is 0
-    return np.where(bits < 0, -magnitude, magnitude)
-
-
-def ulps(got: np.ndarray, exact: np.ndarray, dtype) -> np.ndarray:
-    """How many representable ``dtype`` values lie between ``got`` and float64 ``exact``
-    rounded to ``dtype``; 0 and -0 are one value."""
-    rounded = np.asarray(exact, np.float64).astype(dtype)
-    return np.abs(ordered(np.asarray(got).astype(dtype), dtype) - ordered(rounded, dtype))
+    return numpy_reference.confident_logits(num_classes, MARGINS, SPREADS, seed=seed)
 
 
 def check(loss, grad, logits, labels, opts, dtype, *, soft_labels=None):
@@ -95,7 +68,7 @@ def check(loss, grad, logits, labels, opts, dtype, *, soft_labels=None):
     loss, grad = np.asarray(loss, np.float64), np.asarray(grad.astype(jnp.float32), np.float64)
     np.testing.assert_allclose(loss, exact.loss, rtol=1e-6, atol=0)
     if dtype != jnp.float32:
-        assert ulps(grad, exact.dlogits, dtype).max() <= 1
+        assert numpy_reference.ulps(grad, exact.dlogits, dtype).max() <= 1
         return
     judged = np.abs(exact.dlogits) >= TINY
     if opts:  # a difference of two terms: relative to their size
@@ -194,7 +167,7 @@ def test_ulps_counts_representable_values():
     step = np.spacing(np.float16(1.0)).astype(np.float64)
     got = np.array([one, one + step, -one, 0.0, -0.0])
     exact = np.array([one, one, -one - step, -0.0, 2**-30])  # 2**-30 rounds to 0 in float16
-    np.testing.assert_array_equal(ulps(got, exact, np.float16), [0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(numpy_reference.ulps(got, exact, np.float16), [0, 1, 1, 0, 0])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
