@@ -103,12 +103,20 @@ def _forward(options: Options, problem: Problem):
         logits.astype(dtype), valid, softcap=options.logit_softcap, temperature=t
     )
     z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), t)
-    # The empty state built like z_max, so that it carries z_max's sharding (rows sharded
-    # under an explicit mesh would not mix with a replicated constant).
-    empty = _tile.Lse(jnp.full_like(z_max, _tile.NEG_INF), jnp.zeros_like(z_max))
-    lse, ref, _ = _tile.lse_merge(empty, z, z_max, ties=functools.partial(_ties, options, problem))
+    z_label = _target_logit(options, problem, t) if options.integer else None
+    if options.integer and logits.shape[1] <= _EXACT_IDS:
+        # Labels behind a barrier: constant labels would have XLA fold the label's column
+        # test into a logits-sized constant.
+        labels = jax.lax.optimization_barrier(problem.labels[:, None])
+        lse, ref = _tile.lse_besides_label(z, z_max, labels, z_label)
+    else:
+        # The empty state built like z_max, so that it carries z_max's sharding (rows sharded
+        # under an explicit mesh would not mix with a replicated constant).
+        empty = _tile.Lse(jnp.full_like(z_max, _tile.NEG_INF), jnp.zeros_like(z_max))
+        ties = functools.partial(_ties, options, problem)
+        lse, ref, _ = _tile.lse_merge(empty, z, z_max, ties=ties)
     if options.integer:
-        target = _tile.picked_term(rows.label_weight, _target_logit(options, problem, t), ref)
+        target = _tile.picked_term(rows.label_weight, z_label, ref)
     else:
         a = _blocks.target_block(
             options, 0, True, valid, problem.labels, None, _class_row(problem), dtype
@@ -127,6 +135,11 @@ def _forward(options: Options, problem: Problem):
         z_loss=options.z_loss,
     )
     return jnp.where(rows.counted, loss, 0)[:, 0], stats
+
+
+# Class ids that float32 holds exactly: `_tile.lse_besides_label` finds the label's column
+# with float32 arithmetic.
+_EXACT_IDS = 2**24
 
 
 def _ties(options: Options, problem: Problem, ref):

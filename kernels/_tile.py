@@ -188,6 +188,28 @@ def lse_merge(
     return Lse(m_new, r), ref, shift
 
 
+def lse_besides_label(
+    z: jax.Array, z_max: jax.Array, labels: jax.Array, z_label: jax.Array
+) -> tuple[Lse, jax.Array]:
+    """`Lse` of one block that spans the whole vocabulary, for integer ``labels`` (``[rows,
+    1]``, class ids below 2**24) whose ``z'`` is ``z_label`` (``[rows, 1]``, -inf where
+    masked); returns it and ``ref``.
+
+    One sum, ``o = sum_{k != label} exp(z'_k - ref)``: where the label is at the max (the case
+    where ``r`` must keep relative accuracy), ``r = o`` exactly; elsewhere ``o`` holds the max's
+    1 and ``r = (o - 1) + exp(z'_label - ref)``. The label's column is left out by arithmetic
+    (``|sign(k - label)|``), not a select, so that XLA on the CPU fuses it into the one
+    reduction, as it does not fuse a second reduction over the same logits."""
+    ref = reference_point(z_max)
+    cols = jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
+    away = jnp.abs(jnp.sign(cols - labels.astype(z.dtype)))
+    others = jnp.sum(jnp.exp(z - ref) * away, axis=-1, keepdims=True)
+    x_label = z_label - ref
+    r = jnp.where(x_label == 0, others, (others - 1.0) + jnp.exp(x_label))
+    r = jnp.where(z_max == NEG_INF, jnp.zeros_like(r), r)
+    return Lse(z_max, r), ref
+
+
 def exp_of_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     """``exp(a - b)`` for finite ``b`` (``a`` may be -inf), with ``a - b`` exact: its rounding
     error ``e`` (Knuth's two-sum) enters as ``exp(d) (1 + e)``. Where the max moves far (a
