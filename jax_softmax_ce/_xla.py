@@ -102,18 +102,25 @@ def _forward(options: Options, problem: Problem):
     z = _tile.masked_transform(
         logits.astype(dtype), valid, softcap=options.logit_softcap, temperature=t
     )
-    z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), t)
+    if options.logit_softcap is None:
+        z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), t)
+    else:
+        # tanh on one value per row need not round as XLA's vectorised tanh over the block
+        # does, and the max must be one of the block's z' exactly.
+        z_max = jnp.max(z, axis=1, keepdims=True)
     z_label = _target_logit(options, problem, t) if options.integer else None
     if options.integer and logits.shape[1] <= _EXACT_IDS:
         # Labels behind a barrier: constant labels would have XLA fold the label's column
         # test into a logits-sized constant.
         labels = jax.lax.optimization_barrier(problem.labels[:, None])
-        lse, ref = _tile.lse_besides_label(z, z_max, labels, z_label)
+        lse, ref = _tile.lse_besides_label(z, z_max, labels)
     else:
         # The empty state built like z_max, so that it carries z_max's sharding (rows sharded
         # under an explicit mesh would not mix with a replicated constant).
         empty = _tile.Lse(jnp.full_like(z_max, _tile.NEG_INF), jnp.zeros_like(z_max))
-        ties = functools.partial(_ties, options, problem)
+        # The ties counted on a copy (XLA's CPU fuses that reduction), except with a softcap,
+        # whose tanh in another fusion might not round as this one's.
+        ties = None if options.logit_softcap else functools.partial(_ties, options, problem)
         lse, ref, _ = _tile.lse_merge(empty, z, z_max, ties=ties)
     if options.integer:
         target = _tile.picked_term(rows.label_weight, z_label, ref)
@@ -177,6 +184,12 @@ def _bwd(options: Options, residuals, cotangent):
         # Keeps XLA from merging this upcast with the forward's into one [N, V] float32 buffer.
         logits = jax.lax.optimization_barrier(logits)
     ct = jnp.where(rows.counted, cotangent.astype(dtype)[:, None], 0)
+    entry = None
+    if options.integer:
+        z_label = _target_logit(options, problem, _canonical.temperature(options, problem))
+        entry = _tile.label_entry(
+            z_label, stats.m, stats.r, stats.w_total, stats.w_rest, z_loss=options.z_loss
+        )
     grad = _blocks.backward_block(
         options,
         logits.astype(dtype),
@@ -184,6 +197,7 @@ def _bwd(options: Options, residuals, cotangent):
         jnp.ones((1, logits.shape[1]), jnp.bool_),
         True if problem.where is None else problem.where,
         _canonical.operands(options, problem, **stats._asdict(), ct=ct),
+        label_entry=entry,
     )
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     d_temperature = None

@@ -232,13 +232,22 @@ def keep_block(g: jax.Array, filter_eps: float) -> jax.Array:
 
 
 def backward_block(
-    options, z_raw, col0, ok, valid, blocks: Operands, *, filter_eps: float = 0.0
+    options,
+    z_raw,
+    col0,
+    ok,
+    valid,
+    blocks: Operands,
+    *,
+    filter_eps: float = 0.0,
+    label_entry=None,
 ) -> BlockGrad:
     """The gradient of one block of raw logits ``z_raw``, recomputed from the saved
     `_tile.Stats` (``blocks`` holds this block's part of them and of the other operands besides
     the logits). Rows with a zero cotangent ``ct`` (those that do not count, or padding) get a
     zero gradient. With ``filter_eps``, ``keep`` says whether any ``|dl/dz'|`` (before the
-    cotangent) reaches it."""
+    cotangent) reaches it. ``label_entry`` (``[rows, 1]``, `_tile.label_entry`) is the label
+    column's ``dl/dz'`` where the caller formed it per row (a block that spans the vocabulary)."""
     dtype = z_raw.dtype
     b = blocks
     z = masked_logits(options, z_raw, valid, b.temperature)
@@ -248,8 +257,18 @@ def backward_block(
         a = _tile.mix(options.label_smoothing, b.n_valid, a, smoothing)
     target = None
     if options.integer:
-        target = (_tile.onehot_block(b.labels, col0, z.shape[1]) & ok, b.w_rest)
-    g = _tile.grad_block(z, b.m, b.r, b.w_total, a, z_loss=options.z_loss, target=target)
+        hit = _tile.onehot_block(b.labels, col0, z.shape[1]) & ok
+        target = (hit, b.w_rest) if label_entry is None else (hit, label_entry)
+    g = _tile.grad_block(
+        z,
+        b.m,
+        b.r,
+        b.w_total,
+        a,
+        z_loss=options.z_loss,
+        target=target,
+        label_row=label_entry is not None,
+    )
     counted = b.ct != 0
     zero = jnp.zeros((), dtype)
     keep = None

@@ -188,24 +188,23 @@ def lse_merge(
     return Lse(m_new, r), ref, shift
 
 
-def lse_besides_label(
-    z: jax.Array, z_max: jax.Array, labels: jax.Array, z_label: jax.Array
-) -> tuple[Lse, jax.Array]:
+def lse_besides_label(z: jax.Array, z_max: jax.Array, labels: jax.Array) -> tuple[Lse, jax.Array]:
     """`Lse` of one block that spans the whole vocabulary, for integer ``labels`` (``[rows,
-    1]``, class ids below 2**24) whose ``z'`` is ``z_label`` (``[rows, 1]``, -inf where
-    masked); returns it and ``ref``.
+    1]``, class ids below 2**24); returns it and ``ref``.
 
-    One sum, ``o = sum_{k != label} exp(z'_k - ref)``: where the label is at the max (the case
-    where ``r`` must keep relative accuracy), ``r = o`` exactly; elsewhere ``o`` holds the max's
-    1 and ``r = (o - 1) + exp(z'_label - ref)``. The label's column is left out by arithmetic
-    (``|sign(k - label)|``), not a select, so that XLA on the CPU fuses it into the one
-    reduction, as it does not fuse a second reduction over the same logits."""
+    One sum, ``r = sum_k (exp(z'_k - ref) - [k = label])``: where the label is at the max (the
+    case where ``r`` must keep relative accuracy), its term is exactly 0 and ``r`` is the sum of
+    the other classes' terms alone; elsewhere ``exp(z'_label - ref) - 1`` joins a sum that holds
+    the max's 1. The label's indicator is arithmetic (``1 - min(|k - label|, 1)``), not a
+    select, so that XLA on the CPU fuses it into the one reduction, and ``r`` is that
+    reduction's result, which XLA does not recompute in each element of the backward."""
     ref = reference_point(z_max)
     cols = jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
-    away = jnp.abs(jnp.sign(cols - labels.astype(z.dtype)))
-    others = jnp.sum(jnp.exp(z - ref) * away, axis=-1, keepdims=True)
-    x_label = z_label - ref
-    r = jnp.where(x_label == 0, others, (others - 1.0) + jnp.exp(x_label))
+    # One per row, not a constant: XLA shares a broadcast constant between fusions, and would
+    # materialise it at the logits' size (seen with labels that are constants).
+    one = ref * 0.0 + 1.0
+    off_label = jnp.minimum(jnp.abs(cols - labels.astype(z.dtype)), one) - one  # -1 at the label
+    r = jnp.sum(jnp.exp(z - ref) + off_label, axis=-1, keepdims=True)
     r = jnp.where(z_max == NEG_INF, jnp.zeros_like(r), r)
     return Lse(z_max, r), ref
 
@@ -391,6 +390,7 @@ def grad_block(
     *,
     z_loss: float,
     target=None,
+    label_row: bool = False,
 ) -> jax.Array:
     """``dl/dz' = c p - a`` for one block, with ``c = W + 2 z_loss lse`` and
     ``p = exp(z' - m) / s``, ``s = 1 + r`` (`Lse`).
@@ -403,15 +403,23 @@ def grad_block(
     as ``c - W``. ``z`` are masked, transformed logits, ``m``, ``r`` and
     ``total_weight`` (``W``) are ``[rows, 1]``, ``weights`` (``a``) broadcast to ``z``. A row
     without mass has ``p = 0``.
+
+    With ``label_row``, ``target = (hit, entry)`` gives the label column's value itself
+    (`label_entry`, formed once per row) and every other class is ``c p - a``: for integer
+    labels no other class can cancel beyond the size of its terms, and the elementwise pass
+    (XLA's, over the whole vocabulary) has no per-class test of the max.
     """
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
-    p = jnp.exp(z - ref) / s
+    p = jnp.exp(z - ref) * (1.0 / s)  # one division per row, not per class
     coef = total_weight
     z_term = None
     if z_loss:
         z_term = 2.0 * z_loss * (ref + log_s)
         coef = coef + z_term
+    if label_row:
+        hit, entry = target
+        return jnp.where(hit, entry, coef * p - weights)
     c_minus_a = coef - weights
     if target is not None:
         hit, w_rest = target
@@ -422,6 +430,32 @@ def grad_block(
     # At the max p = 1 / s exactly, so r p is r / s (formed from p, which keeps both cases of
     # the select typed like z under an explicit sharding).
     return jnp.where(confident, c_minus_a - coef * (r * p), coef * p - weights)
+
+
+def label_entry(
+    z_label: jax.Array,
+    m: jax.Array,
+    r: jax.Array,
+    total_weight: jax.Array,
+    w_rest: jax.Array,
+    *,
+    z_loss: float,
+) -> jax.Array:
+    """The label column's ``dl/dz'`` (``[rows, 1]``) from its ``z'`` (``z_label``) and the
+    saved `Stats`, as `grad_block` forms it: ``(w_rest + 2 z_loss lse) - c r / s`` where the
+    label is the max of a confident row, else ``c p_t - a_t`` with ``a_t = W - w_rest``."""
+    has_mass, s, log_s = mass(m, r)
+    ref = reference_point(m)
+    inv_s = 1.0 / s
+    coef = total_weight
+    rest = w_rest
+    if z_loss:
+        z_term = 2.0 * z_loss * (ref + log_s)
+        coef = coef + z_term
+        rest = rest + z_term
+    confident = (z_label == ref) & has_mass & (r < 1.0)
+    p = jnp.exp(z_label - ref) * inv_s
+    return jnp.where(confident, rest - coef * (r * inv_s), coef * p - (total_weight - w_rest))
 
 
 def temperature_term(z: jax.Array, g: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
