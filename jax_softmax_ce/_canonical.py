@@ -409,9 +409,14 @@ def operands(options: Options, problem: Problem, **saved) -> _blocks.Operands:
     if where is not None:
         where = where.astype(jnp.int8 if options.mask == "full" else jnp.int32)
     bias = logits.bias if fused else None
+    x = logits.inputs if fused else None
+    if fused and "ct" in saved:
+        # A row with a zero cotangent adds x_i^T 0 to the projection's gradient: NaN for NaN
+        # inputs (an example that does not count, or of weight 0), unless x_i is 0.
+        x = jnp.where(saved["ct"] != 0, x, jnp.zeros((), x.dtype))
     ops = _blocks.Operands(
         logits=None if fused else logits,
-        x=logits.inputs if fused else None,
+        x=x,
         w=logits.weight if fused else None,
         bias=None if bias is None else bias.astype(dtype)[None, :],
         labels=problem.labels[:, None] if options.integer else problem.labels,
