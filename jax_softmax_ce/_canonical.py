@@ -7,11 +7,13 @@ forms blockwise. The per-row rules are written here and nowhere else:
 
 - `Rows`: each integer label's weight (the class weight of the label; 0 for an ignored example;
   NaN for a label outside ``[0, V)``, since a value cannot raise under ``jit``), the number of
-  valid classes of each row, and which rows count (not ignored, with a valid class);
+  valid classes of each row, which rows count (not ignored, with a valid class), and the
+  caller's per-example ``weights``;
 - `mask_kind`: how the ``where`` mask is laid out (``"row"``, ``"col"`` or ``"full"``);
 - `temperature`: the temperature every formula divides by (NaN for a non-positive array
   temperature, like an out-of-range label);
-- `reduce`: the reductions, with PyTorch's weighted mean.
+- `reduce`: the per-example weights and the reductions, with PyTorch's weighted mean;
+- `quarantine`: the rows that contribute nothing, made safe for plain autodiff.
 
 Every error here names the argument and the shapes involved.
 """
@@ -19,6 +21,7 @@ Every error here names the argument and the shapes involved.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import NamedTuple
@@ -75,11 +78,15 @@ class Rows(NamedTuple):
       n_valid: the number of valid classes, in the accumulation dtype: ``[N, 1]`` for a
         ``"row"`` or ``"full"`` mask, else ``[1, 1]``.
       counted: bool, the examples that count: not ignored, and with at least one valid class.
+      example_weight: the caller's per-example ``weights`` ``u_i`` in the accumulation dtype,
+        or None without. Only `reduce` applies them; an implementation reads them only to
+        find the rows that contribute nothing (`silent`).
     """
 
     label_weight: jax.Array | None
     n_valid: jax.Array
     counted: jax.Array
+    example_weight: jax.Array | None = None
 
 
 class Problem(NamedTuple):
@@ -314,6 +321,39 @@ def class_weights(
     return jax.lax.stop_gradient(weights.astype(accumulation_dtype(dtype)))
 
 
+def check_example_weights(weights) -> jax.Array | None:
+    """The per-example ``weights`` as an array, or None: any real dtype (booleans and integers
+    are cast to the accumulation dtype where they are applied); a TypeError naming ``weights``
+    otherwise."""
+    if weights is None:
+        return None
+    weights = jnp.asarray(weights)
+    dtype = weights.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)) and (
+        dtype != jnp.bool_
+    ):
+        raise TypeError(
+            f"weights must be real numbers (floating, integer or bool), got {weights.dtype} with "
+            f"shape {weights.shape}"
+        )
+    return weights
+
+
+def example_weights(weights, batch_shape: tuple[int, ...], dtype, described: str):
+    """``[N]`` per-example weights in ``dtype``, ``weights`` broadcast to ``batch_shape``, or
+    None; the error names ``weights``, its shape and the batch shape, which ``described``
+    explains (``"logits shape (2, 5) without axis -1"``)."""
+    weights = check_example_weights(weights)
+    if weights is None:
+        return None
+    if not broadcasts_to(weights.shape, batch_shape):
+        raise ValueError(
+            f"weights shape {weights.shape} does not broadcast to the batch shape {batch_shape} "
+            f"({described})"
+        )
+    return jnp.broadcast_to(weights.astype(dtype), batch_shape).reshape(-1)
+
+
 def array_temperature(temperature) -> jax.Array | None:
     """An array temperature as a scalar operand; None for a Python number (static)."""
     if isinstance(temperature, numbers.Real):
@@ -326,10 +366,13 @@ def array_temperature(temperature) -> jax.Array | None:
     return temperature
 
 
-def rows(options: Options, labels, where, weights, num_classes: int, dtype) -> Rows:
+def rows(
+    options: Options, labels, where, weights, num_classes: int, dtype, example_weight=None
+) -> Rows:
     """The per-row facts of canonical ``[N]`` integer (or ``[N, V]`` probability) ``labels``
     (integers in the caller's dtype, so that a label that does not fit in int32 is still out of
-    range), the canonical ``where`` mask of kind ``options.mask`` and the class ``weights``."""
+    range), the canonical ``where`` mask of kind ``options.mask``, the class ``weights`` and
+    the ``[N]`` per-example weights (`example_weights`, or None)."""
     n = labels.shape[0]
     if options.mask is None:
         n_valid = jnp.full((1, 1), num_classes, dtype)
@@ -353,15 +396,60 @@ def rows(options: Options, labels, where, weights, num_classes: int, dtype) -> R
             weight = jnp.where(ignored, jnp.zeros((), dtype), weight)
             counted = counted & ~ignored[:, None]
         label_weight = weight[:, None]
-    return Rows(label_weight, n_valid, counted)
+    if example_weight is not None:
+        example_weight = example_weight[:, None]
+    return Rows(label_weight, n_valid, counted, example_weight)
+
+
+def silent(rows: Rows) -> jax.Array:
+    """``[N, 1]`` bool: the rows whose loss and gradients are 0 whatever their values, those
+    that do not count and those of weight 0."""
+    quiet = ~rows.counted
+    if rows.example_weight is not None:
+        quiet = quiet | (rows.example_weight == 0)
+    return quiet
+
+
+def quarantine(quiet: jax.Array, *values):
+    """``(bad, values)`` for a loss formed by plain autodiff, where ``quiet`` (bool, the shape of
+    the leading axes of each of ``values``) marks the examples that contribute nothing: ``bad``
+    marks those in which some value is NaN or +inf, and those values are set to 0 (None stays
+    None). Such an example gets a zero cotangent, which autodiff would multiply by its partial
+    derivatives, NaN there; with the values replaced (the double ``where``), the caller gives a
+    ``bad`` example a NaN loss, non-finite as it would have been, which it or `reduce` then
+    drops."""
+
+    def poisoned(v):
+        return jnp.any(jnp.isnan(v) | (v == jnp.inf), axis=tuple(range(quiet.ndim, v.ndim)))
+
+    bad = quiet & functools.reduce(jnp.logical_or, [poisoned(v) for v in values if v is not None])
+
+    def safe(v):
+        hit = bad.reshape(bad.shape + (1,) * (v.ndim - bad.ndim))
+        return jnp.where(hit, jnp.zeros((), v.dtype), v)
+
+    return bad, [None if v is None else safe(v) for v in values]
+
+
+def quarantine_problem(problem: Problem) -> tuple[jax.Array, Problem]:
+    """`quarantine` of a problem's rows (their logits, or a `Linear` problem's inputs, and their
+    probability labels): ``bad`` is ``[N, 1]``."""
+    logits, labels = problem.logits, problem.labels
+    linear = isinstance(logits, Linear)
+    dense = labels if jnp.issubdtype(labels.dtype, jnp.floating) else None
+    quiet = silent(problem.rows)[:, 0]
+    bad, (values, dense) = quarantine(quiet, logits.inputs if linear else logits, dense)
+    logits = dataclasses.replace(logits, inputs=values) if linear else values
+    return bad[:, None], problem._replace(logits=logits, labels=labels if dense is None else dense)
 
 
 def canonicalise(
-    logits, labels, axis, where, weights, temperature, options: Options
+    logits, labels, axis, where, weights, temperature, options: Options, example_weight=None
 ) -> tuple[Problem, Options, Layout]:
     """The `Problem` of one call, the `Options` with its mask kind set, and the `Layout` of the
     caller's logits. ``logits`` is a floating array, or a `Linear` with ``[..., D]`` inputs
-    (checked by the caller); ``temperature`` is None or from `array_temperature`."""
+    (checked by the caller); ``temperature`` is None or from `array_temperature`; ``weights``
+    are the class weights and ``example_weight`` the caller's per-example ``weights``."""
     linear = isinstance(logits, Linear)
     name = LINEAR_LOGITS if linear else "logits"
     shape = logits.shape
@@ -374,7 +462,9 @@ def canonicalise(
     weights = class_weights(weights, lay, logits.dtype, shape, name)
     options = dataclasses.replace(options, mask=mask_kind(where), vd=linear and logits.vd)
     dtype = accumulation_dtype(logits.dtype)
-    facts = rows(options, labels, where, weights, lay.num_classes, dtype)
+    described = f"{name} shape {shape} without axis {-1 if linear else axis}"
+    example_weight = example_weights(example_weight, lay.batch_shape, dtype, described)
+    facts = rows(options, labels, where, weights, lay.num_classes, dtype, example_weight)
     if options.integer:
         in_range = (labels >= 0) & (labels < lay.num_classes)
         labels = jnp.where(in_range, labels, -1).astype(jnp.int32)
@@ -409,9 +499,14 @@ def operands(options: Options, problem: Problem, **saved) -> _blocks.Operands:
     if where is not None:
         where = where.astype(jnp.int8 if options.mask == "full" else jnp.int32)
     bias = logits.bias if fused else None
+    x = logits.inputs if fused else None
+    if fused and "ct" in saved:
+        # A row with a zero cotangent adds x_i^T 0 to the projection's gradient: NaN for NaN
+        # inputs (an example that does not count, or of weight 0), unless x_i is 0.
+        x = jnp.where(saved["ct"] != 0, x, jnp.zeros((), x.dtype))
     ops = _blocks.Operands(
         logits=None if fused else logits,
-        x=logits.inputs if fused else None,
+        x=x,
         w=logits.weight if fused else None,
         bias=None if bias is None else bias.astype(dtype)[None, :],
         labels=problem.labels[:, None] if options.integer else problem.labels,
@@ -453,44 +548,62 @@ def temperature_gradient(terms, lse, ct, problem: Problem, options: Options):
     return like_primal(grad, t)
 
 
+def scaled(weight: jax.Array, value: jax.Array) -> jax.Array:
+    """``weight * value``, and 0 where ``weight`` is 0 even where ``value`` is not finite (a NaN
+    loss); the derivative with respect to ``weight`` stays ``value`` wherever that is finite."""
+    return weight * jnp.where(
+        (weight == 0) & ~jnp.isfinite(value), jnp.zeros((), value.dtype), value
+    )
+
+
 def reduce(
     losses: jax.Array,
     counted: jax.Array,
     weights: jax.Array | None,
     *,
+    example_weights: jax.Array | None = None,
     reduction: str,
     batch_shape: tuple[int, ...],
     dtype,
 ) -> jax.Array:
-    """Applies ``reduction`` to per-example losses ``[N]`` (already 0 where an example does not
-    count) and casts to the output ``dtype``.
+    """Applies the per-example weights and ``reduction`` to per-example losses ``[N]`` (already
+    0 where an example does not count) and casts to the output ``dtype``.
 
-    ``"mean"`` is PyTorch's weighted mean ``sum_i l_i / sum_i c_i`` over the ``counted``
-    examples (``[N]`` bool), with ``c_i`` from ``weights`` (``[N]``, the class weight of each
-    integer label; None for 1 each); it is 0 when nothing counts.
+    With ``example_weights`` ``u`` (``[N]``, None for 1 each) example ``i``'s loss is
+    ``u_i l_i`` over the ``counted`` examples (``[N]`` bool), and 0 where ``u_i = 0``, even
+    where ``l_i`` is NaN; the weight of an example that does not count is never read.
+    ``"mean"`` is PyTorch's weighted mean ``sum_i u_i l_i / sum_i u_i c_i`` over the counted
+    examples, with ``c_i`` from ``weights`` (``[N]``, the class weight of each integer label;
+    None for 1 each); it is 0 when that denominator is 0.
     """
     losses = losses.astype(dtype)
+    if example_weights is None:
+        u = counted.astype(dtype)
+    else:
+        u = jnp.where(counted, example_weights.astype(dtype), jnp.zeros((), dtype))
+        losses = scaled(u, losses)
     if reduction == "none":
         return losses.reshape(batch_shape)
     total = jnp.sum(losses)
     if reduction == "sum":
         return total
-    if weights is None:
-        denominator = jnp.sum(counted, dtype=dtype)
-    else:
-        denominator = jnp.sum(jnp.where(counted, weights, 0)).astype(dtype)
+    c = u if weights is None else scaled(u, jnp.where(counted, weights.astype(dtype), 0))
+    denominator = jnp.sum(c)
     nonzero = denominator != 0
     return jnp.where(nonzero, total / jnp.where(nonzero, denominator, 1), jnp.zeros((), dtype))
 
 
 def reduce_problem(losses, problem: Problem, options: Options, *, reduction, batch_shape, dtype):
     """`reduce` of a problem's per-example losses: the weighted mean divides by the label
-    weights where there are class weights and integer labels."""
+    weights where there are class weights and integer labels, each times its example's weight
+    where there are example weights."""
+    rows = problem.rows
     weighted = options.integer and problem.class_weights is not None
     return reduce(
         losses,
-        problem.rows.counted[:, 0],
-        problem.rows.label_weight[:, 0] if weighted else None,
+        rows.counted[:, 0],
+        rows.label_weight[:, 0] if weighted else None,
+        example_weights=None if rows.example_weight is None else rows.example_weight[:, 0],
         reduction=reduction,
         batch_shape=batch_shape,
         dtype=dtype,

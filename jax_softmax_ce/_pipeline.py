@@ -39,7 +39,17 @@ def choose_implementation(problem: _canonical.Problem, options: Options):
 
 
 def prepare(
-    logits, labels, axis, where, class_weights, temperature, *, reduction, implementation, **options
+    logits,
+    labels,
+    axis,
+    where,
+    class_weights,
+    temperature,
+    *,
+    weights,
+    reduction,
+    implementation,
+    **options,
 ) -> dict:
     """The keyword arguments of `run`, validated: the operands as arrays and the statics;
     ``options`` are `_options.make_options`' keywords. Raises where the caller's Python values
@@ -50,6 +60,7 @@ def prepare(
         labels=jnp.asarray(labels),
         where=_canonical.check_where(where),
         class_weights=None if class_weights is None else jnp.asarray(class_weights),
+        weights=_canonical.check_example_weights(weights),
         temperature=temperature_array,
         axis=axis,
         options=_options.make_options(
@@ -64,7 +75,17 @@ def prepare(
 
 @functools.partial(jax.jit, static_argnames=("axis", "options", "reduction", "implementation"))
 def run(
-    logits, labels, where, class_weights, temperature, *, axis, options, reduction, implementation
+    logits,
+    labels,
+    where,
+    class_weights,
+    weights,
+    temperature,
+    *,
+    axis,
+    options,
+    reduction,
+    implementation,
 ):
     """The loss of one call: ``logits`` is a floating array or a `_canonical.Linear`, the rest
     as `prepare` returns them."""
@@ -76,9 +97,11 @@ def run(
         lay = _canonical.layout(tuple(max(n, 1) for n in logits.shape), axis)
         if any(logits.shape[a] == 0 for a in lay.class_axes):
             batch_shape = tuple(logits.shape[a] for a in lay.batch_axes)
+            described = f"logits shape {logits.shape} without axis {axis}"
+            _canonical.example_weights(weights, batch_shape, dtype, described)
             return jnp.zeros(batch_shape if reduction == "none" else (), dtype)
     problem, options, lay = _canonical.canonicalise(
-        logits, labels, axis, where, class_weights, temperature, options
+        logits, labels, axis, where, class_weights, temperature, options, weights
     )
     if implementation is None:
         implementation = choose_implementation(problem, options)

@@ -48,6 +48,9 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
             "gradient_filter_eps is a property of the blockwise backward pass; implementation="
             '"reference" differentiates the exact formula with autodiff and cannot filter'
         )
+    # A row that contributes nothing gets a zero cotangent: NaN logits there must not reach
+    # autodiff's products with it.
+    bad, problem = _canonical.quarantine_problem(problem)
     logits, labels, where, class_weights = logits_of(problem), *problem[1:4]
     rows = problem.rows
     n, v = logits.shape
@@ -104,4 +107,5 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
         )
     if options.integer:
         loss = jnp.where(jnp.isnan(rows.label_weight[:, 0]), np.nan, loss)
+    loss = jnp.where(bad[:, 0], np.nan, loss)
     return jnp.where(rows.counted[:, 0], loss, 0)

@@ -96,12 +96,12 @@ class _Loops:
     def __init__(self, options: Options, blocks: BlockSizes, problem: Problem, **saved):
         linear = problem.logits
         self.options, self.vd = options, linear.vd
-        self.x, self.w = linear.inputs, linear.weight
+        self.ops = _canonical.operands(options, problem, **saved)
+        self.x, self.w = self.ops.x, linear.weight
         self.n, self.d = self.x.shape
         self.v = linear.num_classes
         self.bn, self.bv = min(blocks.block_n, self.n), min(blocks.block_v, self.v)
         self.dtype = problem.accumulation_dtype
-        self.ops = _canonical.operands(options, problem, **saved)
         self.axes = _manual_axes(problem)
 
     def tile(self, i, j) -> tuple[_linear.Tile, jax.Array, jax.Array]:

@@ -35,12 +35,38 @@ def _operand(name: str, value, shape: tuple[int, ...], dtype) -> jax.Array:
     return jnp.broadcast_to(value.astype(dtype), shape)
 
 
-def _elementwise_reduce(losses: jax.Array, valid: jax.Array | None, reduction: str) -> jax.Array:
-    """`_canonical.reduce` with every element an example of its own."""
+def _weights(weights, shape: tuple[int, ...], dtype) -> jax.Array | None:
+    """The per-element ``weights`` broadcast to the loss ``shape``, or None."""
+    weights = _canonical.check_example_weights(weights)
+    return None if weights is None else _operand("weights", weights, shape, dtype)
+
+
+def _quarantine(u: jax.Array | None, x: jax.Array, y: jax.Array):
+    """``(bad, x, y)``: `_canonical.quarantine` of the elements of weight 0 (``bad`` None
+    without weights)."""
+    if u is None:
+        return None, x, y
+    bad, (x, y) = _canonical.quarantine(u == 0, x, y)
+    return bad, x, y
+
+
+def _elementwise_reduce(
+    losses: jax.Array, valid: jax.Array | None, u: jax.Array | None, bad, reduction: str
+) -> jax.Array:
+    """`_canonical.reduce` with every element an example of its own, of weight ``u`` (None
+    for 1 each); ``bad`` (or None) marks the elements that `_quarantine` replaced."""
+    if bad is not None:
+        losses = jnp.where(bad, jnp.nan, losses)
     flat = losses.reshape(-1)
     counted = jnp.ones(flat.shape, jnp.bool_) if valid is None else valid.reshape(-1)
     return _canonical.reduce(
-        flat, counted, None, reduction=reduction, batch_shape=losses.shape, dtype=losses.dtype
+        flat,
+        counted,
+        None,
+        example_weights=None if u is None else u.reshape(-1),
+        reduction=reduction,
+        batch_shape=losses.shape,
+        dtype=losses.dtype,
     )
 
 
@@ -51,6 +77,7 @@ def sigmoid_binary_cross_entropy(
     pos_weight: jax.typing.ArrayLike | None = None,
     label_smoothing: float = 0.0,
     where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Element-wise sigmoid cross-entropy; a drop-in for optax's, with PyTorch's ``pos_weight``.
@@ -73,6 +100,11 @@ def sigmoid_binary_cross_entropy(
       and does not enter the ``"mean"`` denominator.
     - ``where`` masks elements: a masked element has loss 0 and gradient 0, and ``"mean"``
       divides by the number of unmasked elements (0 when there is none).
+    - ``weights`` ``u`` weigh elements (every element is an example): element ``i``'s loss is
+      ``u_i l_i`` and ``"mean"`` is ``sum_i u_i l_i / sum_i u_i`` over unmasked elements, the
+      weighted mean of this library's other losses (PyTorch's ``BCEWithLogitsLoss(weight=u)``
+      divides by the number of elements instead). An element of weight 0 contributes nothing,
+      even at a NaN logit; the weights are differentiable.
     - The loss is accumulated, and returned, in float32 for 16-bit logits.
 
     Args:
@@ -81,6 +113,7 @@ def sigmoid_binary_cross_entropy(
       pos_weight: Weight ``w_+`` of the positive term, broadcastable to the loss shape.
       label_smoothing: ``e`` in ``[0, 1)``.
       where: Boolean mask of the elements that count, broadcastable to the loss shape.
+      weights: Per-element weights, broadcastable to the loss shape, or None; any real dtype.
       reduction: ``"none"`` (the loss per element), ``"sum"`` or ``"mean"``.
 
     Returns:
@@ -116,8 +149,10 @@ def sigmoid_binary_cross_entropy(
     x = jnp.broadcast_to(logits.astype(dtype), shape)
     y = _operand("labels", labels, shape, dtype)
     valid = None if where is None else _operand("where", where, shape, jnp.bool_)
+    u = _weights(weights, shape, dtype)
     if valid is not None:
         x = jnp.where(valid, x, 0)
+    bad, x, y = _quarantine(u, x, y)
     if label_smoothing:
         y = (1.0 - label_smoothing) * y + 0.5 * label_smoothing
     positive = y if pos_weight is None else _operand("pos_weight", pos_weight, shape, dtype) * y
@@ -126,7 +161,7 @@ def sigmoid_binary_cross_entropy(
     )
     if valid is not None:
         losses = jnp.where(valid, losses, 0)
-    return _elementwise_reduce(losses, valid, reduction)
+    return _elementwise_reduce(losses, valid, u, bad, reduction)
 
 
 def sigmoid_focal_loss(
@@ -134,6 +169,8 @@ def sigmoid_focal_loss(
     labels: jax.typing.ArrayLike,
     alpha: jax.typing.ArrayLike | None = None,
     gamma: jax.typing.ArrayLike = 2.0,
+    *,
+    weights: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""Sigmoid focal loss, element-wise; a drop-in for optax's.
 
@@ -146,7 +183,9 @@ def sigmoid_focal_loss(
     where ``-log p_t`` is `sigmoid_binary_cross_entropy` and the modulating factor is formed in
     log space, ``exp(gamma log(1 - p_t))``, so that values, gradients and Hessians stay finite for
     logits of any magnitude and for ``gamma < 1``. ``gamma=0`` with ``alpha=None`` is the binary
-    cross-entropy.
+    cross-entropy. Per-element ``weights`` multiply the losses, as in
+    `sigmoid_binary_cross_entropy`: an element of weight 0 has loss 0 and gradient 0, even at a
+    NaN logit.
 
     Args:
       logits: Unnormalised log-odds, any shape. Floating.
@@ -154,15 +193,18 @@ def sigmoid_focal_loss(
       alpha: Weight in ``[0, 1]`` of the positive class (``1 - alpha`` for the negative), or
         None for no weighting.
       gamma: Exponent ``>= 0`` of the modulating factor ``(1 - p_t)``.
+      weights: Per-element weights, broadcastable to the loss shape (they may not widen it), or
+        None; differentiable, any real dtype.
 
     Returns:
       The losses, of the broadcast shape of ``logits`` and ``labels``; float32 for 16-bit
       logits, the logits' dtype otherwise.
 
     Raises:
-      TypeError: integer logits.
-      ValueError: ``labels`` or ``alpha`` that do not broadcast to the loss shape (``alpha``
-        may not widen it), a Python ``gamma < 0`` or ``alpha`` outside ``[0, 1]``.
+      TypeError: integer logits, or complex ``weights``.
+      ValueError: ``labels``, ``alpha`` or ``weights`` that do not broadcast to the loss shape
+        (``alpha`` and ``weights`` may not widen it), a Python ``gamma < 0`` or ``alpha``
+        outside ``[0, 1]``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -187,6 +229,8 @@ def sigmoid_focal_loss(
     if isinstance(alpha, numbers.Real) and not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     gamma = jnp.asarray(gamma).astype(dtype)
+    u = _weights(weights, shape, dtype)
+    bad, x, y = _quarantine(u, x, y)
     cross_entropy = sigmoid_binary_cross_entropy(x, y)
     # log(1 - p_t) = log((1 - y) p + y (1 - p)), as a weighted log-sum-exp of log p and log(1 - p).
     # At x = +-inf, p is exactly 1 or 0 and log(1 - p_t) is log(1 - y) or log(y), constant in x
@@ -204,7 +248,7 @@ def sigmoid_focal_loss(
     log_not_p_t = jnp.where(infinite, jnp.where(x > 0, jnp.log1p(-y), jnp.log(y)), log_not_p_t)
     # gamma log(1 - p_t) is 0 for gamma = 0 even at p_t = 1: the factor is then exactly 1.
     losses = cross_entropy * jnp.exp(weighted(gamma, log_not_p_t))
-    if alpha is None:
-        return losses
-    alpha = _operand("alpha", alpha, shape, dtype)  # must not widen the loss shape
-    return (alpha * y + (1.0 - alpha) * (1.0 - y)) * losses
+    if alpha is not None:
+        alpha = _operand("alpha", alpha, shape, dtype)  # must not widen the loss shape
+        losses = (alpha * y + (1.0 - alpha) * (1.0 - y)) * losses
+    return _elementwise_reduce(losses, None, u, bad, "none")

@@ -16,6 +16,7 @@ def softmax_cross_entropy(
     *,
     label_smoothing: float = 0.0,
     class_weights: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float | jax.typing.ArrayLike = 1.0,
@@ -40,7 +41,10 @@ def softmax_cross_entropy(
     - Label mass on an invalid class (``where`` False there) is dropped, as optax's
       ``sum(where=...)`` drops it; the gradient with respect to those labels is 0.
     - A finite, valid label mass on a class whose logit is -inf gives a loss of +inf.
-    - ``"mean"`` divides by the number of counted examples; fully masked examples do not count.
+    - ``"mean"`` divides by the number of counted examples (by the sum of their ``weights``);
+      fully masked examples do not count.
+    - ``weights`` follow PyTorch's ``reduction="none"`` losses times the weights, and its
+      weighted mean; see `softmax_cross_entropy_with_integer_labels` for the details.
     - The softcap ``c tanh(z / c)`` applies to finite logits; a -inf logit stays -inf (a class
       of probability 0) and a +inf logit stays +inf (a non-finite loss), as without a softcap.
     - The label gradient at a -inf logit is +inf; ``implementation="reference"`` (plain autodiff)
@@ -58,6 +62,10 @@ def softmax_cross_entropy(
         the logits' rank: ``[1, num_classes]``), and a scalar applies to every class.
       label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
       class_weights: ``[num_classes]`` weights ``w_k`` of each class's term (zero gradient).
+      weights: Per-example weights ``u``, broadcastable to the batch shape (``logits.shape``
+        without ``axis``), or None: example ``i``'s loss is ``u_i l_i``, and ``"mean"`` is
+        ``sum_i u_i l_i / sum_i u_i`` over counted examples. Differentiable; a weight of 0
+        gives loss 0 and gradient 0, even for NaN logits.
       z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty (PaLM's z-loss).
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first (Gemma 2).
       temperature: ``T > 0``, a Python float or a differentiable scalar array; an array that
@@ -71,9 +79,9 @@ def softmax_cross_entropy(
       scalar; float32 for 16-bit logits, the logits' dtype otherwise.
 
     Raises:
-      TypeError: integer logits.
-      ValueError: shapes that do not broadcast, ``class_weights`` not ``[num_classes]``, or an
-        option out of its range.
+      TypeError: integer logits, or complex ``weights``.
+      ValueError: shapes that do not broadcast (``labels``, ``where`` or ``weights``),
+        ``class_weights`` not ``[num_classes]``, or an option out of its range.
       NotImplementedError: an explicit ``implementation`` that cannot take this case (for
         ``"pallas"``, raised when lowering for a platform whose kernel cannot).
 
@@ -105,6 +113,7 @@ def softmax_cross_entropy_with_integer_labels(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     class_weights: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float | jax.typing.ArrayLike = 1.0,
@@ -135,6 +144,17 @@ def softmax_cross_entropy_with_integer_labels(
     probability 0 and a +inf logit still makes the loss non-finite. An empty class axis gives
     loss 0 per example: no example has a valid class.
 
+    Per-example ``weights`` ``u`` multiply each example's loss, as PyTorch's
+    ``reduction="none"`` losses times ``u``: ``"none"`` returns ``u_i l_i``, ``"sum"`` their
+    sum and ``"mean"`` ``sum_i u_i l_i / sum_i u_i w_{t_i}`` over counted examples (``w_{t_i}``
+    is 1 without class weights), 0 when that denominator is 0. They are plain multipliers:
+    negative weights are taken as they are, a NaN weight of a counted example gives a NaN loss
+    (the weight of an example that does not count is never read), and booleans and integers
+    are cast to the losses' float dtype. An example of weight 0 contributes nothing: its loss
+    and its logits' gradient are 0, even where its logits are NaN. The weights are
+    differentiable: ``d/du_i`` of ``"sum"`` is the unweighted ``l_i`` (also at ``u_i = 0``
+    where ``l_i`` is finite; 0 where it is not), and ``"mean"``'s follows the quotient rule.
+
     Args:
       logits: Unnormalised log-probabilities, shape ``[batch_size, num_classes]`` or any shape
         with the class axis (or axes) named by ``axis``. float16, bfloat16, float32 or float64.
@@ -147,6 +167,8 @@ def softmax_cross_entropy_with_integer_labels(
       ignore_index: A label value whose examples do not count (PyTorch uses -100).
       label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
       class_weights: ``[num_classes]`` weights ``w_k`` (zero gradient).
+      weights: Per-example weights ``u``, broadcastable to the batch shape (``logits.shape``
+        without ``axis``), or None for 1 each; any real dtype.
       z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty.
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first.
       temperature: ``T > 0``, a Python float or a differentiable scalar array; an array that
@@ -170,9 +192,9 @@ def softmax_cross_entropy_with_integer_labels(
       scalar; float32 for 16-bit logits, the logits' dtype otherwise.
 
     Raises:
-      TypeError: integer logits, or labels that are not integers.
-      ValueError: shapes that do not broadcast, ``class_weights`` not ``[num_classes]``, or an
-        option out of its range.
+      TypeError: integer logits, labels that are not integers, or complex ``weights``.
+      ValueError: shapes that do not broadcast (``labels``, ``where`` or ``weights``),
+        ``class_weights`` not ``[num_classes]``, or an option out of its range.
       NotImplementedError: an explicit ``implementation`` that cannot take this case (for
         ``"pallas"``, raised when lowering for a platform whose kernel cannot).
 
@@ -187,6 +209,10 @@ def softmax_cross_entropy_with_integer_labels(
       >>> mean = sce.softmax_cross_entropy_with_integer_labels(
       ...     logits, jnp.array([0, -100]), ignore_index=-100, reduction="mean")
       >>> print(round(float(mean), 4))
+      0.2761
+      >>> weighted = sce.softmax_cross_entropy_with_integer_labels(
+      ...     logits, labels, weights=jnp.array([2.0, 0.0]), reduction="mean")
+      >>> print(round(float(weighted), 4))
       0.2761
 
     References:

@@ -10,8 +10,10 @@ from jax_softmax_ce import _canonical
 from jax_softmax_ce._util import accumulation_dtype, weighted_term
 
 
-def _rows(log_predictions, targets, axis, where, target_name: str):
-    """``(log_p, t, valid, layout)`` on ``[N, V]``, masked entries replaced by 0."""
+def _rows(log_predictions, targets, axis, where, weights, target_name: str):
+    """``(log_p, t, valid, layout, u, bad)`` on ``[N, V]``, masked entries replaced by 0; ``u``
+    the ``[N]`` per-example weights (or None), and the rows of weight 0 with a NaN or +inf
+    value replaced by 0 too and marked in ``bad`` (`_canonical.quarantine`)."""
     log_predictions = _canonical.check_floating("log_predictions", log_predictions)
     targets = _canonical.check_floating(target_name, targets)
     if axis is None:
@@ -27,24 +29,42 @@ def _rows(log_predictions, targets, axis, where, target_name: str):
     name = "log_predictions"
     lay = _canonical.layout(tuple(max(n, 1) for n in shape), axis, name)
     dtype = accumulation_dtype(log_predictions.dtype)
+    batch_shape = tuple(shape[a] for a in lay.batch_axes)
+    described = f"{name} shape {shape} without axis {axis}"
+    u = _canonical.example_weights(weights, batch_shape, dtype, described)
     if 0 in shape:
         empty = jnp.zeros((0,) * 2, dtype)
-        return empty, empty, None, lay._replace(batch_shape=tuple(shape[a] for a in lay.batch_axes))
+        return empty, empty, None, lay._replace(batch_shape=batch_shape), None, None
     log_p = lay.to_rows(log_predictions).astype(dtype)
     t = _canonical.probability_labels(targets, log_predictions, lay).astype(dtype)
     valid = _canonical.mask(where, log_predictions.shape, lay, axis, name)
     if valid is not None:
         log_p = jnp.where(valid, log_p, 0)
         t = jnp.where(valid, t, 0)
-    return log_p, t, valid, lay
+    bad = None
+    if u is not None:
+        bad, (log_p, t) = _canonical.quarantine(u == 0, log_p, t)
+    return log_p, t, valid, lay, u, bad
 
 
-def _sum_valid(terms: jax.Array, valid: jax.Array | None, lay: _canonical.Layout) -> jax.Array:
+def _sum_valid(terms: jax.Array, valid, lay: _canonical.Layout, u, bad) -> jax.Array:
+    """The divergences: ``terms`` summed over the valid classes, times the weights ``u``."""
     if terms.size == 0:
         return jnp.zeros(lay.batch_shape, terms.dtype)
     if valid is not None:
         terms = jnp.where(valid, terms, 0)
-    return jnp.sum(terms, axis=1).reshape(lay.batch_shape)
+    divergences = jnp.sum(terms, axis=1)
+    if bad is not None:
+        divergences = jnp.where(bad, jnp.nan, divergences)
+    return _canonical.reduce(
+        divergences,
+        jnp.ones(divergences.shape, jnp.bool_),
+        None,
+        example_weights=u,
+        reduction="none",
+        batch_shape=lay.batch_shape,
+        dtype=divergences.dtype,
+    )
 
 
 def kl_divergence(
@@ -52,6 +72,8 @@ def kl_divergence(
     targets: jax.typing.ArrayLike,
     axis: int | tuple[int, ...] | None = -1,
     where: jax.typing.ArrayLike | None = None,
+    *,
+    weights: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence of the predictions from the targets; a drop-in for optax's.
 
@@ -72,14 +94,18 @@ def kl_divergence(
       targets: Probabilities ``q``, broadcastable to ``log_predictions.shape``. Floating.
       axis: The class axis, a tuple of axes, or None for all axes.
       where: Boolean mask of the classes to include, broadcast against ``log_predictions``.
+      weights: Per-example weights ``u``, broadcastable to the batch shape
+        (``log_predictions.shape`` without ``axis``), or None: example ``i``'s divergence is
+        ``u_i D_i``, 0 where ``u_i = 0`` (with gradient 0, even at NaN inputs).
+        Differentiable, any real dtype.
 
     Returns:
       The divergences, shape ``log_predictions.shape`` without ``axis``; float32 for 16-bit
       inputs, the inputs' dtype otherwise.
 
     Raises:
-      TypeError: inputs that are not floating point.
-      ValueError: shapes that do not broadcast, or a bad ``axis``.
+      TypeError: inputs that are not floating point, or complex ``weights``.
+      ValueError: shapes that do not broadcast (also ``weights``), or a bad ``axis``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -93,9 +119,9 @@ def kl_divergence(
       Kullback and Leibler, `On Information and Sufficiency
       <https://www.jstor.org/stable/2236703>`_, 1951.
     """
-    log_p, q, valid, lay = _rows(log_predictions, targets, axis, where, "targets")
+    log_p, q, valid, lay, u, bad = _rows(log_predictions, targets, axis, where, weights, "targets")
     entropy_term = q * jnp.log(jnp.where(q == 0, 1, q))
-    return _sum_valid(entropy_term - weighted_term(q, log_p), valid, lay)
+    return _sum_valid(entropy_term - weighted_term(q, log_p), valid, lay, u, bad)
 
 
 def kl_divergence_with_log_targets(
@@ -103,6 +129,8 @@ def kl_divergence_with_log_targets(
     log_targets: jax.typing.ArrayLike,
     axis: int | tuple[int, ...] | None = -1,
     where: jax.typing.ArrayLike | None = None,
+    *,
+    weights: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""Kullback-Leibler divergence with targets given as log-probabilities; a drop-in for optax's.
 
@@ -118,14 +146,18 @@ def kl_divergence_with_log_targets(
       log_targets: Log-probabilities ``log q``, broadcastable to ``log_predictions.shape``.
       axis: The class axis, a tuple of axes, or None for all axes.
       where: Boolean mask of the classes to include, broadcast against ``log_predictions``.
+      weights: Per-example weights ``u``, broadcastable to the batch shape
+        (``log_predictions.shape`` without ``axis``), or None: example ``i``'s divergence is
+        ``u_i D_i``, 0 where ``u_i = 0`` (with gradient 0, even at NaN inputs).
+        Differentiable, any real dtype.
 
     Returns:
       The divergences, shape ``log_predictions.shape`` without ``axis``; float32 for 16-bit
       inputs, the inputs' dtype otherwise.
 
     Raises:
-      TypeError: inputs that are not floating point.
-      ValueError: shapes that do not broadcast, or a bad ``axis``.
+      TypeError: inputs that are not floating point, or complex ``weights``.
+      ValueError: shapes that do not broadcast (also ``weights``), or a bad ``axis``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -139,11 +171,13 @@ def kl_divergence_with_log_targets(
       Kullback and Leibler, `On Information and Sufficiency
       <https://www.jstor.org/stable/2236703>`_, 1951.
     """
-    log_p, log_q, valid, lay = _rows(log_predictions, log_targets, axis, where, "log_targets")
+    log_p, log_q, valid, lay, u, bad = _rows(
+        log_predictions, log_targets, axis, where, weights, "log_targets"
+    )
     absent = log_q == -jnp.inf
     # An absent class contributes 0, but a NaN prediction there still makes the result NaN.
     zero_or_nan = jnp.where(jnp.isnan(log_p), jnp.nan, 0).astype(log_p.dtype)
     log_q = jnp.where(absent, 0, log_q)
     log_p = jnp.where(absent, 0, log_p)
     terms = jnp.where(absent, zero_or_nan, jnp.exp(log_q) * (log_q - log_p))
-    return _sum_valid(terms, valid, lay)
+    return _sum_valid(terms, valid, lay, u, bad)

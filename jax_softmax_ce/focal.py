@@ -41,6 +41,7 @@ def _log_softmax_and_complement(z: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _focal_rows(problem: _canonical.Problem, options: _options.Options, gamma: float):
     """Per-example focal losses ``[N]`` in the accumulation dtype, 0 where an example does not
     count; ``problem.class_weights`` holds ``alpha``."""
+    bad, problem = _canonical.quarantine_problem(problem)
     logits, labels, where, alpha = problem[:4]
     rows = problem.rows
     dtype = problem.accumulation_dtype
@@ -60,6 +61,7 @@ def _focal_rows(problem: _canonical.Problem, options: _options.Options, gamma: f
             target = jnp.where(where, target, 0)
         row_weight = jnp.ones(labels.shape[:1], dtype)
     losses = row_weight * jnp.sum(weighted_term(target * modulation, -log_p), axis=1)
+    losses = jnp.where(bad[:, 0], jnp.nan, losses)
     return jnp.where(rows.counted[:, 0], losses, 0)
 
 
@@ -72,6 +74,7 @@ def softmax_focal_loss(
     axis: int | tuple[int, ...] = -1,
     where: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = None,
+    weights: jax.typing.ArrayLike | None = None,
     reduction: str = "none",
 ) -> jax.Array:
     r"""Multi-class focal loss: cross-entropy scaled down on the classes already predicted well.
@@ -93,7 +96,9 @@ def softmax_focal_loss(
     examples have loss 0 and gradient 0, a label outside ``[0, num_classes)`` gives NaN, and
     ``"mean"`` is PyTorch's weighted mean ``sum l_i / sum alpha_{t_i}`` over counted examples for
     integer labels (the plain mean for probability labels), 0 when nothing counts. ``alpha`` gets
-    a zero gradient.
+    a zero gradient. Per-example ``weights`` ``u`` are the cross-entropy's: example ``i``'s loss is
+    ``u_i l_i``, ``"mean"`` divides by ``sum_i u_i alpha_{t_i}`` (``sum_i u_i``), and an example
+    of weight 0 contributes nothing, even where its logits are NaN.
 
     For ``gamma > 0`` this is plain autodiff (forward mode and Hessians work); ``gamma=0`` runs the
     cross-entropy's ``custom_vjp`` (reverse mode only).
@@ -109,6 +114,8 @@ def softmax_focal_loss(
       where: Boolean mask of the valid classes, broadcast against ``logits``; a mask with the rank
         of the batch shape masks whole examples.
       ignore_index: A label value whose examples do not count (integer labels only).
+      weights: Per-example weights ``u``, broadcastable to the batch shape (``logits.shape``
+        without ``axis``), or None; differentiable, any real dtype.
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
 
     Returns:
@@ -116,9 +123,10 @@ def softmax_focal_loss(
       float32 for 16-bit logits, the logits' dtype otherwise.
 
     Raises:
-      TypeError: integer logits, or a ``gamma`` that is not a number.
-      ValueError: shapes that do not broadcast, ``alpha`` not ``[num_classes]``, a negative
-        ``gamma``, ``ignore_index`` with probability labels, or an unknown ``reduction``.
+      TypeError: integer logits, a ``gamma`` that is not a number, or complex ``weights``.
+      ValueError: shapes that do not broadcast (also ``weights``), ``alpha`` not
+        ``[num_classes]``, a negative ``gamma``, ``ignore_index`` with probability labels, or
+        an unknown ``reduction``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -161,14 +169,15 @@ def softmax_focal_loss(
                 where,
                 ignore_index=ignore_index,
                 class_weights=alpha,
+                weights=weights,
                 reduction=reduction,
             )
         return softmax_cross_entropy(
-            logits, labels, axis, where, class_weights=alpha, reduction=reduction
+            logits, labels, axis, where, class_weights=alpha, weights=weights, reduction=reduction
         )
     options = _options.make_options(ignore_index=ignore_index, integer=integer)
     problem, options, lay = _canonical.canonicalise(
-        logits, labels, axis, _canonical.check_where(where), alpha, None, options
+        logits, labels, axis, _canonical.check_where(where), alpha, None, options, weights
     )
     return _canonical.reduce_problem(
         _focal_rows(problem, options, gamma),

@@ -61,6 +61,7 @@ def linear_softmax_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     class_weights: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
     z_loss: float = 0.0,
     logit_softcap: float | None = None,
     temperature: float | jax.typing.ArrayLike = 1.0,
@@ -129,6 +130,10 @@ def linear_softmax_cross_entropy(
       ignore_index: A label value whose examples do not count (PyTorch uses -100).
       label_smoothing: ``e`` in ``[0, 1)``; the smoothing mass is spread over valid classes only.
       class_weights: ``[V]`` weights ``w_k`` (zero gradient).
+      weights: Per-example weights ``u``, broadcastable to ``inputs.shape[:-1]``, or None: as
+        in `softmax_cross_entropy_with_integer_labels`, example ``i``'s loss is ``u_i l_i``,
+        ``"mean"`` divides by ``sum_i u_i w_{t_i}`` over counted examples, and an example of
+        weight 0 contributes nothing, even where its inputs are NaN. Differentiable.
       z_loss: Coefficient ``lambda_z >= 0`` of the ``lse**2`` penalty.
       logit_softcap: ``c > 0`` caps the logits to ``c * tanh(z / c)`` first.
       temperature: ``T > 0``, a Python float or a differentiable scalar array; an array that
@@ -150,8 +155,10 @@ def linear_softmax_cross_entropy(
       for 16-bit inputs, the inputs' dtype otherwise.
 
     Raises:
-      TypeError: non-floating inputs or weight, different dtypes, or non-integer labels.
-      ValueError: shapes that do not match, or an option out of its range.
+      TypeError: non-floating inputs or weight, different dtypes, non-integer labels, or
+        complex ``weights``.
+      ValueError: shapes that do not match (``weights`` that do not broadcast to
+        ``inputs.shape[:-1]``), or an option out of its range.
       NotImplementedError: an explicit ``implementation`` that cannot take this case (for
         ``"pallas"``, raised when lowering for a platform whose kernel cannot).
 
@@ -181,6 +188,7 @@ def linear_softmax_cross_entropy(
         where,
         class_weights,
         temperature,
+        weights=weights,
         integer=True,
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,

@@ -57,7 +57,8 @@ def transform_vjp(z: jax.Array, g: jax.Array, *, softcap: float | None, temperat
         # 1 - tanh(x)**2 = 4 e / (1 + e)**2 with e = exp(-2 |x|): no cancellation where the cap
         # saturates, and only exp, which every Pallas backend lowers.
         e = jnp.exp(-2.0 * jnp.abs(z / softcap))
-        g = g * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+        # weighted: a zero g (a row that does not count) stays 0 at a NaN logit.
+        g = weighted(g, 4.0 * e / ((1.0 + e) * (1.0 + e)))
     return g
 
 

@@ -116,32 +116,77 @@ def cross_entropy(
     return Result(loss, counted, dlogits, dlabels, dtemperature, terms, label_terms)
 
 
-def reduce(result: Result, labels, *, integer: bool, class_weights, reduction: str):
-    """The spec's reductions over counted examples (PyTorch's weighted mean)."""
-    if reduction == "none":
-        return result.loss
-    total = result.loss[result.counted].sum()
-    if reduction == "sum":
-        return total
+def _label_weights(result: Result, labels, *, integer: bool, class_weights) -> np.ndarray:
+    """``c_i``: the class weight of each counted integer label (1 without; NaN for a label
+    outside the classes), 0 elsewhere."""
+    c = result.counted.astype(np.float64)
     if integer and class_weights is not None:
         w = np.asarray(class_weights, np.float64)
-        denominator = sum(w[int(t)] for t in np.asarray(labels)[result.counted])
-    else:
-        denominator = result.counted.sum()
+        t = np.asarray(labels).astype(int)
+        picked = [w[k] if 0 <= k < len(w) else np.nan for k in t]
+        c = np.where(result.counted, picked, 0.0)
+    return c
+
+
+def _times(u: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``u * x``, 0 where ``u`` is 0 (a zero-weight example contributes nothing, NaN or not)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(u == 0, 0.0, u * x)
+
+
+def _weighted(result: Result, weights) -> tuple[np.ndarray, np.ndarray]:
+    """``(u, u_i l_i)``: the example weights of the counted examples (0 elsewhere) and the
+    weighted losses."""
+    n = result.loss.shape[0]
+    u = np.ones(n) if weights is None else np.broadcast_to(np.asarray(weights, np.float64), n)
+    u = np.where(result.counted, u, 0.0)
+    return u, _times(u, result.loss)
+
+
+def reduce(result: Result, labels, *, integer: bool, class_weights, reduction: str, weights=None):
+    """The spec's reductions over counted examples (PyTorch's weighted mean), with the example
+    ``weights`` ``u`` (``[N]`` or None): ``sum_i u_i l_i / sum_i u_i c_i`` for the mean."""
+    u, losses = _weighted(result, weights)
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    if reduction == "sum":
+        return total
+    c = _label_weights(result, labels, integer=integer, class_weights=class_weights)
+    denominator = _times(u, c).sum()
     return total / denominator if denominator else 0.0
 
 
-def reduction_cotangent(result: Result, labels, *, integer: bool, class_weights, reduction):
-    """``d reduce / d loss_i``: the cotangent that a reduction sends to each example."""
-    n = result.loss.shape[0]
+def reduction_cotangent(
+    result: Result, labels, *, integer: bool, class_weights, reduction, weights=None
+):
+    """``d reduce / d loss_i`` (of the sum of the output for ``"none"``): the cotangent that a
+    reduction sends to each example."""
+    u, _ = _weighted(result, weights)
     if reduction in ("none", "sum"):
-        return np.ones(n)
-    if integer and class_weights is not None:
-        w = np.asarray(class_weights, np.float64)
-        denominator = sum(w[int(t)] for t in np.asarray(labels)[result.counted])
-    else:
-        denominator = result.counted.sum()
-    return np.full(n, 1.0 / denominator if denominator else 0.0)
+        return u
+    c = _label_weights(result, labels, integer=integer, class_weights=class_weights)
+    denominator = _times(u, c).sum()
+    return u / denominator if denominator else np.zeros_like(u)
+
+
+def weights_gradient(
+    result: Result, labels, *, integer: bool, class_weights, reduction, weights
+) -> np.ndarray:
+    """``d reduce / d u_i`` (of the sum of the output for ``"none"``): ``l_i`` for the sum, the
+    quotient rule ``l_i / D - S c_i / D**2`` for the mean; 0 for an example that does not count,
+    and the non-finite loss of an example of weight 0 taken as 0."""
+    u, losses = _weighted(result, weights)
+    with np.errstate(invalid="ignore"):
+        loss = np.where(result.counted, result.loss, 0.0)
+        loss = np.where((u == 0) & ~np.isfinite(loss), 0.0, loss)
+    if reduction in ("none", "sum"):
+        return loss
+    c = _label_weights(result, labels, integer=integer, class_weights=class_weights)
+    denominator = _times(u, c).sum()
+    if not denominator:
+        return np.zeros_like(u)
+    return loss / denominator - losses.sum() * c / denominator**2
 
 
 def confident_logits(
