@@ -246,8 +246,9 @@ def backward_block(
     `_tile.Stats` (``blocks`` holds this block's part of them and of the other operands besides
     the logits). Rows with a zero cotangent ``ct`` (those that do not count, or padding) get a
     zero gradient. With ``filter_eps``, ``keep`` says whether any ``|dl/dz'|`` (before the
-    cotangent) reaches it. ``label_entry`` (``[rows, 1]``, `_tile.label_entry`) is the label
-    column's ``dl/dz'`` where the caller formed it per row (a block that spans the vocabulary)."""
+    cotangent) reaches it. ``label_entry`` (`_tile.label_entry`) is the label column's
+    ``dl/dz'`` at a confident max where the caller formed it per row (a block that spans the
+    vocabulary)."""
     dtype = z_raw.dtype
     b = blocks
     z = masked_logits(options, z_raw, valid, b.temperature)

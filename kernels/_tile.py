@@ -405,10 +405,11 @@ def grad_block(
     ``total_weight`` (``W``) are ``[rows, 1]``, ``weights`` (``a``) broadcast to ``z``. A row
     without mass has ``p = 0``.
 
-    With ``label_row``, ``target = (hit, entry)`` gives the label column's value itself
-    (`label_entry`, formed once per row) and every other class is ``c p - a``: for integer
-    labels no other class can cancel beyond the size of its terms, and the elementwise pass
-    (XLA's, over the whole vocabulary) has no per-class test of the max.
+    With ``label_row``, ``target = (hit, (confident, entry))`` gives the label column's value
+    where the label is the max of a confident row (`label_entry`, formed once per row), and
+    every other entry is ``c p - a``: for integer labels no other class can cancel beyond the
+    size of its terms, and the elementwise pass (XLA's, over the whole vocabulary) has no
+    per-class test of the max.
     """
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
@@ -419,8 +420,8 @@ def grad_block(
         z_term = 2.0 * z_loss * (ref + log_s)
         coef = coef + z_term
     if label_row:
-        hit, entry = target
-        return jnp.where(hit, entry, coef * p - weights)
+        hit, (confident, entry) = target
+        return jnp.where(hit & confident, entry, coef * p - weights)
     c_minus_a = coef - weights
     if target is not None:
         hit, w_rest = target
@@ -441,13 +442,12 @@ def label_entry(
     w_rest: jax.Array,
     *,
     z_loss: float,
-) -> jax.Array:
-    """The label column's ``dl/dz'`` (``[rows, 1]``) from its ``z'`` (``z_label``) and the
-    saved `Stats`, as `grad_block` forms it: ``(w_rest + 2 z_loss lse) - c r / s`` where the
-    label is the max of a confident row, else ``c p_t - a_t`` with ``a_t = W - w_rest``."""
+) -> tuple[jax.Array, jax.Array]:
+    """``(confident, entry)``, each ``[rows, 1]``: whether the label (whose ``z'`` is
+    ``z_label``) is the max of a confident row, and there the label column's ``dl/dz'`` as
+    `grad_block` forms it, ``(w_rest + 2 z_loss lse) - c r / s``, from the saved `Stats`."""
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
-    inv_s = 1.0 / s
     coef = total_weight
     rest = w_rest
     if z_loss:
@@ -455,8 +455,7 @@ def label_entry(
         coef = coef + z_term
         rest = rest + z_term
     confident = (z_label == ref) & has_mass & (r < 1.0)
-    p = jnp.exp(z_label - ref) * inv_s
-    return jnp.where(confident, rest - coef * (r * inv_s), coef * p - (total_weight - w_rest))
+    return confident, rest - coef * (r / s)
 
 
 def temperature_term(z: jax.Array, g: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
