@@ -10,8 +10,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jax_softmax_ce import _benchmark
+
+pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

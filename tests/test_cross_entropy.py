@@ -247,6 +247,7 @@ def check_case(case: Case, implementation: str):
         assert grads[-1].dtype == jnp.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @settings(max_examples=30, deadline=None)
 @given(case=cases())
@@ -254,6 +255,7 @@ def test_matches_float64_reference(case, implementation):
     check_case(case, implementation)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["tpu", "gpu"])
 @settings(max_examples=10, deadline=None)
 @given(case=cases())
