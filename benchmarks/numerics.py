@@ -141,16 +141,25 @@ class Candidate:
     labels_note: str | None = None
 
 
+def _loss_and_grad(loss_of, x):
+    """``(loss, d sum(loss) / d x)`` of a per-example loss function, jitted."""
+
+    def total(x):
+        loss = loss_of(x)
+        return jnp.sum(loss), loss
+
+    grad, loss = jax.jit(jax.grad(total, has_aux=True))(x)
+    return loss, grad
+
+
 def _ours_logits(implementation) -> Run:
     def run(logits, labels, opts):
-        def total(z):
-            loss = sce.softmax_cross_entropy_with_integer_labels(
+        return _loss_and_grad(
+            lambda z: sce.softmax_cross_entropy_with_integer_labels(
                 z, labels, implementation=implementation, **opts
-            )
-            return jnp.sum(loss), loss
-
-        grad, loss = jax.jit(jax.grad(total, has_aux=True))(logits)
-        return loss, grad
+            ),
+            logits,
+        )
 
     return run
 
@@ -158,15 +167,12 @@ def _ours_logits(implementation) -> Run:
 def _ours_fused(implementation) -> Run:
     def run(logits, labels, opts):
         inputs = jnp.eye(logits.shape[0], dtype=logits.dtype)
-
-        def total(weight):  # [D = N, V]
-            loss = sce.linear_softmax_cross_entropy(
-                inputs, weight, labels, implementation=implementation, **opts
-            )
-            return jnp.sum(loss), loss
-
-        grad, loss = jax.jit(jax.grad(total, has_aux=True))(logits)
-        return loss, grad
+        return _loss_and_grad(  # the weight [D = N, V] is the logits: I @ w
+            lambda w: sce.linear_softmax_cross_entropy(
+                inputs, w, labels, implementation=implementation, **opts
+            ),
+            logits,
+        )
 
     return run
 
@@ -177,16 +183,10 @@ def _optax(optax) -> Run:
             targets = optax.smooth_labels(
                 jax.nn.one_hot(labels, logits.shape[1]), opts["label_smoothing"]
             )
-            loss_fn = lambda z: optax.softmax_cross_entropy(z, targets)
-        else:
-            loss_fn = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels)
-
-        def total(z):
-            loss = loss_fn(z)
-            return jnp.sum(loss), loss
-
-        grad, loss = jax.jit(jax.grad(total, has_aux=True))(logits)
-        return loss, grad
+            return _loss_and_grad(lambda z: optax.softmax_cross_entropy(z, targets), logits)
+        return _loss_and_grad(
+            lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels), logits
+        )
 
     return run
 
