@@ -382,6 +382,15 @@ def finish(
     return loss, lse, stats
 
 
+def coefficient(total_weight, ref, log_s, *, z_loss: float):
+    """``(c, 2 z_loss lse)`` of a row: ``c = W + 2 z_loss lse`` multiplies ``p`` in the gradient;
+    the z-loss term is None without a z-loss, so that adding it is never a rounding."""
+    if not z_loss:
+        return total_weight, None
+    z_term = 2.0 * z_loss * (ref + log_s)
+    return total_weight + z_term, z_term
+
+
 def grad_block(
     z: jax.Array,
     m: jax.Array,
@@ -414,11 +423,7 @@ def grad_block(
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
     p = jnp.exp(z - ref) * (1.0 / s)  # one division per row, not per class
-    coef = total_weight
-    z_term = None
-    if z_loss:
-        z_term = 2.0 * z_loss * (ref + log_s)
-        coef = coef + z_term
+    coef, z_term = coefficient(total_weight, ref, log_s, z_loss=z_loss)
     if label_row:
         hit, (confident, entry) = target
         return jnp.where(hit & confident, entry, coef * p - weights)
@@ -448,12 +453,8 @@ def label_entry(
     `grad_block` forms it, ``(w_rest + 2 z_loss lse) - c r / s``, from the saved `Stats`."""
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
-    coef = total_weight
-    rest = w_rest
-    if z_loss:
-        z_term = 2.0 * z_loss * (ref + log_s)
-        coef = coef + z_term
-        rest = rest + z_term
+    coef, z_term = coefficient(total_weight, ref, log_s, z_loss=z_loss)
+    rest = w_rest if z_term is None else w_rest + z_term
     confident = (z_label == ref) & has_mass & (r < 1.0)
     return confident, rest - coef * (r / s)
 
