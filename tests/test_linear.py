@@ -1000,3 +1000,11 @@ def test_tpu_kernels_fit_vmem_at_llm_shapes(d, layout, lowering_target):
         limits = [c["size"] for c in config.get("scoped_memory_configs", [])]
         limit = limits[0] if limits else 16 * 2**20
         assert need <= limit <= 64 * 2**20, (signature[:60], need, limit)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "32MiB"])
+def test_accumulator_bytes_must_be_a_positive_int(value):
+    with pytest.raises(
+        ValueError, match=f"accumulator_bytes must be None or a positive int, got {value!r}"
+    ):
+        sce.Pallas(accumulator_bytes=value)
