@@ -230,11 +230,15 @@ class Pallas:
       interpret: run the kernels in Pallas' interpreter on every platform (the TPU schedule in
         the strict TPU interpreter: races detected, out-of-bounds reads raising, uninitialised
         memory as NaN), for tests and debugging.
+      accumulator_bytes: the most bytes of float32 gradient accumulators that the fused loss's
+        GPU backward keeps (None: 32 MiB). Where ``d_inputs`` and ``d_weight`` fit together it
+        runs one kernel; otherwise two passes of chunks, which form the logits twice.
     """
 
     block_sizes: BlockSizes | None = None
     schedule: str | None = None
     interpret: bool = False
+    accumulator_bytes: int | None = None
 
     def __post_init__(self):
         if self.block_sizes is not None and not isinstance(self.block_sizes, BlockSizes):
@@ -243,6 +247,11 @@ class Pallas:
             raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {self.schedule!r}")
         if not isinstance(self.interpret, bool):
             raise TypeError(f"interpret must be a bool, got {self.interpret!r}")
+        bytes_ = self.accumulator_bytes
+        if bytes_ is not None and (
+            isinstance(bytes_, bool) or not isinstance(bytes_, numbers.Integral) or bytes_ < 1
+        ):
+            raise ValueError(f"accumulator_bytes must be None or a positive int, got {bytes_!r}")
 
 
 @dataclasses.dataclass(frozen=True)

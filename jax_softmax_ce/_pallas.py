@@ -192,7 +192,12 @@ def kernels(options: Options, config: Pallas, ops: _blocks.Operands, step: str) 
     def kernel(schedule, interpret):
         module = KERNELS[fused, schedule]
         blocks = _blocks_for(config, schedule, options, ops)
-        return functools.partial(getattr(module, step), options, blocks=blocks, interpret=interpret)
+        extra = {}
+        if module is linear_gpu and step == "backward":
+            extra["accumulator_bytes"] = config.accumulator_bytes
+        return functools.partial(
+            getattr(module, step), options, blocks=blocks, interpret=interpret, **extra
+        )
 
     if config.interpret:
         schedule = config.schedule or "gpu"

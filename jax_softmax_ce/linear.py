@@ -107,7 +107,9 @@ def linear_softmax_cross_entropy(
       ``implementation=None`` picks ``"xla"``. On GPU the backward pass adds each tile's
       contributions to ``d_inputs`` and ``d_weight`` with float32 atomic adds (as Cut
       Cross-Entropy does), so those gradients may differ in their last bits between runs; the
-      other schedules are deterministic. Its kernels have no derivative rules of their own: the
+      other schedules are deterministic. Its float32 accumulators are bounded by
+      ``Pallas(accumulator_bytes=...)`` (32 MiB): beyond it, the backward runs over chunks of
+      rows for ``d_inputs``, then of columns for ``d_weight``, forming the logits twice. Its kernels have no derivative rules of their own: the
       rules are the XLA implementation's, so reverse over reverse (``grad`` of ``grad``) is
       exact, and under ``vmap`` the forward kernel folds the batch into rows while the backward
       runs once per batch element.

@@ -28,20 +28,27 @@ SMALL_BLOCKS = BlockSizes(8, 16)
 GPU_BLOCKS, GPU_D = BlockSizes(16, 16, 16), 40
 
 
-def implementation_of(implementation, block_sizes=None, schedule=None):
+def implementation_of(implementation, block_sizes=None, schedule=None, accumulator_bytes=None):
     """The ``implementation`` value for a name and blocks: `sce.Xla` with the blocks of its
     loops (also for None, the automatic choice), `sce.Pallas` for ``schedule`` (compiled where
     the test machine runs it natively, interpreted elsewhere), or ``"reference"``."""
     if implementation == "pallas":
-        return sce.Pallas(block_sizes=block_sizes, schedule=schedule, interpret=interpret(schedule))
+        return sce.Pallas(
+            block_sizes=block_sizes,
+            schedule=schedule,
+            interpret=interpret(schedule),
+            accumulator_bytes=accumulator_bytes,
+        )
     if implementation in ("xla", None) and block_sizes is not None:
         return sce.Xla(block_sizes)
     return implementation
 
 
-def linear_ce(*args, implementation=None, block_sizes=None, schedule=None, **kwargs):
+def linear_ce(
+    *args, implementation=None, block_sizes=None, schedule=None, accumulator_bytes=None, **kwargs
+):
     """`sce.linear_softmax_cross_entropy` with the implementation of `implementation_of`."""
-    impl = implementation_of(implementation, block_sizes, schedule)
+    impl = implementation_of(implementation, block_sizes, schedule, accumulator_bytes)
     return sce.linear_softmax_cross_entropy(*args, implementation=impl, **kwargs)
 
 
@@ -250,10 +257,16 @@ PALLAS_CASES = {
 
 
 @pytest.mark.parametrize("layout", ["dv", "vd"])
-@pytest.mark.parametrize("schedule", ["tpu", "gpu"])
+@pytest.mark.parametrize(
+    ("schedule", "accumulator_bytes"),
+    # One byte of accumulators makes the GPU backward run its two passes of one-block chunks:
+    # three of rows (N = 37, the last one starting early) and four of columns (V = 53).
+    [("tpu", None), ("gpu", None), ("gpu", 1)],
+)
 @pytest.mark.parametrize("name", list(PALLAS_CASES))
-def test_pallas_matches_numpy(name, schedule, layout):
+def test_pallas_matches_numpy(name, schedule, accumulator_bytes, layout):
     d, pallas = _pallas_args(schedule)
+    pallas["accumulator_bytes"] = accumulator_bytes
     x, w, b, y = _data(n=N, d=d, v=V)
     options, y = _resolve(PALLAS_CASES[name], y)
     expected = numpy_linear_ce(x, w, y, bias=b, **_numpy_options(options))
@@ -271,6 +284,36 @@ def test_pallas_matches_numpy(name, schedule, layout):
     np.testing.assert_allclose(dx, expected[2], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(dw, expected[3], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(db, expected[4], rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "accumulator_bytes"), [("tpu", None), ("gpu", None), ("gpu", 1)]
+)
+def test_pallas_array_temperature_gradient(schedule, accumulator_bytes):
+    d, pallas = _pallas_args(schedule)
+    x, w, b, y = _data(n=N, d=d, v=V)
+    expected = numpy_linear_ce(x, w, y, bias=b, temperature=1.3, z_loss=0.05, label_smoothing=0.1)
+
+    def loss(x, w, b, t):
+        return linear_ce(
+            x,
+            w,
+            jnp.asarray(y, jnp.int32),
+            bias=b,
+            temperature=t,
+            z_loss=0.05,
+            label_smoothing=0.1,
+            reduction="sum",
+            implementation="pallas",
+            accumulator_bytes=accumulator_bytes,
+            **pallas,
+        )
+
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, w, b)]
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*f32, jnp.float32(1.3))
+    np.testing.assert_allclose(value, expected[0], rtol=2e-5)
+    for got, want in zip(grads, (expected[2], expected[3], expected[4], expected[5]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
 def test_pallas_on_cpu_runs_the_interpreter():
@@ -881,7 +924,7 @@ def _triton_tensor_shapes(lowered) -> list[tuple[int, ...]]:
             text = str(ir.Module.parse(kernel.value_bytes))
             for dims in re.findall(r"tensor<((?:\d+x)+)", text):
                 shapes.append(tuple(int(x) for x in dims.rstrip("x").split("x")))
-    assert len(kernels) == 2, "the forward and the backward kernel"
+    assert len(kernels) == 3, "the forward kernel and the backward's two passes"
     return shapes
 
 
@@ -957,3 +1000,11 @@ def test_tpu_kernels_fit_vmem_at_llm_shapes(d, layout, lowering_target):
         limits = [c["size"] for c in config.get("scoped_memory_configs", [])]
         limit = limits[0] if limits else 16 * 2**20
         assert need <= limit <= 64 * 2**20, (signature[:60], need, limit)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "32MiB"])
+def test_accumulator_bytes_must_be_a_positive_int(value):
+    with pytest.raises(
+        ValueError, match=f"accumulator_bytes must be None or a positive int, got {value!r}"
+    ):
+        sce.Pallas(accumulator_bytes=value)
