@@ -6,6 +6,7 @@ import jax
 
 from jax_softmax_ce import _pipeline
 from jax_softmax_ce._options import Implementation
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 
 def softmax_cross_entropy(
@@ -22,7 +23,8 @@ def softmax_cross_entropy(
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
     implementation: str | Implementation | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy between logits and probability labels; a drop-in for optax's.
 
     With ``z' = softcap(z) / T`` over the valid classes, target ``q = (1 - e) y + e / V_valid``
@@ -119,7 +121,8 @@ def softmax_cross_entropy_with_integer_labels(
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
     implementation: str | Implementation | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy with integer labels; a drop-in for optax's.
 
     With ``z' = softcap(z) / T`` over the valid classes, label ``t``, smoothing ``e`` and class

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax_softmax_ce import _canonical, _pipeline
 from jax_softmax_ce._canonical import Linear
 from jax_softmax_ce._options import Implementation
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 WEIGHT_LAYOUTS = ("dv", "vd")
 
@@ -69,7 +70,8 @@ def linear_softmax_cross_entropy(
     implementation: str | Implementation | None = None,
     weight_layout: str = "dv",
     gradient_filter_eps: float | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy of the logits ``inputs @ weight + bias``, never materialised.
 
     With ``z = x W + b`` the logits of one example, the loss is the integer-label loss of
@@ -193,6 +195,7 @@ def linear_softmax_cross_entropy(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         gradient_filter_eps=gradient_filter_eps,
+        return_aux=return_aux,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
         reduction=reduction,
