@@ -123,11 +123,11 @@ def _aux(z, lse, has_mass, labels) -> CrossEntropyAux:
     log_p = jnp.where(finite, z - lse, 0)
     p = jnp.where(finite, jnp.exp(log_p), 0)
     argmax = jnp.argmax(jnp.where(has_mass, z, 0), axis=1)
-    at_argmax = jnp.arange(v) == argmax[:, None]
+    at_argmax = jnp.arange(v, dtype=argmax.dtype) == argmax[:, None]
     rows = has_mass[:, 0]
     target_logprob = None
     if labels is not None:
-        z_t = jnp.sum(jnp.where(jnp.arange(v) == labels[:, None], z, 0), axis=1)
+        z_t = jnp.sum(jnp.where(jnp.arange(v, dtype=labels.dtype) == labels[:, None], z, 0), axis=1)
         target_logprob = jnp.where(rows, z_t - lse[:, 0], -np.inf)
         target_logprob = jnp.where(labels >= 0, target_logprob, np.nan)
     return CrossEntropyAux(

@@ -136,7 +136,14 @@ def _forward(options: Options, problem: Problem):
     if options.label_smoothing:
         weights = _tile.smoothing_weights(valid, _class_row(problem), dtype)
         smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z.shape), z, ref))
-    monitor = _monitor(options, problem, ref, z_label) if options.aux else None
+    monitor = None
+    if options.aux:
+        monitor = _monitor(options, problem, ref, z_label)
+        if options.integer and logits.shape[1] <= _EXACT_IDS:
+            # `_tile.lse_besides_label` left out no instance of the max where the label is
+            # outside [0, V) (its loss is NaN), but the auxiliary values need the mass.
+            outside = (problem.labels < 0)[:, None] & (lse.m != _tile.NEG_INF)
+            lse = lse._replace(r=jnp.where(outside, lse.r - 1.0, lse.r))
     state = _tile.RowState(lse, _tile.Term(*target), smoothing, monitor)
     return _canonical.finish_rows(options, problem, state)
 
