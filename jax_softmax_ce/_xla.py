@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_softmax_ce import _canonical, _xla_linear
 from jax_softmax_ce._canonical import Linear, Problem
@@ -152,8 +153,11 @@ def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
     """The `_tile.Monitor` of the one block that spans the vocabulary: its two reductions each
     on their own copy of the logits, as `_ties` (no [N, V] value shared between fusions)."""
 
-    def fresh_z():
-        logits, where, row_ref = jax.lax.optimization_barrier((problem.logits, problem.where, ref))
+    def fresh_z(tag: int):
+        # The tag keeps XLA from merging the two barriers (and so the two copies) into one.
+        logits, where, row_ref, _ = jax.lax.optimization_barrier(
+            (problem.logits, problem.where, ref, np.int32(tag))
+        )
         z = _tile.masked_transform(
             logits.astype(ref.dtype),
             True if where is None else where,
@@ -162,8 +166,8 @@ def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
         )
         return z, row_ref
 
-    t = _tile.entropy_term(*fresh_z())
-    index = _tile.first_at_max(*fresh_z(), 0)
+    t = _tile.entropy_term(*fresh_z(0))
+    index = _tile.first_at_max(*fresh_z(1), 0, float_ids=True)
     label = None
     if options.integer:
         found = (problem.labels >= 0).astype(ref.dtype)[:, None]

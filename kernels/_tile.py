@@ -503,18 +503,36 @@ def label_grad_block(z: jax.Array, m: jax.Array, log_s: jax.Array, valid, scale)
 # ----------------------------------------------------------------------------- return_aux
 
 
-def first_at_max(z: jax.Array, z_max: jax.Array, col0) -> jax.Array:
-    """``[rows, 1]``: the lowest class id ``col0 + j`` of the block whose ``z'`` equals ``z_max``,
-    as a float in ``z``'s dtype (+inf where none does). A min over ids, not an argmax, so that
-    every schedule forms it alike."""
-    ids = col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
-    return jnp.min(jnp.where(z == z_max, ids.astype(z.dtype), np.inf), axis=-1, keepdims=True)
+def first_at_max(z: jax.Array, z_max: jax.Array, col0, *, float_ids: bool = False) -> jax.Array:
+    """``[rows, 1]``: the lowest class id ``col0 + j`` of the block whose ``z'`` equals ``z_max``
+    (finite, or the reference point 0 of a row without a finite ``z'``), as a float in ``z``'s
+    dtype; ``2**24`` or more where none does.
+
+    A min over ``id + 2**24 sign(z' - z_max)**2``, arithmetic rather than a select or an argmax:
+    XLA on the CPU fuses it into the reduction (a select there would be materialised as an
+    ``[N, V]`` temporary), and every schedule forms it alike. ``float_ids`` makes the ids a
+    float iota, which XLA on the CPU fuses (a converted int32 iota it materialises); the
+    kernels' backends make only integer iotas."""
+    if float_ids:
+        ids = col0 + jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
+    else:
+        ids = (col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)).astype(z.dtype)
+    sign = jnp.sign(z - z_max)
+    return jnp.min(ids + NOT_AT_MAX * (sign * sign), axis=-1, keepdims=True)
+
+
+# Added to the class id of a class below the max in `first_at_max`: above every class id that
+# the accumulation dtype holds exactly.
+NOT_AT_MAX = float(2**24)
 
 
 def entropy_term(z: jax.Array, ref: jax.Array) -> jax.Array:
-    """``sum exp(z' - ref) (z' - ref)`` of one block, ``[rows, 1]`` (0 at ``z' = -inf``)."""
+    """``sum exp(z' - ref) (z' - ref)`` of one block, ``[rows, 1]``, with ``z' <= ref``: 0 at
+    ``z' = -inf`` (``z' - ref`` is raised to the dtype's lowest finite value, where ``exp`` is
+    0 anyway). Arithmetic, not a select, so that XLA on the CPU fuses it into the reduction."""
     x = z - ref
-    return jnp.sum(weighted(jnp.exp(x), x), axis=-1, keepdims=True)
+    lowest = jnp.finfo(z.dtype).min
+    return jnp.sum(jnp.exp(x) * jnp.maximum(x, lowest), axis=-1, keepdims=True)
 
 
 def monitor_merge(
@@ -560,7 +578,7 @@ def monitor_finish(lse: Lse, monitor: Monitor) -> AuxRows:
     has_mass, s, log_s = mass(lse.m, lse.r)
     zero = jnp.zeros_like(lse.r)
     mean_x = jnp.where(has_mass, monitor.t / s, zero)
-    index = jnp.where(has_mass & (monitor.index < np.inf), monitor.index, -1.0)
+    index = jnp.where(has_mass & (monitor.index < NOT_AT_MAX), monitor.index, -1.0)
     target_logprob = None
     if monitor.label is not None:
         found, z_label = monitor.label
