@@ -31,9 +31,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from jax_softmax_ce import _benchmark
+from jax_softmax_ce import _benchmark, linear
 from jax_softmax_ce import cross_entropy as ce
-from jax_softmax_ce import linear
 
 N, V = 2048, 32768
 RESULTS = pathlib.Path(__file__).parent / "results"
