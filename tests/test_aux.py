@@ -481,3 +481,24 @@ def test_fused_entropy_gradient_alone(impl_name):
     np.testing.assert_allclose(gx, dz @ np.asarray(w, np.float64).T, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gw, np.asarray(x, np.float64).T @ dz, rtol=1e-4, atol=1e-5)
     assert np.abs(gw).max() > 1e-2
+
+
+@pytest.mark.parametrize("impl_name", ["xla", "gpu"])
+def test_grad_of_grad_matches_autodiff(impl_name):
+    """Reverse over reverse through the auxiliary values' backward, against plain autodiff of
+    ``implementation="reference"``."""
+    logits, labels = make_case(integer=True, seed=10)
+    logits, labels = logits[:, :70], labels % 70
+
+    def gradient_norm(impl):
+        def f(x):
+            loss, aux = sce.softmax_cross_entropy_with_integer_labels(
+                x, labels, implementation=impl, return_aux=True, logit_softcap=4.0
+            )
+            return jnp.sum(loss) + jnp.sum(aux.entropy) + jnp.sum(aux.max_prob + aux.lse)
+
+        return jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(f)(x) ** 2)))(logits)
+
+    want = gradient_norm("reference")
+    got = gradient_norm(implementation(impl_name, logits.dtype))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
