@@ -502,3 +502,68 @@ def test_grad_of_grad_matches_autodiff(impl_name):
     want = gradient_norm("reference")
     got = gradient_norm(implementation(impl_name, logits.dtype))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("impl_name", IMPLEMENTATIONS)
+def test_inside_shard_map_and_with_sharded_inputs(impl_name, mesh):
+    """Inside ``shard_map`` (rows split, a replicated array temperature whose gradient comes back
+    summed), and, for ``"xla"``, logits sharded under ``jit``: values and gradients of the loss
+    plus the entropy as unsharded."""
+    spec = jax.sharding.PartitionSpec("d")
+    rng = np.random.default_rng(14)
+    logits = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 12, 8), jnp.int32)
+    temperature = jnp.float32(1.3)
+    impl = implementation(impl_name, logits.dtype)
+
+    def objective_of(x, y, t):
+        loss, aux = sce.softmax_cross_entropy_with_integer_labels(
+            x, y, temperature=t, implementation=impl, return_aux=True
+        )
+        return jnp.sum(loss) + jnp.sum(aux.entropy), aux
+
+    # As in test_pallas.py: Pallas' generic interpreter pads refs with an unvarying value, which
+    # the varying-axes check rejects (with or without return_aux). Without the check, nothing
+    # knows that the replicated temperature's gradient must be summed over the shards.
+    check_vma = not (impl_name == "gpu" and interpret("gpu"))
+
+    def per_shard(x, y, t):
+        (value, aux), grads = jax.value_and_grad(objective_of, (0, 2), has_aux=True)(x, y, t)
+        return jax.lax.psum(value, "d"), aux.argmax, *grads
+
+    fn = jax.jit(
+        jax.shard_map(
+            per_shard,
+            mesh=mesh,
+            in_specs=(spec, spec, jax.sharding.PartitionSpec()),
+            out_specs=(jax.sharding.PartitionSpec(), spec, spec, jax.sharding.PartitionSpec()),
+            check_vma=check_vma,
+        )
+    )
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    value, argmax, d_logits, d_t = fn(
+        jax.device_put(logits, sharding), jax.device_put(labels, sharding), temperature
+    )
+    exact = np.asarray(logits, np.float64)
+    ce = numpy_reference.cross_entropy(exact, np.asarray(labels), integer=True, temperature=1.3)
+    mon = numpy_reference.monitoring(
+        exact,
+        np.asarray(labels),
+        integer=True,
+        temperature=1.3,
+        coefficients={"entropy": np.ones(8)},
+    )
+    np.testing.assert_allclose(value, ce.loss.sum() + mon.entropy.sum(), rtol=1e-6)
+    np.testing.assert_array_equal(argmax, mon.argmax)
+    np.testing.assert_allclose(d_logits, ce.dlogits + mon.dlogits, atol=2e-6)
+    if check_vma:
+        np.testing.assert_allclose(d_t, ce.dtemperature + mon.dtemperature, rtol=1e-5)
+    if impl_name == "xla":
+        for vocab in (False, True):
+            placed = jax.sharding.PartitionSpec(None, "d") if vocab else spec
+            x = jax.device_put(logits, jax.sharding.NamedSharding(mesh, placed))
+            value, grad = jax.jit(
+                jax.value_and_grad(lambda x: objective_of(x, labels, temperature)[0])
+            )(x)
+            np.testing.assert_allclose(value, ce.loss.sum() + mon.entropy.sum(), rtol=1e-6)
+            np.testing.assert_allclose(grad, ce.dlogits + mon.dlogits, atol=2e-6)
