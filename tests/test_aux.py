@@ -567,3 +567,27 @@ def test_inside_shard_map_and_with_sharded_inputs(impl_name, mesh):
             )(x)
             np.testing.assert_allclose(value, ce.loss.sum() + mon.entropy.sum(), rtol=1e-6)
             np.testing.assert_allclose(grad, ce.dlogits + mon.dlogits, atol=2e-6)
+
+
+def test_fused_xla_with_rows_sharded_over_an_explicit_mesh(mesh):
+    """The fused loss's XLA loops under ``auto_axes`` (explicitly sharded rows) return the aux
+    values sharded like the losses, and the same values and gradients as unsharded."""
+    x, w, _, y = fused_case(seed=3)
+    explicit = jax.make_mesh(
+        mesh.axis_sizes, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,)
+    )
+
+    def f(x, w, y):
+        loss, aux = sce.linear_softmax_cross_entropy(x, w, y, implementation="xla", return_aux=True)
+        return jnp.sum(loss) + jnp.sum(aux.entropy), aux.argmax
+
+    fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
+    rows = jax.sharding.PartitionSpec("d")
+    n = len(mesh.devices.flat) * (N // len(mesh.devices.flat))
+    with jax.set_mesh(explicit):
+        (got, argmax), grads = fn(jax.device_put(x[:n], rows), w, jax.device_put(y[:n], rows))
+    (want, want_argmax), want_grads = fn(x[:n], w, y[:n])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(argmax, want_argmax)
+    for g, h in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
