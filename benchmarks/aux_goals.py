@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 
 import jax
@@ -70,6 +71,7 @@ def _cpu_problems(dtype):
 
 
 def cpu(*, rounds: int, repeats: int, note: str) -> dict:
+    load_before = os.getloadavg()[0]
     loss_fn = ce.softmax_cross_entropy_with_integer_labels
     measured = {}
     goals = {}
@@ -103,6 +105,8 @@ def cpu(*, rounds: int, repeats: int, note: str) -> dict:
         **_benchmark.environment(),
         "date": _now(),
         "note": note,
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": os.getloadavg()[0],
         "problem": {"n": N, "v": V, "labels": "integer", "reduction": "mean"},
         "implementation": "default (xla)",
         "variants": VARIANTS,
