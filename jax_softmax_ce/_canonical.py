@@ -32,7 +32,8 @@ import numpy as np
 
 from jax_softmax_ce._options import Options
 from jax_softmax_ce._util import accumulation_dtype, varying_axes
-from jax_softmax_ce.kernels import _blocks
+from jax_softmax_ce.kernels import _blocks, _tile
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 LINEAR_LOGITS = "logits inputs @ weight"  # how errors name the logits the caller never passed
 
@@ -502,8 +503,13 @@ def operands(options: Options, problem: Problem, **saved) -> _blocks.Operands:
     x = logits.inputs if fused else None
     if fused and "ct" in saved:
         # A row with a zero cotangent adds x_i^T 0 to the projection's gradient: NaN for NaN
-        # inputs (an example that does not count, or of weight 0), unless x_i is 0.
-        x = jnp.where(saved["ct"] != 0, x, jnp.zeros((), x.dtype))
+        # inputs (an example that does not count, or of weight 0), unless x_i is 0. With
+        # return_aux, a row whose auxiliary values have a cotangent has a gradient too.
+        live = saved["ct"] != 0
+        for name in ("aux_p", "aux_x", "aux_a", "aux_t"):
+            if saved.get(name) is not None:
+                live = live | (saved[name] != 0)
+        x = jnp.where(live, x, jnp.zeros((), x.dtype))
     ops = _blocks.Operands(
         logits=None if fused else logits,
         x=x,
@@ -522,6 +528,66 @@ def operands(options: Options, problem: Problem, **saved) -> _blocks.Operands:
     return _blocks.Operands(*_blocks.vary_alike(list(ops)))
 
 
+def finish_rows(options: Options, problem: Problem, state: _tile.RowState):
+    """``(losses [N], stats)`` from the forward accumulators of every row (`_tile.finish`),
+    losses 0 for examples that do not count; with ``options.aux``, ``((losses, aux), (stats,
+    aux_rows))``: the `CrossEntropyAux` values (`aux_values`) and the `_tile.AuxRows` that
+    their gradient needs."""
+    rows = problem.rows
+    loss, _, stats = _tile.finish(
+        state,
+        rows.label_weight,
+        rows.n_valid,
+        label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss,
+    )
+    losses = jnp.where(rows.counted, loss, jnp.zeros((), loss.dtype))[:, 0]
+    if not options.aux:
+        return losses, stats
+    aux = _tile.monitor_finish(state.lse, state.monitor)
+    return (losses, aux_values(aux)), (stats, aux)
+
+
+def aux_values(aux: _tile.AuxRows) -> CrossEntropyAux:
+    """An implementation's per-example ``return_aux`` values, ``[N]`` each, from its
+    `_tile.AuxRows` (the argmax as int32)."""
+    tlp = aux.target_logprob
+    return CrossEntropyAux(
+        aux.lse[:, 0],
+        aux.argmax[:, 0].astype(jnp.int32),
+        aux.max_prob[:, 0],
+        aux.entropy[:, 0],
+        None if tlp is None else tlp[:, 0],
+    )
+
+
+def aux_gradient(problem: Problem, m: jax.Array, aux: _tile.AuxRows, ct) -> _tile.AuxGrad:
+    """The coefficients of the auxiliary values' gradient (`_tile.AuxGrad`, ``[N, 1]`` each) for
+    their cotangent ``ct`` (a `CrossEntropyAux` of ``[N]`` arrays; its argmax's is ignored),
+    nonzero only in rows that count and have a finite valid logit (the row max ``m``)."""
+    live = problem.rows.counted & (m != _tile.NEG_INF)
+    dtype = m.dtype
+
+    def column(x):
+        return None if x is None else x.astype(dtype)[:, None]
+
+    return _tile.aux_coefficients(
+        aux,
+        live,
+        column(ct.lse),
+        column(ct.max_prob),
+        column(ct.entropy),
+        column(ct.target_logprob),
+    )
+
+
+def aux_operands(grad: _tile.AuxGrad) -> dict:
+    """The backward kernels' operands of `aux_gradient`'s coefficients (empty without)."""
+    if grad is None:
+        return {}
+    return {k: v for k, v in grad._asdict().items() if k != "total"}
+
+
 def like_primal(grad, primal):
     """A gradient summed over the ``shard_map`` axes over which it varies and its primal does
     not: a replicated operand (a projection, an array temperature) used by every shard's rows
@@ -531,21 +597,31 @@ def like_primal(grad, primal):
     return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
 
 
-def temperature_gradient(terms, lse, ct, problem: Problem, options: Options):
+def temperature_gradient(terms, lse, ct, problem: Problem, options: Options, aux_total=None):
     """``dl/dT`` of the array temperature, typed like it: ``-(sum of terms + z-loss part) / T``.
 
     ``terms`` are the rows' `_tile.temperature_term` values (or their sum), already times the
     cotangent; the z-loss part ``2 z_loss ct lse**2`` of each row with a finite ``lse`` is the
-    rest of ``sum_k g_k z'_k``. ``lse`` and ``ct`` are per row, of one shape."""
+    rest of ``sum_k g_k z'_k``, and with ``return_aux`` so is ``aux_total lse``, where
+    ``aux_total`` (`_tile.AuxGrad.total`) is the sum over classes of the auxiliary values'
+    gradient. ``lse``, ``ct`` and ``aux_total`` are per row, of one shape."""
     dtype = lse.dtype
     total = jnp.sum(terms)
+    finite = jnp.isfinite(lse)
     if options.z_loss:
-        finite = jnp.isfinite(lse)
         lse2 = jnp.where(finite, lse, jnp.zeros((), dtype)) ** 2
         total = total + jnp.sum(jnp.where(finite, 2.0 * options.z_loss * ct * lse2, 0))
+    if aux_total is not None:
+        total = total + jnp.sum(weighted_finite(aux_total, lse))
     t = problem.temperature
     grad = (-total / temperature(options, problem, dtype)).astype(t.dtype)
     return like_primal(grad, t)
+
+
+def weighted_finite(weight: jax.Array, value: jax.Array) -> jax.Array:
+    """``weight * value`` where ``value`` is finite, else 0."""
+    finite = jnp.isfinite(value)
+    return jnp.where(finite, weight * jnp.where(finite, value, jnp.zeros((), value.dtype)), 0)
 
 
 def scaled(weight: jax.Array, value: jax.Array) -> jax.Array:

@@ -37,6 +37,8 @@ class Options:
         mask for every example) or ``"full"`` (``[N, V]``).
       filter_eps: the fused loss's gradient filter threshold (0 for exact gradients).
       vd: the fused loss's projection is ``[V, D]`` (tied embeddings) rather than ``[D, V]``.
+      aux: ``return_aux=True``: the implementation also returns the per-example
+        `monitoring.CrossEntropyAux`, from the same pass.
     """
 
     label_smoothing: float = 0.0
@@ -48,6 +50,7 @@ class Options:
     mask: str | None = None
     filter_eps: float = 0.0
     vd: bool = False
+    aux: bool = False
 
 
 def python_float(name: str, value) -> float:
@@ -72,6 +75,7 @@ def make_options(
     integer: bool = True,
     gradient_filter_eps=None,
     temperature_is_array: bool = False,
+    return_aux: bool = False,
 ) -> Options:
     """Validates the scalar options and returns them as one hashable `Options` (its ``mask``
     and ``vd`` are set when the problem is canonicalised)."""
@@ -106,6 +110,8 @@ def make_options(
         filter_eps = float(gradient_filter_eps)
         if not 0.0 <= filter_eps < 1.0:
             raise ValueError(f"gradient_filter_eps must be in [0, 1), got {gradient_filter_eps}")
+    if not isinstance(return_aux, (bool, np.bool_)):
+        raise TypeError(f"return_aux must be a Python bool (it is static), got {return_aux!r}")
     return Options(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -114,6 +120,7 @@ def make_options(
         ignore_index=ignore_index,
         integer=bool(integer),
         filter_eps=filter_eps,
+        aux=bool(return_aux),
     )
 
 

@@ -41,6 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import dispatch
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
@@ -89,7 +90,7 @@ def with_kernels(forward, backward, xla):
 
     def xla_grads(options, problem, ct):
         """The cotangent of the operands that have one (as ``backward`` returns it)."""
-        grads = jax.vjp(functools.partial(xla, options), problem)[1](ct)[0]
+        grads = jax.vjp(functools.partial(xla, options), problem)[1](_with_argmax(ct))[0]
         labels = None if options.integer else grads.labels
         return Problem(grads.logits, labels, None, None, grads.temperature, None)
 
@@ -125,10 +126,27 @@ def with_kernels(forward, backward, xla):
 
     def losses_bwd(options, config, residuals, ct):
         problem, saved = residuals
-        return (kernel_backward(options, config, problem, saved, ct),)
+        return (kernel_backward(options, config, problem, saved, _without_argmax(ct)),)
 
     losses.defvjp(losses_fwd, losses_bwd)
     return losses
+
+
+def _without_argmax(ct):
+    """A cotangent of ``(losses, aux)`` without the argmax's (float0) part, so that it can be
+    differentiated; a cotangent of the losses alone as it is."""
+    if not isinstance(ct, tuple):
+        return ct
+    losses, aux = ct
+    return losses, aux._replace(argmax=None)
+
+
+def _with_argmax(ct):
+    """The inverse of `_without_argmax`: the argmax's cotangent restored as float0 zeros."""
+    if not isinstance(ct, tuple) or ct[1].argmax is not None:
+        return ct
+    losses, aux = ct
+    return losses, aux._replace(argmax=np.zeros(losses.shape, jax.dtypes.float0))
 
 
 # --------------------------------------------------------- operands, schedules and platforms
@@ -273,27 +291,29 @@ def launch(options: Options, config: Pallas, ops: _blocks.Operands, step: str, *
 
 def forward(options: Options, config: Pallas, problem: Problem):
     """``(losses [N], stats)``: the forward kernel's per-example losses (0 for examples that do
-    not count), and what the backward kernel needs (`_tile.Stats`)."""
+    not count), and what the backward kernel needs (`_tile.Stats`); with ``options.aux`` the
+    `CrossEntropyAux` values too (`_canonical.finish_rows`)."""
     if _canonical.explicit_mesh(problem) is not None:
         raise NotImplementedError(EXPLICIT_SHARDING)
-    rows = problem.rows
     call, leaves = launch(options, config, _canonical.operands(options, problem), "forward")
-    loss, _, stats = _tile.finish(
-        call(*leaves),
-        rows.label_weight,
-        rows.n_valid,
-        label_smoothing=options.label_smoothing,
-        z_loss=options.z_loss,
-    )
-    return jnp.where(rows.counted, loss, jnp.zeros((), loss.dtype))[:, 0], stats
+    return _canonical.finish_rows(options, problem, call(*leaves))
 
 
-def backward(options: Options, config: Pallas, problem: Problem, stats, ct) -> Problem:
-    """The cotangent of ``problem`` (None where there is none) from the backward kernels."""
+def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> Problem:
+    """The cotangent of ``problem`` (None where there is none) from the backward kernels;
+    ``saved`` and ``ct`` as `forward` returns them and their cotangent (without the argmax's)."""
     rows = problem.rows
+    aux_grad = None
+    if options.aux:
+        (stats, aux), (ct, aux_ct) = saved, ct
+        aux_grad = _canonical.aux_gradient(problem, stats.m, aux, aux_ct)
+    else:
+        stats = saved
     dtype = stats.m.dtype
     ct = jnp.where(rows.counted, ct.astype(dtype)[:, None], jnp.zeros((), dtype))
-    ops = _canonical.operands(options, problem, **stats._asdict(), ct=ct)
+    ops = _canonical.operands(
+        options, problem, **stats._asdict(), ct=ct, **_canonical.aux_operands(aux_grad)
+    )
     logits = problem.logits
     fused = isinstance(logits, Linear)
     call, leaves = launch(options, config, ops, "backward", rows_out=not fused)
@@ -313,7 +333,9 @@ def backward(options: Options, config: Pallas, problem: Problem, stats, ct) -> P
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
-        d_temperature = _canonical.temperature_gradient(t_terms, lse, ct, problem, options)
+        d_temperature = _canonical.temperature_gradient(
+            t_terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
+        )
     return Problem(d_logits, d_labels, None, None, d_temperature, None)
 
 

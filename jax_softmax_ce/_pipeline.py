@@ -8,8 +8,11 @@ operands into one `_canonical.Problem` (logits, or a `_canonical.Linear` project
 loss), computes the per-row facts once, hands the problem to the implementation, and reduces.
 
 Every implementation takes ``(options, config, problem)`` and returns per-example losses ``[N]``
-in the accumulation dtype, 0 for examples that do not count; one that cannot take a case raises
-``NotImplementedError`` with the reason, and only ``implementation=None`` may choose another.
+in the accumulation dtype, 0 for examples that do not count; with ``options.aux``
+(``return_aux=True``) it returns ``(losses, aux)``, ``aux`` a `CrossEntropyAux` of ``[N]`` arrays
+from the same pass, which `run` sets to -1 and 0 for examples that do not count and reshapes to
+the batch shape, like the losses. One that cannot take a case raises ``NotImplementedError`` with
+the reason, and only ``implementation=None`` may choose another.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from jax_softmax_ce import _canonical, _options, _pallas, _reference, _xla
 from jax_softmax_ce._canonical import Linear
 from jax_softmax_ce._options import Options, Pallas, Reference, Xla
 from jax_softmax_ce._util import accumulation_dtype
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 IMPLEMENTATIONS = {
     Xla: _xla.losses,
@@ -99,16 +103,55 @@ def run(
             batch_shape = tuple(logits.shape[a] for a in lay.batch_axes)
             described = f"logits shape {logits.shape} without axis {axis}"
             _canonical.example_weights(weights, batch_shape, dtype, described)
-            return jnp.zeros(batch_shape if reduction == "none" else (), dtype)
+            loss = jnp.zeros(batch_shape if reduction == "none" else (), dtype)
+            if not options.aux:
+                return loss
+            return loss, _empty_aux(batch_shape, dtype, options)
     problem, options, lay = _canonical.canonicalise(
         logits, labels, axis, where, class_weights, temperature, options, weights
     )
+    if options.aux and problem.num_classes > MAX_AUX_CLASSES:
+        raise ValueError(
+            f"return_aux=True takes at most {MAX_AUX_CLASSES} classes (the argmax is carried as "
+            f"a float32 class id), got {problem.num_classes} ({logits.shape}, axis {axis})"
+        )
     if implementation is None:
         implementation = choose_implementation(problem, options)
     if problem.num_rows == 0:
-        losses = jnp.zeros((0,), dtype)
+        out = jnp.zeros((0,), dtype)
+        if options.aux:
+            out = out, _empty_aux((0,), dtype, options)
     else:
-        losses = IMPLEMENTATIONS[type(implementation)](options, implementation, problem)
-    return _canonical.reduce_problem(
+        out = IMPLEMENTATIONS[type(implementation)](options, implementation, problem)
+    losses, aux = out if options.aux else (out, None)
+    loss = _canonical.reduce_problem(
         losses, problem, options, reduction=reduction, batch_shape=lay.batch_shape, dtype=dtype
+    )
+    if not options.aux:
+        return loss
+    return loss, _batch_aux(aux, problem.rows.counted[:, 0], lay.batch_shape)
+
+
+# Class ids that float32 holds exactly: the kernels carry the running argmax as a float.
+MAX_AUX_CLASSES = 2**24
+
+
+def _empty_aux(batch_shape, dtype, options: Options) -> CrossEntropyAux:
+    """The `CrossEntropyAux` of examples that have no class: none counts."""
+    zeros = jnp.zeros(batch_shape, dtype)
+    argmax = jnp.full(batch_shape, -1, jnp.int32)
+    return CrossEntropyAux(zeros, argmax, zeros, zeros, zeros if options.integer else None)
+
+
+def _batch_aux(aux: CrossEntropyAux, counted, batch_shape) -> CrossEntropyAux:
+    """An implementation's ``[N]`` values in the batch shape: argmax -1 and 0 for the float
+    values of examples that do not count (ignored, or with no valid class)."""
+
+    def batch(x, empty):
+        if x is None:
+            return None
+        return jnp.where(counted, x, jnp.full((), empty, x.dtype)).reshape(batch_shape)
+
+    return CrossEntropyAux(
+        *(batch(x, -1 if name == "argmax" else 0) for name, x in aux._asdict().items())
     )

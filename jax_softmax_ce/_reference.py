@@ -16,6 +16,7 @@ import numpy as np
 from jax_softmax_ce import _canonical
 from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import Options, Reference
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 
 def logits_of(problem: Problem) -> jax.Array:
@@ -108,4 +109,31 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     if options.integer:
         loss = jnp.where(jnp.isnan(rows.label_weight[:, 0]), np.nan, loss)
     loss = jnp.where(bad[:, 0], np.nan, loss)
-    return jnp.where(rows.counted[:, 0], loss, 0)
+    losses = jnp.where(rows.counted[:, 0], loss, 0)
+    if not options.aux:
+        return losses
+    return losses, _aux(z, lse, has_mass, labels if options.integer else None)
+
+
+def _aux(z, lse, has_mass, labels) -> CrossEntropyAux:
+    """``return_aux``'s values from the ``[N, V]`` transformed, masked logits ``z`` and their
+    ``lse`` (``[N, 1]``), by autodiff: ``log p = z' - lse`` on the classes of finite ``z'``."""
+    v = z.shape[1]
+    finite = (z != -np.inf) & has_mass
+    log_p = jnp.where(finite, z - lse, 0)
+    p = jnp.where(finite, jnp.exp(log_p), 0)
+    argmax = jnp.argmax(jnp.where(has_mass, z, 0), axis=1)
+    at_argmax = jnp.arange(v, dtype=argmax.dtype) == argmax[:, None]
+    rows = has_mass[:, 0]
+    target_logprob = None
+    if labels is not None:
+        z_t = jnp.sum(jnp.where(jnp.arange(v, dtype=labels.dtype) == labels[:, None], z, 0), axis=1)
+        target_logprob = jnp.where(rows, z_t - lse[:, 0], -np.inf)
+        target_logprob = jnp.where(labels >= 0, target_logprob, np.nan)
+    return CrossEntropyAux(
+        lse[:, 0],
+        jnp.where(rows, argmax, -1).astype(jnp.int32),
+        jnp.sum(jnp.where(at_argmax, p, 0), axis=1),
+        -jnp.sum(p * log_p, axis=1),
+        target_logprob,
+    )

@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_softmax_ce import _canonical, _xla_linear
 from jax_softmax_ce._canonical import Linear, Problem
@@ -25,7 +26,8 @@ from jax_softmax_ce.kernels import _blocks, _tile
 
 
 def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
-    """Per-example losses ``[N]`` in the accumulation dtype, 0 for examples that do not count."""
+    """Per-example losses ``[N]`` in the accumulation dtype, 0 for examples that do not count;
+    with ``options.aux``, ``(losses, aux)``, ``aux`` a `CrossEntropyAux` of ``[N]`` arrays."""
     if isinstance(problem.logits, Linear):
         return _xla_linear.losses(options, config, problem)
     if config.block_sizes is not None:
@@ -90,7 +92,9 @@ def _target_logit(options: Options, problem: Problem, temperature):
 
 
 def _forward(options: Options, problem: Problem):
-    """``(losses [N], stats)``: what the backward needs is `_tile.Stats`."""
+    """``(losses [N], stats)``: what the backward needs is `_tile.Stats`. With ``options.aux``,
+    ``((losses, aux), (stats, aux_rows))``: the `CrossEntropyAux` values and their
+    `_tile.AuxRows`."""
     # The row max and the target logit are read from the raw logits (the transform is monotone
     # and exact on one value per row), so that no float32 copy of 16-bit logits is shared by
     # several reductions: XLA would materialise it as an [N, V] temporary.
@@ -133,15 +137,42 @@ def _forward(options: Options, problem: Problem):
     if options.label_smoothing:
         weights = _tile.smoothing_weights(valid, _class_row(problem), dtype)
         smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z.shape), z, ref))
-    state = _tile.RowState(lse, _tile.Term(*target), smoothing)
-    loss, _, stats = _tile.finish(
-        state,
-        rows.label_weight,
-        rows.n_valid,
-        label_smoothing=options.label_smoothing,
-        z_loss=options.z_loss,
-    )
-    return jnp.where(rows.counted, loss, 0)[:, 0], stats
+    monitor = None
+    if options.aux:
+        monitor = _monitor(options, problem, ref, z_label)
+        if options.integer and logits.shape[1] <= _EXACT_IDS:
+            # `_tile.lse_besides_label` left out no instance of the max where the label is
+            # outside [0, V) (its loss is NaN), but the auxiliary values need the mass.
+            outside = (problem.labels < 0)[:, None] & (lse.m != _tile.NEG_INF)
+            lse = lse._replace(r=jnp.where(outside, lse.r - 1.0, lse.r))
+    state = _tile.RowState(lse, _tile.Term(*target), smoothing, monitor)
+    return _canonical.finish_rows(options, problem, state)
+
+
+def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
+    """The `_tile.Monitor` of the one block that spans the vocabulary: its two reductions each
+    on their own copy of the logits, as `_ties` (no [N, V] value shared between fusions)."""
+
+    def fresh_z(tag: int):
+        # The tag keeps XLA from merging the two barriers (and so the two copies) into one.
+        logits, where, row_ref, _ = jax.lax.optimization_barrier(
+            (problem.logits, problem.where, ref, np.int32(tag))
+        )
+        z = _tile.masked_transform(
+            logits.astype(ref.dtype),
+            True if where is None else where,
+            softcap=options.logit_softcap,
+            temperature=_canonical.temperature(options, problem),
+        )
+        return z, row_ref
+
+    t = _tile.entropy_term(*fresh_z(0))
+    index = _tile.first_at_max(*fresh_z(1), 0, float_ids=True)
+    label = None
+    if options.integer:
+        found = (problem.labels >= 0).astype(ref.dtype)[:, None]
+        label = _tile.Term(found, _tile.weighted(found, z_label - ref))
+    return _tile.Monitor(t, index, label)
 
 
 # Class ids that float32 holds exactly: `_tile.lse_besides_label` finds the label's column
@@ -169,15 +200,21 @@ def _class_row(problem: Problem):
 
 
 def _fwd(options: Options, problem: Problem):
-    loss, stats = _forward(options, problem)
-    return loss, (problem, stats)
+    out, saved = _forward(options, problem)
+    return out, (problem, saved)
 
 
 def _bwd(options: Options, residuals, cotangent):
-    problem, stats = residuals
+    problem, saved = residuals
     # The saved statistics behind a barrier: the backward's exp(z' - m) is then not the same
     # value as the forward's, which XLA would otherwise share as one [N, V] temporary.
-    stats = jax.lax.optimization_barrier(stats)
+    saved = jax.lax.optimization_barrier(saved)
+    aux_grad = None
+    if options.aux:
+        (stats, aux), (cotangent, aux_ct) = saved, cotangent
+        aux_grad = _canonical.aux_gradient(problem, stats.m, aux, aux_ct)
+    else:
+        stats = saved
     logits, rows = problem.logits, problem.rows
     dtype = stats.m.dtype
     if logits.dtype != dtype:
@@ -196,14 +233,18 @@ def _bwd(options: Options, residuals, cotangent):
         0,
         jnp.ones((1, logits.shape[1]), jnp.bool_),
         True if problem.where is None else problem.where,
-        _canonical.operands(options, problem, **stats._asdict(), ct=ct),
+        _canonical.operands(
+            options, problem, **stats._asdict(), ct=ct, **_canonical.aux_operands(aux_grad)
+        ),
         label_entry=entry,
     )
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
-        d_temperature = _canonical.temperature_gradient(grad.t_part, lse, ct, problem, options)
+        d_temperature = _canonical.temperature_gradient(
+            grad.t_part, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
+        )
     d_logits = grad.d_logits.astype(problem.logits.dtype)
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)
 

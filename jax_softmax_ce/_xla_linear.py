@@ -25,6 +25,7 @@ from jax_softmax_ce import _canonical
 from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import BlockSizes, Options, Xla
 from jax_softmax_ce.kernels import _blocks, _linear, _tile
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 
 def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
@@ -45,6 +46,8 @@ def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
         return _fused(options, blocks, problem)
     rows = jax.typeof(linear.inputs).sharding.spec
     out = jax.sharding.PartitionSpec(rows[0] if rows else None)
+    if options.aux:
+        out = (out, CrossEntropyAux(out, out, out, out, out if options.integer else None))
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.sharding.auto_axes(functools.partial(_fused, options, blocks), out_sharding=out)(
             problem
@@ -130,7 +133,6 @@ def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _t
     """``RowState`` of ``[N, 1]`` accumulators, looping over row blocks, then vocabulary blocks."""
     loops = _Loops(options, blocks, problem)
     n, v, bn, bv = loops.n, loops.v, loops.bn, loops.bv
-    smoothing = bool(options.label_smoothing)
 
     def row_block(i, state):
         r0 = _linear.block_start(i, bn, n)
@@ -139,7 +141,7 @@ def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _t
             tile, x_blk, w_blk = loops.tile(i, j)
             return tile.forward(acc, loops.logits(x_blk, w_blk, tile))
 
-        init = _varying(_tile.row_state_init(bn, loops.dtype, smoothing), loops.axes)
+        init = _varying(_blocks.state_init(options, bn, loops.dtype), loops.axes)
         block = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
         fresh = _linear.rows_ok(r0, i * bn, bn, n)
 
@@ -149,21 +151,14 @@ def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _t
 
         return jax.tree.map(write, state, block)
 
-    init = _varying(_tile.row_state_init(n, loops.dtype, smoothing), loops.axes)
+    init = _varying(_blocks.state_init(options, n, loops.dtype), loops.axes)
     return jax.lax.fori_loop(0, _cdiv(n, bn), row_block, init)
 
 
 def _forward(options: Options, blocks: BlockSizes, problem: Problem):
-    """``(losses [N], stats)`` (`_tile.Stats`)."""
-    rows = problem.rows
-    loss, _, stats = _tile.finish(
-        _forward_state(options, blocks, problem),
-        rows.label_weight,
-        rows.n_valid,
-        label_smoothing=options.label_smoothing,
-        z_loss=options.z_loss,
-    )
-    return jnp.where(rows.counted, loss, 0)[:, 0], stats
+    """``(losses [N], stats)`` (`_tile.Stats`), or with ``options.aux`` the values and saved rows
+    of `_canonical.finish_rows`."""
+    return _canonical.finish_rows(options, problem, _forward_state(options, blocks, problem))
 
 
 def _write(full, new, start, size: int, axis: int, fresh):
@@ -174,15 +169,16 @@ def _write(full, new, start, size: int, axis: int, fresh):
     return jax.lax.dynamic_update_slice_in_dim(full, new, start, axis)
 
 
-def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct):
+def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct, aux_ops):
     """``_linear.Grads``, in two passes, as in flash attention's backward: ``d_inputs`` over row
     blocks (each accumulated over the vocabulary in a float32 ``[block_n, D]`` block, then
     written in the inputs' dtype), then ``d_weight`` and ``d_bias`` over vocabulary blocks (each
     accumulated over the rows in a float32 ``[D, block_v]`` block). Every tile's gradient is
     formed twice, one matmul more than a single pass, so that no float32 accumulator spans the
     inputs or the projection. ``stats`` (`_tile.Stats`) and ``ct`` (the cotangent, 0 for rows
-    that do not count) are ``[N, 1]``."""
-    loops = _Loops(options, blocks, problem, **stats._asdict(), ct=ct)
+    that do not count) are ``[N, 1]``, and so are ``aux_ops``, the coefficients of the
+    ``return_aux`` values' gradient (`_canonical.aux_operands`)."""
+    loops = _Loops(options, blocks, problem, **stats._asdict(), ct=ct, **aux_ops)
     n, d, v, bn, bv = loops.n, loops.d, loops.v, loops.bn, loops.bv
     dtype, vd = loops.dtype, loops.vd
     has_bias = problem.logits.bias is not None
@@ -252,19 +248,27 @@ def _fused(options: Options, blocks: BlockSizes, problem: Problem):
 
 
 def _fused_fwd(options, blocks, problem):
-    loss, stats = _forward(options, blocks, problem)
-    return loss, (problem, stats)
+    out, saved = _forward(options, blocks, problem)
+    return out, (problem, saved)
 
 
 def _fused_bwd(options, blocks, residuals, cotangent):
-    problem, stats = residuals
+    problem, saved = residuals
     rows, linear = problem.rows, problem.logits
+    aux_grad = None
+    if options.aux:
+        (stats, aux), (cotangent, aux_ct) = saved, cotangent
+        aux_grad = _canonical.aux_gradient(problem, stats.m, aux, aux_ct)
+    else:
+        stats = saved
     ct = jnp.where(rows.counted, cotangent.astype(stats.m.dtype)[:, None], 0)
-    grads = _backward(options, blocks, problem, stats, ct)
+    grads = _backward(options, blocks, problem, stats, ct, _canonical.aux_operands(aux_grad))
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
-        d_temperature = _canonical.temperature_gradient(grads.t_sum, lse, ct, problem, options)
+        d_temperature = _canonical.temperature_gradient(
+            grads.t_sum, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
+        )
 
     def like(grad, primal):
         return None if grad is None else _canonical.like_primal(grad.astype(primal.dtype), primal)

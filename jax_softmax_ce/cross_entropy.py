@@ -6,6 +6,7 @@ import jax
 
 from jax_softmax_ce import _pipeline
 from jax_softmax_ce._options import Implementation
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 
 def softmax_cross_entropy(
@@ -22,7 +23,8 @@ def softmax_cross_entropy(
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
     implementation: str | Implementation | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy between logits and probability labels; a drop-in for optax's.
 
     With ``z' = softcap(z) / T`` over the valid classes, target ``q = (1 - e) y + e / V_valid``
@@ -74,9 +76,15 @@ def softmax_cross_entropy(
       implementation: None (the automatic choice), ``"xla"``, ``"pallas"``, ``"reference"``, or
         a `jax_softmax_ce.Pallas` or `jax_softmax_ce.Xla` configuration; what each is, and the
         transformations each supports, as for `softmax_cross_entropy_with_integer_labels`.
+      return_aux: Also return per-example statistics of ``softmax(z')`` from the same pass
+        (`jax_softmax_ce.CrossEntropyAux`), as for
+        `softmax_cross_entropy_with_integer_labels`; with probability labels its
+        ``target_logprob`` is None (there is no single target class).
+
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
-      scalar; float32 for 16-bit logits, the logits' dtype otherwise.
+      scalar; float32 for 16-bit logits, the logits' dtype otherwise. With ``return_aux=True``,
+      ``(losses, aux)``.
 
     Raises:
       TypeError: integer logits, or complex ``weights``.
@@ -119,7 +127,8 @@ def softmax_cross_entropy_with_integer_labels(
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
     implementation: str | Implementation | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy with integer labels; a drop-in for optax's.
 
     With ``z' = softcap(z) / T`` over the valid classes, label ``t``, smoothing ``e`` and class
@@ -186,10 +195,36 @@ def softmax_cross_entropy_with_integer_labels(
         (forward mode over its plain-JAX reverse rule); only ``"reference"`` (plain autodiff)
         supports forward mode of the loss itself (``jax.jvp``, ``jax.linearize``,
         ``jax.jacfwd``), and ``jax.hessian`` with ``"pallas"``.
+      return_aux: Also return a `jax_softmax_ce.CrossEntropyAux` of per-example statistics of
+        ``p = softmax(z')``, computed in the same pass over the logits as the loss by every
+        implementation (see below).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
-      scalar; float32 for 16-bit logits, the logits' dtype otherwise.
+      scalar; float32 for 16-bit logits, the logits' dtype otherwise. With ``return_aux=True``,
+      ``(losses, aux)``: ``aux`` holds arrays of the batch shape (``logits.shape`` without
+      ``axis``) whatever the ``reduction``, its float fields in the accumulation dtype
+      (float32, float64 for float64 logits):
+
+      - ``lse``: ``logsumexp(z')`` over the valid classes;
+      - ``argmax``: int32, the class of the largest ``z'``, the lowest index among ties; with a
+        tuple ``axis``, the flat index in that axis order, as the labels are;
+      - ``max_prob``: ``p`` at ``argmax``, ``exp(z'_argmax - lse)``;
+      - ``entropy``: ``-sum_k p_k log p_k``, formed as ``log s - t / s`` from the running sums
+        ``s = sum exp(z' - m)`` and ``t = sum exp(z' - m) (z' - m)``;
+      - ``target_logprob``: ``z'_t - lse`` (NaN for a label outside ``[0, num_classes)``, as
+        the loss; -inf for a label on a masked class).
+
+      Ignored and fully masked examples get ``argmax = -1`` and 0 in every float field. An
+      example whose valid logits are all -inf gets ``lse = -inf``, ``argmax = -1``,
+      ``max_prob = entropy = 0`` and ``target_logprob = -inf``. The per-example ``weights`` do
+      not scale the aux values, and a NaN logit makes them NaN (and ``argmax`` -1). Every
+      float field is differentiable, with its exact gradient formed in the loss's one backward
+      pass: with respect to ``z'``, ``d lse = p``, ``d max_prob = p_a (onehot_a - p)``,
+      ``d entropy = p (E_p[z'] - z')`` and ``d target_logprob = onehot_t - p``, then the chain
+      rule through the softcap and the temperature (an array temperature included). The
+      argmax has no gradient. Without ``return_aux`` nothing of this is computed. At most
+      ``2**24`` classes (the kernels carry the running argmax as a float32 class id).
 
     Raises:
       TypeError: integer logits, labels that are not integers, or complex ``weights``.
@@ -214,6 +249,11 @@ def softmax_cross_entropy_with_integer_labels(
       ...     logits, labels, weights=jnp.array([2.0, 0.0]), reduction="mean")
       >>> print(round(float(weighted), 4))
       0.2761
+      >>> loss, aux = sce.softmax_cross_entropy_with_integer_labels(
+      ...     logits, labels, reduction="mean", return_aux=True)
+      >>> with jnp.printoptions(precision=4):
+      ...     print(aux.argmax, aux.entropy)
+      [0 2] [0.7171 0.8573]
 
     References:
       PyTorch, `CrossEntropyLoss

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax_softmax_ce import _canonical, _pipeline
 from jax_softmax_ce._canonical import Linear
 from jax_softmax_ce._options import Implementation
+from jax_softmax_ce.monitoring import CrossEntropyAux
 
 WEIGHT_LAYOUTS = ("dv", "vd")
 
@@ -69,7 +70,8 @@ def linear_softmax_cross_entropy(
     implementation: str | Implementation | None = None,
     weight_layout: str = "dv",
     gradient_filter_eps: float | None = None,
-) -> jax.Array:
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy of the logits ``inputs @ weight + bias``, never materialised.
 
     With ``z = x W + b`` the logits of one example, the loss is the integer-label loss of
@@ -150,11 +152,19 @@ def linear_softmax_cross_entropy(
         ``"pallas"``.
       weight_layout: ``"dv"`` for a ``[D, V]`` weight, ``"vd"`` for a ``[V, D]`` (tied) one.
       gradient_filter_eps: None or 0 for exact gradients, else the filter threshold in
-        ``(0, 1)``.
+        ``(0, 1)``. With ``return_aux``, a tile is skipped only where the auxiliary values'
+        gradient (times their cotangents) is below it too.
+      return_aux: Also return a `jax_softmax_ce.CrossEntropyAux` of per-example statistics of
+        ``softmax(z')`` (``lse``, ``argmax``, ``max_prob``, ``entropy``, ``target_logprob``),
+        from the same pass over the tiles, with what
+        `softmax_cross_entropy_with_integer_labels` says of them; their gradients reach
+        ``inputs``, ``weight``, ``bias`` and an array temperature, in the same backward pass.
 
     Returns:
       The losses, shape ``inputs.shape[:-1]`` for ``reduction="none"``, else a scalar; float32
-      for 16-bit inputs, the inputs' dtype otherwise.
+      for 16-bit inputs, the inputs' dtype otherwise. With ``return_aux=True``,
+      ``(losses, aux)``, each of ``aux``'s fields of shape ``inputs.shape[:-1]`` whatever the
+      ``reduction``.
 
     Raises:
       TypeError: non-floating inputs or weight, different dtypes, non-integer labels, or
@@ -195,6 +205,7 @@ def linear_softmax_cross_entropy(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         gradient_filter_eps=gradient_filter_eps,
+        return_aux=return_aux,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
         reduction=reduction,

@@ -15,7 +15,11 @@ import jax
 class CrossEntropyAux(NamedTuple):
     """Per-example statistics of ``softmax(z')``, ``z'`` the transformed valid logits.
 
-    Ignored and fully masked examples get ``argmax = -1`` and zeros everywhere else.
+    Ignored and fully masked examples get ``argmax = -1`` and zeros everywhere else. Every
+    implementation computes them in the same pass over the logits as the loss (in a kernel,
+    from running accumulators: the entropy as ``log s - t / s`` with ``s = sum exp(z' - m)``
+    and ``t = sum exp(z' - m) (z' - m)``, the argmax moving only to a strictly greater max), and
+    their gradients in the loss's backward pass.
 
     Attributes:
       lse: the log-sum-exp of ``z'``; float32 (float64 for float64 logits).

@@ -25,7 +25,8 @@ from jax_softmax_ce._util import varying_axes
 
 FIELDS = (
     "logits", "x", "w", "bias", "labels", "label_weight", "where", "class_weights", "n_valid",
-    "temperature", "m", "r", "w_total", "w_rest", "ct",
+    "temperature", "m", "r", "w_total", "w_rest", "ct", "aux_p", "aux_x", "aux_a", "aux_t",
+    "argmax",
 )  # fmt: skip
 Operands = collections.namedtuple("Operands", FIELDS, defaults=(None,) * len(FIELDS))
 Operands.__doc__ = """The operands of a kernel call (arrays, or refs inside a kernel); absent
@@ -46,6 +47,9 @@ Operands.__doc__ = """The operands of a kernel call (arrays, or refs inside a ke
       m, r, w_total, w_rest: ``[N, 1]`` each (backward): the saved `_tile.Stats` (``w_rest``
         for integer labels only).
       ct: ``[N, 1]`` (backward): the loss cotangent, 0 for examples that do not count.
+      aux_p, aux_x, aux_a, aux_t, argmax: ``[N, 1]`` each (backward with ``return_aux``): the
+        coefficients of the auxiliary values' gradient (`_tile.AuxGrad`; ``aux_t`` for integer
+        labels only) and the argmax as a float class id.
     """
 
 
@@ -195,6 +199,17 @@ def target_block(options, col0, ok, valid, labels, label_weight, class_weights, 
     return jnp.where(valid, a, jnp.zeros((), dtype))
 
 
+def state_init(options, rows: int, dtype) -> _tile.RowState:
+    """The empty forward accumulators of ``rows`` rows for ``options``."""
+    return _tile.row_state_init(
+        rows,
+        dtype,
+        bool(options.label_smoothing),
+        monitor=options.aux,
+        integer=options.integer,
+    )
+
+
 def forward_step(options, state: _tile.RowState, z, col0, ok, valid, blocks: Operands):
     """Merges one block of masked logits ``z`` (``[rows, cols]``, columns ``col0 + [0, cols)``)
     into the running state. ``ok`` marks the block's columns (and rows) that are part of the
@@ -202,6 +217,12 @@ def forward_step(options, state: _tile.RowState, z, col0, ok, valid, blocks: Ope
     label operands (``labels``, ``label_weight``, ``class_weights``)."""
     dtype = z.dtype
     lse, ref, shift = _tile.lse_merge(state.lse, z)
+    monitor = state.monitor
+    if monitor is not None:
+        label = None
+        if options.integer:
+            label = _tile.pick(blocks.labels, jnp.ones((), dtype), col0, ok, z)
+        monitor = _tile.monitor_merge(monitor, state.lse, lse, z, ref, shift, col0, label)
     labels, class_weights = blocks.labels, blocks.class_weights
     if options.integer:
         term = _tile.picked_term(*_tile.pick(labels, blocks.label_weight, col0, ok, z), ref)
@@ -213,7 +234,7 @@ def forward_step(options, state: _tile.RowState, z, col0, ok, valid, blocks: Ope
     if smoothing is not None:
         weights = _tile.smoothing_weights(valid, class_weights, dtype)
         smoothing = _tile.dense_merge(smoothing, shift, weights, z, ref)
-    return _tile.RowState(lse, target, smoothing)
+    return _tile.RowState(lse, target, smoothing, monitor)
 
 
 class BlockGrad(NamedTuple):
@@ -246,9 +267,10 @@ def backward_block(
     `_tile.Stats` (``blocks`` holds this block's part of them and of the other operands besides
     the logits). Rows with a zero cotangent ``ct`` (those that do not count, or padding) get a
     zero gradient. With ``filter_eps``, ``keep`` says whether any ``|dl/dz'|`` (before the
-    cotangent) reaches it. ``label_entry`` (`_tile.label_entry`) is the label column's
-    ``dl/dz'`` at a confident max where the caller formed it per row (a block that spans the
-    vocabulary)."""
+    cotangent) reaches it, or any entry of the gradient of the ``return_aux`` values, which is
+    added where ``blocks`` holds its coefficients (`_tile.AuxGrad`). ``label_entry``
+    (`_tile.label_entry`) is the label column's ``dl/dz'`` at a confident max where the caller
+    formed it per row (a block that spans the vocabulary)."""
     dtype = z_raw.dtype
     b = blocks
     z = masked_logits(options, z_raw, valid, b.temperature)
@@ -257,6 +279,7 @@ def backward_block(
         smoothing = _tile.smoothing_weights(valid, b.class_weights, dtype)
         a = _tile.mix(options.label_smoothing, b.n_valid, a, smoothing)
     target = None
+    hit = None
     if options.integer:
         hit = _tile.onehot_block(b.labels, col0, z.shape[1]) & ok
         target = (hit, b.w_rest) if label_entry is None else (hit, label_entry)
@@ -276,6 +299,13 @@ def backward_block(
     if filter_eps:
         keep = keep_block(jnp.where(counted, g, zero), filter_eps)
     g = jnp.where(counted, g * b.ct, zero)
+    if b.aux_p is not None:
+        aux_g = _tile.aux_grad_block(
+            z, b.m, b.r, col0, None if hit is None else hit & valid, *_aux_coefficients(b)
+        )
+        if filter_eps:
+            keep = keep | keep_block(aux_g, filter_eps)
+        g = g + aux_g
     t = temperature_value(options, b.temperature)
     d_logits = _tile.transform_vjp(z_raw, g, softcap=options.logit_softcap, temperature=t)
     _, _, log_s = _tile.mass(b.m, b.r)
@@ -290,6 +320,11 @@ def backward_block(
     if options.temperature is None:
         t_part = _tile.temperature_term(z, g, b.m, log_s)
     return BlockGrad(d_logits, d_labels, t_part, keep)
+
+
+def _aux_coefficients(b: Operands):
+    """The `_tile.aux_grad_block` coefficients among a block's operands, in its order."""
+    return b.aux_p, b.aux_x, b.aux_a, b.aux_t, b.argmax
 
 
 def store_packed(ref, state: _tile.RowState) -> None:

@@ -144,9 +144,8 @@ class Tile:
         def rows_only(x):
             return None if x is None else jnp.where(row_ok, x, jnp.zeros((), x.dtype))
 
-        self.blocks = blocks._replace(
-            m=rows_only(blocks.m), r=rows_only(blocks.r), ct=rows_only(blocks.ct)
-        )
+        per_row = ("m", "r", "ct", "aux_p", "aux_x", "aux_a", "aux_t")
+        self.blocks = blocks._replace(**{k: rows_only(getattr(blocks, k)) for k in per_row})
         bias = blocks.bias
         self.bias = None if bias is None else jnp.where(self.ok, bias, jnp.zeros((), bias.dtype))
 

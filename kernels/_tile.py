@@ -119,12 +119,26 @@ class Term(NamedTuple):
     a: jax.Array  # [rows, 1]
 
 
+class Monitor(NamedTuple):
+    """The running statistics behind ``return_aux`` (`AuxRows`), each ``[rows, 1]``.
+
+    The entropy is ``log s - t / s`` with ``t = sum exp(z' - m) (z' - m)``: ``log s >= 0`` and
+    ``-t / s >= 0``, a sum of two terms of one sign. The argmax is a float class id (exact below
+    2**24), so that every leaf of the state has one dtype (the TPU kernels pack them).
+    """
+
+    t: jax.Array  # sum of exp(z' - m) (z' - m) over the classes seen
+    index: jax.Array  # the lowest class id at the running max; -1 before any finite z'
+    label: Term | None  # integer labels: (1 once the label's class was seen, z'_t - m)
+
+
 class RowState(NamedTuple):
     """The forward accumulators of a row block, each ``[rows, 1]``."""
 
     lse: Lse
     target: Term
     smoothing: Term | None
+    monitor: Monitor | None = None
 
 
 def lse_init(rows: int, dtype) -> Lse:
@@ -135,11 +149,22 @@ def term_init(rows: int, dtype) -> Term:
     return Term(jnp.zeros((rows, 1), dtype), jnp.zeros((rows, 1), dtype))
 
 
-def row_state_init(rows: int, dtype, smoothing: bool) -> RowState:
+def monitor_init(rows: int, dtype, integer: bool) -> Monitor:
+    return Monitor(
+        jnp.zeros((rows, 1), dtype),
+        jnp.full((rows, 1), -1.0, dtype),
+        term_init(rows, dtype) if integer else None,
+    )
+
+
+def row_state_init(
+    rows: int, dtype, smoothing: bool, *, monitor: bool = False, integer: bool = True
+) -> RowState:
     return RowState(
         lse_init(rows, dtype),
         term_init(rows, dtype),
         term_init(rows, dtype) if smoothing else None,
+        monitor_init(rows, dtype, integer) if monitor else None,
     )
 
 
@@ -473,3 +498,157 @@ def label_grad_block(z: jax.Array, m: jax.Array, log_s: jax.Array, valid, scale)
     inf would be NaN)."""
     g = weighted(scale, log_s - (z - reference_point(m)))
     return g if valid is None else jnp.where(valid, g, 0)
+
+
+# ----------------------------------------------------------------------------- return_aux
+
+
+def first_at_max(z: jax.Array, z_max: jax.Array, col0, *, float_ids: bool = False) -> jax.Array:
+    """``[rows, 1]``: the lowest class id ``col0 + j`` of the block whose ``z'`` equals ``z_max``
+    (finite, or the reference point 0 of a row without a finite ``z'``), as a float in ``z``'s
+    dtype; ``2**24`` or more where none does.
+
+    A min over ``id + 2**24 sign(z' - z_max)**2``, arithmetic rather than a select or an argmax:
+    XLA on the CPU fuses it into the reduction (a select there would be materialised as an
+    ``[N, V]`` temporary), and every schedule forms it alike. ``float_ids`` makes the ids a
+    float iota, which XLA on the CPU fuses (a converted int32 iota it materialises); the
+    kernels' backends make only integer iotas."""
+    if float_ids:
+        ids = col0 + jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
+    else:
+        ids = (col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)).astype(z.dtype)
+    sign = jnp.sign(z - z_max)
+    return jnp.min(ids + NOT_AT_MAX * (sign * sign), axis=-1, keepdims=True)
+
+
+# Added to the class id of a class below the max in `first_at_max`: above every class id that
+# the accumulation dtype holds exactly.
+NOT_AT_MAX = float(2**24)
+
+
+def entropy_term(z: jax.Array, ref: jax.Array) -> jax.Array:
+    """``sum exp(z' - ref) (z' - ref)`` of one block, ``[rows, 1]``, with ``z' <= ref``: 0 at
+    ``z' = -inf`` (``z' - ref`` is raised to the dtype's lowest finite value, where ``exp`` is
+    0 anyway). Arithmetic, not a select, so that XLA on the CPU fuses it into the reduction."""
+    x = z - ref
+    lowest = jnp.finfo(z.dtype).min
+    return jnp.sum(jnp.exp(x) * jnp.maximum(x, lowest), axis=-1, keepdims=True)
+
+
+def monitor_merge(
+    monitor: Monitor, old: Lse, new: Lse, z: jax.Array, ref, shift, col0, label=None
+) -> Monitor:
+    """`Monitor` after merging one block of masked, transformed logits ``z``: ``old`` and
+    ``new`` are the `Lse` before and after `lse_merge` of this block, which returned ``ref`` and
+    ``shift``; ``label`` is ``(found, z_pick)`` of `pick` with a unit weight (integer labels).
+
+    The accumulated ``t`` moves to the new reference as
+    ``exp(-shift) (t - shift s_old)``. The argmax moves only where this block's max is strictly
+    greater than every earlier one, so among ties the lowest class id (blocks come in order of
+    their columns) is kept."""
+    has_old = old.m != NEG_INF
+    s_old = jnp.where(has_old, 1.0 + old.r, jnp.zeros_like(old.r))
+    t = exp_of_difference(old.m, ref) * (monitor.t - shift * s_old) + entropy_term(z, ref)
+    index = jnp.where(new.m > old.m, first_at_max(z, new.m, col0), monitor.index)
+    label_term = monitor.label
+    if label is not None:
+        found, z_pick = label
+        label_term = term_merge(label_term, shift, *picked_term(found, z_pick, ref))
+    return Monitor(t, index, label_term)
+
+
+class AuxRows(NamedTuple):
+    """``return_aux``'s per-row values, each ``[rows, 1]`` in the accumulation dtype, and what
+    their gradient needs: ``argmax`` is a float class id (-1 for a row without a finite valid
+    logit), ``mean_x = E_p[z'] - m`` (``t / s``)."""
+
+    lse: jax.Array
+    argmax: jax.Array
+    max_prob: jax.Array
+    entropy: jax.Array
+    target_logprob: jax.Array | None
+    mean_x: jax.Array
+
+
+def monitor_finish(lse: Lse, monitor: Monitor) -> AuxRows:
+    """`AuxRows` from the accumulators. A row without a finite valid logit has ``lse = -inf``,
+    ``argmax = -1`` and 0 for ``max_prob`` and the entropy, and ``target_logprob = -inf``; a label
+    found in no block (outside ``[0, V)``) gives a NaN ``target_logprob``. The argmax is at the
+    max, so its probability is ``1 / s`` exactly."""
+    has_mass, s, log_s = mass(lse.m, lse.r)
+    zero = jnp.zeros_like(lse.r)
+    mean_x = jnp.where(has_mass, monitor.t / s, zero)
+    index = jnp.where(has_mass & (monitor.index < NOT_AT_MAX), monitor.index, -1.0)
+    target_logprob = None
+    if monitor.label is not None:
+        found, z_label = monitor.label
+        target_logprob = jnp.where(has_mass, z_label - log_s, NEG_INF)
+        target_logprob = jnp.where(found > 0, target_logprob, np.nan)
+    return AuxRows(
+        jnp.where(has_mass, reference_point(lse.m) + log_s, NEG_INF),
+        index,
+        jnp.where(has_mass, 1.0 / s, zero),
+        jnp.where(has_mass, log_s - mean_x, zero),
+        target_logprob,
+        mean_x,
+    )
+
+
+class AuxGrad(NamedTuple):
+    """Per-row coefficients (``[rows, 1]``) of the gradient of ``return_aux``'s float values with
+    respect to ``z'``: ``aux_p p + aux_x p (z' - m)``, plus ``aux_a`` at the argmax's column and
+    ``aux_t`` at the label's (`aux_grad_block`). ``total = sum_k dl/dz'_k``, the lse's
+    cotangent, which an array temperature's gradient needs."""
+
+    aux_p: jax.Array
+    aux_x: jax.Array
+    aux_a: jax.Array
+    aux_t: jax.Array | None
+    argmax: jax.Array
+    total: jax.Array
+
+
+def aux_coefficients(aux: AuxRows, live, d_lse, d_max_prob, d_entropy, d_target_logprob):
+    """`AuxGrad` of rows with values ``aux`` (`AuxRows`) and the cotangents of each field
+    (``[rows, 1]``; ``d_target_logprob`` None for probability labels), 0 where ``live`` is False
+    (rows that do not count or have no finite valid logit).
+
+    With ``p = softmax(z')`` and ``a`` the argmax: ``d lse = p``, ``d max_prob = p_a (onehot_a -
+    p)``, ``d entropy = p (E_p[z'] - z')`` and ``d target_logprob = onehot_t - p``.
+    """
+    zero = jnp.zeros_like(d_lse)
+    at_argmax = d_max_prob * aux.max_prob
+    coef_p = d_lse - at_argmax + d_entropy * aux.mean_x
+    if d_target_logprob is not None:
+        coef_p = coef_p - d_target_logprob
+
+    def only(x):
+        return None if x is None else jnp.where(live, x, zero)
+
+    return AuxGrad(
+        only(coef_p),
+        only(-d_entropy),
+        only(at_argmax),
+        only(d_target_logprob),
+        aux.argmax,
+        only(d_lse),
+    )
+
+
+def aux_grad_block(z, m, r, col0, hit, aux_p, aux_x, aux_a, aux_t, argmax) -> jax.Array:
+    """``[rows, cols]``: the gradient with respect to the block ``z`` of masked, transformed
+    logits of ``return_aux``'s values, from the coefficients of `AuxGrad` (``aux_t`` None and
+    ``hit`` unused for probability labels; ``hit`` the label's column where valid). 0 in every row
+    whose coefficients are all 0, whatever its logits."""
+    _, s, _ = mass(m, r)
+    x = z - reference_point(m)
+    p = jnp.exp(x) * (1.0 / s)
+    g = weighted(p, aux_p + aux_x * x)
+    ids = col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    zero = jnp.zeros((), z.dtype)
+    g = g + jnp.where(ids.astype(z.dtype) == argmax, aux_a, zero)
+    live = (aux_p != 0) | (aux_x != 0) | (aux_a != 0)
+    if aux_t is not None:
+        g = g + jnp.where(hit, aux_t, zero)
+        live = live | (aux_t != 0)
+    return jnp.where(live, g, zero)

@@ -142,7 +142,7 @@ def _forward_kernel(*refs, options, names, bn, bv, n, v):
         )
         return _blocks.forward_step(options, state, z, block.col0, block.ok, valid, blocks)
 
-    init = _tile.row_state_init(bn, dtype, bool(options.label_smoothing))
+    init = _blocks.state_init(options, bn, dtype)
     state = jax.lax.fori_loop(0, pl.cdiv(v, bv), body, init)
     for ref, x in zip(out_refs, jax.tree.leaves(state), strict=True):
         plgpu.store(ref.at[pl.ds(first.row0, bn), from_zero(1)], x, mask=first.rows_ok)
@@ -155,7 +155,7 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     bn, bv = blocks.block_n, blocks.block_v
     dtype = accumulation_dtype(ops.logits.dtype)
     names, leaves = _blocks.present(ops)
-    state_tree = jax.tree.structure(_tile.row_state_init(1, dtype, bool(options.label_smoothing)))
+    state_tree = jax.tree.structure(_blocks.state_init(options, 1, dtype))
     out_shape = _blocks.out_struct((n, 1), dtype, ops.logits)
     outs = pl.pallas_call(
         functools.partial(_forward_kernel, options=options, names=names, bn=bn, bv=bv, n=n, v=v),

@@ -85,7 +85,7 @@ def _forward_kernel(*refs, options, names, state_tree, n, v):
 
     @pl.when(j == 0)
     def _init():
-        init = _tile.row_state_init(ins.logits.shape[0], dtype, bool(options.label_smoothing))
+        init = _blocks.state_init(options, ins.logits.shape[0], dtype)
         for ref, x in zip(state_refs, jax.tree.leaves(init), strict=True):
             ref[...] = x
 
@@ -109,7 +109,7 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     bn, bv = blocks.block_n, blocks.block_v
     dtype = accumulation_dtype(ops.logits.dtype)
     names, leaves = _blocks.present(ops)
-    state = _tile.row_state_init(bn, dtype, bool(options.label_smoothing))
+    state = _blocks.state_init(options, bn, dtype)
     state_tree = jax.tree.structure(state)
     k = state_tree.num_leaves
     out = pl.pallas_call(

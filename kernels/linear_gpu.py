@@ -123,7 +123,7 @@ def _forward_kernel(*refs, names, options, geo):
         gpu_tile = _GpuTile(ins, options, geo, r0=r0, c0=j * geo.bv)
         return gpu_tile.tile.forward(state, gpu_tile.logits())
 
-    init = _tile.row_state_init(geo.bn, out_refs[0].dtype, bool(options.label_smoothing))
+    init = _blocks.state_init(options, geo.bn, out_refs[0].dtype)
     state = _loop(pl.cdiv(geo.num_classes, geo.bv), vocab_block, init)
     ok = _linear.rows_ok(r0, r0, geo.bn, geo.num_rows)
     for ref, value in zip(out_refs, jax.tree.leaves(state), strict=True):
@@ -182,7 +182,7 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     n = geo.num_rows
     dtype = accumulation_dtype(ops.x.dtype)
     names, leaves = _blocks.present(ops)
-    treedef = jax.tree.structure(_tile.row_state_init(1, dtype, bool(options.label_smoothing)))
+    treedef = jax.tree.structure(_blocks.state_init(options, 1, dtype))
     out = pl.pallas_call(
         functools.partial(_forward_kernel, names=names, options=options, geo=geo),
         out_shape=[_blocks.out_struct((n, 1), dtype, ops.x)] * treedef.num_leaves,

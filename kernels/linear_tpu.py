@@ -173,7 +173,7 @@ def _forward_kernel(*refs, names, treedef, options, geo):
 
     @pl.when((j == 0) & (k == 0))
     def _init():
-        init = _tile.row_state_init(geo.bn, out_ref.dtype, bool(options.label_smoothing))
+        init = _blocks.state_init(options, geo.bn, out_ref.dtype)
         for ref, value in zip(state_refs, jax.tree.leaves(init), strict=True):
             ref[...] = value
 
@@ -296,9 +296,7 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     n, v, bn, bv = geo.num_rows, geo.num_classes, geo.bn, geo.bv
     dtype = accumulation_dtype(ops.x.dtype)
     names, leaves = _blocks.present(ops)
-    state, treedef = jax.tree.flatten(
-        _tile.row_state_init(bn, dtype, bool(options.label_smoothing))
-    )
+    state, treedef = jax.tree.flatten(_blocks.state_init(options, bn, dtype))
     k = treedef.num_leaves
     out = _pallas_call(
         functools.partial(_forward_kernel, names=names, treedef=treedef, options=options, geo=geo),

@@ -223,3 +223,104 @@ def ulps(got: np.ndarray, exact: np.ndarray, dtype) -> np.ndarray:
     rounded to ``dtype``; 0 and -0 are one value."""
     rounded = np.asarray(exact, np.float64).astype(dtype)
     return np.abs(ordered(np.asarray(got).astype(dtype), dtype) - ordered(rounded, dtype))
+
+
+@dataclasses.dataclass
+class Aux:
+    """``return_aux``'s values per example, and the gradient of ``sum_i (c_lse lse + c_argmax
+    max_prob + c_entropy entropy + c_target target_logprob)_i`` for the given coefficients."""
+
+    lse: np.ndarray  # [N]
+    argmax: np.ndarray  # [N] int, -1 where nothing counts or no finite valid logit
+    max_prob: np.ndarray
+    entropy: np.ndarray
+    target_logprob: np.ndarray | None
+    dlogits: np.ndarray  # [N, V]
+    dtemperature: float
+
+
+def monitoring(
+    logits,
+    labels,
+    *,
+    integer: bool,
+    where=None,
+    logit_softcap=None,
+    temperature=1.0,
+    ignore_index=None,
+    coefficients=None,
+) -> Aux:
+    """The spec of ``return_aux`` in float64, row by row: ``p = softmax(z')`` over the valid
+    classes of finite ``z'``; its gradient with respect to ``z'`` written out (``d lse = p``,
+    ``d max_prob = p_a (onehot_a - p)``, ``d entropy = p (E_p[z'] - z')``, ``d target_logprob =
+    onehot_t - p``), then the chain rule through the softcap and the temperature.
+    ``coefficients`` is a dict of ``[N]`` arrays keyed ``lse``, ``max_prob``, ``entropy``,
+    ``target_logprob`` (missing ones are 0). Labels of examples that do not count are not read;
+    probability labels are not read at all."""
+    u = np.asarray(logits, np.float64)
+    n, v = u.shape
+    valid = np.ones((n, v), bool) if where is None else np.broadcast_to(np.asarray(where), (n, v))
+    temperature = float(temperature)
+    coefficients = coefficients or {}
+
+    def coefficient(name):
+        return np.asarray(coefficients.get(name, np.zeros(n)), np.float64)
+
+    c_lse, c_mp = coefficient("lse"), coefficient("max_prob")
+    c_h, c_t = coefficient("entropy"), coefficient("target_logprob")
+    out = Aux(
+        np.zeros(n),
+        np.full(n, -1),
+        np.zeros(n),
+        np.zeros(n),
+        np.zeros(n) if integer else None,
+        np.zeros((n, v)),
+        0.0,
+    )
+    with np.errstate(all="ignore"):
+        capped = (
+            u
+            if logit_softcap is None
+            else np.where(np.isinf(u), u, logit_softcap * np.tanh(u / logit_softcap))
+        )
+        dcap = np.ones_like(u) if logit_softcap is None else 1.0 - np.tanh(u / logit_softcap) ** 2
+    z_all = np.where(valid, capped / temperature, -np.inf)
+    for i in range(n):
+        if not valid[i].any():
+            continue
+        t = int(labels[i]) if integer else None
+        if integer and ignore_index is not None and t == ignore_index:
+            continue
+        z = z_all[i]
+        finite = z > -np.inf
+        if not finite.any():
+            out.lse[i] = -np.inf
+            if integer:
+                out.target_logprob[i] = -np.inf if 0 <= t < v else np.nan
+            continue
+        m = z[finite].max()
+        e = np.where(finite, np.exp(np.where(finite, z - m, 0)), 0)
+        s = e.sum()
+        p = e / s
+        lse = m + np.log(s)
+        a = int(np.argmax(z))  # the first of the ties
+        zf = np.where(finite, z, 0)
+        mean = np.sum(p * zf)
+        out.lse[i] = lse
+        out.argmax[i] = a
+        out.max_prob[i] = p[a]
+        out.entropy[i] = -np.sum(np.where(finite, p * (zf - lse), 0))
+        g = c_lse[i] * p + c_h[i] * p * (mean - zf) - c_mp[i] * p[a] * p
+        g[a] += c_mp[i] * p[a]
+        if integer:
+            if 0 <= t < v:
+                out.target_logprob[i] = z[t] - lse
+                g = g - c_t[i] * p
+                if valid[i, t]:
+                    g[t] += c_t[i]
+            else:
+                out.target_logprob[i] = np.nan
+        g = np.where(valid[i], g, 0)
+        out.dlogits[i] = g * dcap[i] / temperature
+        out.dtemperature -= np.sum(g * zf) / temperature
+    return out

@@ -51,6 +51,7 @@ class Case:
     layout: str = "dv"
     bias: str | None = None  # the fused loss's bias dtype
     implementation: str = "pallas"
+    aux: bool = False  # return_aux=True, the mean entropy and lse added to the loss
 
     @property
     def id(self) -> str:
@@ -61,6 +62,7 @@ class Case:
         parts += ["x64"] * self.x64
         if self.loss == "fused":
             parts += [self.layout, f"bias={self.bias}"]
+        parts += ["aux"] * self.aux
         return "-".join([*parts, self.implementation])
 
     def kernels(self, kind: str) -> int:
@@ -150,7 +152,43 @@ CASES = [
     Case("integer", "bfloat16", LLM, implementation="xla"),
     Case("fused", "bfloat16", LLM_FUSED),
     Case("fused", "bfloat16", LLM_FUSED, layout="vd", bias="bfloat16"),
+    Case(
+        "integer",
+        "bfloat16",
+        SMALL,
+        where="full",
+        options=(*ALL_OPTIONS.items(), ("ignore_index", -100)),
+        class_weights=True,
+        array_temperature=True,
+        aux=True,
+    ),
+    Case("probability", "float32", SMALL, where="col", aux=True),
+    Case(
+        "fused",
+        "bfloat16",
+        SMALL_FUSED,
+        where="row",
+        options=tuple(ALL_OPTIONS.items()),
+        array_temperature=True,
+        bias="float32",
+        aux=True,
+    ),
+    Case("integer", "bfloat16", LLM, aux=True),
+    Case("fused", "bfloat16", LLM_FUSED, aux=True),
 ]
+
+
+def with_aux(case: Case, loss):
+    """``loss``, or with ``case.aux`` the loss plus the mean entropy and lse of
+    ``return_aux=True``, so that their gradient is compiled too."""
+    if not case.aux:
+        return loss
+
+    def total(*args):
+        value, aux = loss(*args, return_aux=True)
+        return value + 0.01 * jnp.mean(aux.entropy) + 0.01 * jnp.mean(aux.lse)
+
+    return total
 
 
 def program(case: Case):
@@ -165,7 +203,7 @@ def program(case: Case):
         args = [S((n, d), dtype), weight, None if case.bias is None else S((v,), case.bias)]
         labels = S((n,), jnp.int32)
 
-        def loss(x, w, b, y, where, class_weights, temperature):
+        def loss(x, w, b, y, where, class_weights, temperature, **aux):
             return sce.linear_softmax_cross_entropy(
                 x,
                 w,
@@ -178,6 +216,7 @@ def program(case: Case):
                 implementation=implementation,
                 reduction="mean",
                 **options,
+                **aux,
             )
 
     else:
@@ -189,7 +228,7 @@ def program(case: Case):
             sce.softmax_cross_entropy_with_integer_labels if integer else sce.softmax_cross_entropy
         )
 
-        def loss(x, y, where, class_weights, temperature):
+        def loss(x, y, where, class_weights, temperature, **aux):
             return public(
                 x,
                 y,
@@ -199,7 +238,10 @@ def program(case: Case):
                 implementation=implementation,
                 reduction="mean",
                 **options,
+                **aux,
             )
+
+    loss = with_aux(case, loss)
 
     where = {None: None, "row": (n,), "col": (1, v), "full": (n, v)}[case.where]
     args += [

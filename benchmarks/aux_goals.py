@@ -1,0 +1,210 @@
+"""The cost of ``return_aux=True`` (issue 17's goal), read straight from one run.
+
+    python -m benchmarks.aux_goals cpu [--rounds R] [--repeats K] [--note TEXT]
+    JAX_PLATFORMS=cpu python -m benchmarks.aux_goals targets [--targets v5e h100 ...]
+
+``cpu``: bf16 and float32 logits ``[2048, 32768]`` with integer labels on this host,
+``jit(value_and_grad)`` of the mean loss with the default implementation, three variants
+interleaved in rounds (so that a busy machine slows each alike): ``plain`` (no
+``return_aux``), ``aux`` (``return_aux=True``, the aux values returned beside the gradient) and
+``aux+entropy`` (the mean entropy added to the objective with weight 0.01, so that the aux
+gradient is formed too). Goals: the median time of ``aux`` at most 1.1x ``plain``'s, and its
+compiled temporary memory at most ``plain``'s plus O(N) (64 bytes per row); ``aux+entropy`` is
+reported beside them.
+
+``targets``: the same temporary-memory goal for the programs of `benchmarks.compiled_memory`
+(bf16 logits ``[8192, 128256]``, and the fused loss on ``[16384, 4096] x [4096, 128256]``),
+for ``"xla"`` and ``"pallas"``, compiled ahead of time for TPU and GPU targets
+(`benchmarks.targets`, which needs libtpu and the jax CUDA plugin).
+
+Each writes raw JSON to ``benchmarks/results/`` (``aux_goals_cpu.json``,
+``aux_goals_targets.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from jax_softmax_ce import _benchmark, linear
+from jax_softmax_ce import cross_entropy as ce
+
+N, V = 2048, 32768
+RESULTS = pathlib.Path(__file__).parent / "results"
+ROW_BYTES = 64  # what "O(N)" allows per row: sixteen float32 values
+NOTE = (
+    "Only ratios measured in the same run (interleaved rounds) are meaningful; say with --note "
+    "whether anything else ran on the machine."
+)
+VARIANTS = ("plain", "aux", "aux+entropy")
+
+
+def objective(variant: str, loss_fn, argnums=0):
+    """``value_and_grad`` (with respect to ``argnums``) of the mean loss of
+    ``loss_fn(*args, return_aux=...)`` for one of `VARIANTS`; the aux values come back as the
+    auxiliary output."""
+
+    def plain(*args):
+        return loss_fn(*args, reduction="mean")
+
+    def with_aux(*args):
+        loss, aux = loss_fn(*args, reduction="mean", return_aux=True)
+        if variant == "aux+entropy":
+            loss = loss + 0.01 * jnp.mean(aux.entropy)
+        return loss, aux
+
+    if variant == "plain":
+        return jax.value_and_grad(plain, argnums=argnums)
+    return jax.value_and_grad(with_aux, argnums=argnums, has_aux=True)
+
+
+def _cpu_problems(dtype):
+    nbytes = N * V * jnp.dtype(dtype).itemsize
+    keys = jax.random.split(jax.random.key(0), _benchmark.copies_for(nbytes, at_most=4))
+    return [_benchmark.random_problem(k, N, V, dtype) for k in keys]
+
+
+def cpu(*, rounds: int, repeats: int, note: str) -> dict:
+    load_before = os.getloadavg()[0]
+    loss_fn = ce.softmax_cross_entropy_with_integer_labels
+    measured = {}
+    goals = {}
+    for dtype in (jnp.bfloat16, jnp.float32):
+        name = jnp.dtype(dtype).name
+        arg_sets = _cpu_problems(dtype)
+        fns = {v: jax.jit(objective(v, loss_fn)) for v in VARIANTS}
+        memory = {v: _benchmark.compiled_memory(objective(v, loss_fn), *arg_sets[0]) for v in fns}
+        seconds: dict[str, list[float]] = {v: [] for v in fns}
+        for _ in range(rounds):
+            for v, fn in fns.items():
+                seconds[v] += _benchmark.time_calls(fn, arg_sets, repeats=repeats).seconds
+        times = {v: _benchmark.Timing(tuple(s)).as_dict() for v, s in seconds.items()}
+        measured[name] = {"memory": memory, "times": times}
+        ratio = times["aux"]["median_s"] / times["plain"]["median_s"]
+        extra = memory["aux"]["temp_bytes"] - memory["plain"]["temp_bytes"]
+        goals[f"{name}_time_aux_vs_plain"] = _goal(
+            f"{name} [{N}, {V}] jit(value_and_grad(mean loss)) with return_aux=True: median "
+            "time / without",
+            ratio,
+            1.1,
+        )
+        goals[f"{name}_extra_temp_bytes_per_row"] = _goal(
+            f"{name} [{N}, {V}]: (temp bytes with return_aux - without) / N",
+            extra / N,
+            ROW_BYTES,
+        )
+        entropy = times["aux+entropy"]["median_s"] / times["plain"]["median_s"]
+        measured[name]["time_aux+entropy_vs_plain"] = entropy
+    return {
+        **_benchmark.environment(),
+        "date": _now(),
+        "note": note,
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": os.getloadavg()[0],
+        "problem": {"n": N, "v": V, "labels": "integer", "reduction": "mean"},
+        "implementation": "default (xla)",
+        "variants": VARIANTS,
+        "rounds": rounds,
+        "repeats_per_round": repeats,
+        "goals": goals,
+        "measured": measured,
+    }
+
+
+def _goal(description, value, goal) -> dict:
+    return {"description": description, "value": value, "goal": goal, "pass": value <= goal}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def target_programs(case: str, implementation: str) -> dict:
+    """``{variant: (fn, args)}`` of `benchmarks.compiled_memory`'s shapes."""
+    from benchmarks import compiled_memory
+
+    s = jax.ShapeDtypeStruct
+    if case == "logits":
+        n, v = compiled_memory.LOGITS
+        args = (s((n, v), jnp.bfloat16), s((n,), jnp.int32))
+
+        def loss_fn(x, y, **kw):
+            return ce.softmax_cross_entropy_with_integer_labels(
+                x, y, implementation=implementation, **kw
+            )
+
+        return {variant: (objective(variant, loss_fn), args) for variant in VARIANTS[:2]}
+    n, d, v = compiled_memory.FUSED
+    args = (s((n, d), jnp.bfloat16), s((d, v), jnp.bfloat16), s((n,), jnp.int32))
+
+    def fused(x, w, y, **kw):
+        return linear.linear_softmax_cross_entropy(x, w, y, implementation=implementation, **kw)
+
+    return {variant: (objective(variant, fused, (0, 1)), args) for variant in VARIANTS[:2]}
+
+
+def targets(target_names) -> dict:
+    from benchmarks import compiled_memory
+    from benchmarks import targets as aot
+
+    rows = []
+    for target in target_names:
+        for case in ("logits", "fused"):
+            n = compiled_memory.LOGITS[0] if case == "logits" else compiled_memory.FUSED[0]
+            for implementation in ("xla", "pallas"):
+                measured = {}
+                for variant, program in target_programs(case, implementation).items():
+                    measured[variant] = compiled_memory.measure(variant, target, program)
+                plain, aux = measured["plain"], measured["aux"]
+                row = {"target": target, "case": case, "implementation": implementation}
+                row.update(measured=measured, rows=n)
+                if plain["status"] == "ok" and aux["status"] == "ok":
+                    extra = aux["temp_bytes"] - plain["temp_bytes"]
+                    row.update(extra_temp_bytes=extra, extra_per_row=extra / n)
+                    row["pass"] = extra / n <= ROW_BYTES
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return {
+        "benchmark": "aux_goals_targets",
+        "date": _now(),
+        "versions": aot.versions(),
+        "dtype": "bfloat16",
+        "goal": f"temp bytes with return_aux=True - without <= {ROW_BYTES} * N",
+        "shapes": {"logits": compiled_memory.LOGITS, "fused": compiled_memory.FUSED},
+        "results": rows,
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.aux_goals", description=__doc__)
+    parser.add_argument("what", choices=("cpu", "targets"))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--targets", nargs="*", help="compile targets (default: all)")
+    parser.add_argument("--note", default=NOTE, help="what to record about the conditions")
+    parser.add_argument("--out", type=pathlib.Path, help="JSON path (default: results/)")
+    args = parser.parse_args(argv)
+    if args.what == "cpu":
+        result = cpu(rounds=args.rounds, repeats=args.repeats, note=args.note)
+        out = args.out or RESULTS / f"aux_goals_{result['platform']}.json"
+        for name, goal in result["goals"].items():
+            verdict = "PASS" if goal["pass"] else "FAIL"
+            print(f"{verdict}  {name}: {goal['value']:.6g} (goal <= {goal['goal']:g})")
+    else:
+        from benchmarks import targets as aot
+
+        result = targets(args.targets or aot.TARGETS)
+        out = args.out or RESULTS / "aux_goals_targets.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
