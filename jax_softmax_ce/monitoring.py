@@ -68,16 +68,19 @@ def batch_metrics(
       ``aux.entropy`` (in nats) and ``aux.lse`` (which ``z_loss`` pulls towards 0);
     - ``"ece"``: the top-label expected calibration error of the batch, with the equal-width bins
       of `expected_calibration_error` (the same code) over ``aux.max_prob``, each example
-      weighing ``u_i``. It equals ``expected_calibration_error(logits, labels, num_bins)`` when
-      the loss had no ``temperature``, ``logit_softcap`` or class mask: the statistics in
-      ``aux`` are those of the transformed logits ``z'``;
+      weighing ``u_i``. Without ``weights`` it equals
+      ``expected_calibration_error(logits, labels, num_bins)`` when the loss had no
+      ``temperature``, ``logit_softcap`` or class mask (the statistics in ``aux`` are those of
+      the transformed logits ``z'``) and every counted label is in ``[0, V)``;
     - ``"count"``: ``sum_i u_i`` over the counted examples (their number without ``weights``),
       to combine the means of several batches.
 
     When no example counts, every value is 0, not NaN. A NaN in a counted example's loss or
     statistics reaches its metrics; a zero-weight example contributes nothing, also when it
-    holds NaN. A label outside ``[0, V)`` that is not ``ignore_index`` has a NaN loss and counts
-    as a wrong prediction. Works under ``jit`` (with ``num_bins`` static) and ``vmap``.
+    holds NaN. A label outside ``[0, V)`` that is not ``ignore_index`` has a NaN loss, and counts
+    as a wrong prediction in the accuracy and the ECE (which `expected_calibration_error` makes
+    NaN: ``V`` is not known here). Works under ``jit`` (with ``num_bins`` static) and ``vmap``;
+    the metrics are for logging, not for differentiating.
 
     Args:
       loss: The loss as the loss function returned it: a scalar, or per-example losses of the
