@@ -23,3 +23,4 @@ from jax_softmax_ce.divergence import (
 from jax_softmax_ce.focal import softmax_focal_loss as softmax_focal_loss
 from jax_softmax_ce.linear import linear_softmax_cross_entropy as linear_softmax_cross_entropy
 from jax_softmax_ce.monitoring import CrossEntropyAux as CrossEntropyAux
+from jax_softmax_ce.monitoring import batch_metrics as batch_metrics

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_softmax_ce import _canonical, _options
+from jax_softmax_ce import _binning, _canonical, _options
 from jax_softmax_ce._util import accumulation_dtype
 from jax_softmax_ce.cross_entropy import (
     softmax_cross_entropy,
@@ -133,7 +133,7 @@ class ReliabilityDiagram(NamedTuple):
 def _bin_sums(logits, labels, num_bins, where, ignore_index):
     """``(edges, count, confidence_sum, correct_sum)`` per bin of the top-label confidence; the
     count is int32, the rest in the accumulation dtype."""
-    num_bins = _positive_int("num_bins", num_bins)
+    num_bins = _binning.check_num_bins(num_bins)
     logits = _canonical.check_logits(logits)
     labels = _check_integer_labels(labels)
     options = _options.make_options(ignore_index=ignore_index)
@@ -153,11 +153,10 @@ def _bin_sums(logits, labels, num_bins, where, ignore_index):
     hit = jnp.argmax(z, axis=1).astype(problem.labels.dtype) == problem.labels
     label_weight = problem.rows.label_weight[:, 0]
     correct = jnp.where(jnp.isnan(label_weight), label_weight, hit.astype(dtype))
-    edges = jnp.linspace(0.0, 1.0, num_bins + 1, dtype=dtype)
-    bins = jnp.clip(jnp.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
+    edges, bins = _binning.confidence_bins(confidence, num_bins)
 
     def per_bin(x):
-        return jnp.zeros((num_bins,), x.dtype).at[bins].add(jnp.where(counted, x, 0))
+        return _binning.sum_per_bin(jnp.where(counted, x, 0), bins, num_bins)
 
     count = per_bin(jnp.ones(confidence.shape, jnp.int32))
     return edges, count, per_bin(confidence), per_bin(correct)
@@ -274,9 +273,7 @@ def expected_calibration_error(
       <https://arxiv.org/abs/1706.04599>`_, 2017.
     """
     _, count, confidence_sum, correct_sum = _bin_sums(logits, labels, num_bins, where, ignore_index)
-    total = jnp.sum(count).astype(confidence_sum.dtype)
-    gap = jnp.sum(jnp.abs(correct_sum - confidence_sum))
-    return jnp.where(total > 0, gap / jnp.where(total > 0, total, 1), 0)
+    return _binning.calibration_gap(count, confidence_sum, correct_sum)
 
 
 _MAX_NEWTON_STEPS = 50
