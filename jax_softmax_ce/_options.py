@@ -37,6 +37,8 @@ class Options:
         mask for every example) or ``"full"`` (``[N, V]``).
       filter_eps: the fused loss's gradient filter threshold (0 for exact gradients).
       vd: the fused loss's projection is ``[V, D]`` (tied embeddings) rather than ``[D, V]``.
+      vocab_axis: the ``shard_map`` axis (a name or a tuple of names) over which the class axis
+        is split (`jax_softmax_ce._sharding`), or None.
     """
 
     label_smoothing: float = 0.0
@@ -48,6 +50,7 @@ class Options:
     mask: str | None = None
     filter_eps: float = 0.0
     vd: bool = False
+    vocab_axis: str | tuple[str, ...] | None = None
 
 
 def python_float(name: str, value) -> float:
@@ -72,6 +75,7 @@ def make_options(
     integer: bool = True,
     gradient_filter_eps=None,
     temperature_is_array: bool = False,
+    vocab_axis_name=None,
 ) -> Options:
     """Validates the scalar options and returns them as one hashable `Options` (its ``mask``
     and ``vd`` are set when the problem is canonicalised)."""
@@ -114,6 +118,18 @@ def make_options(
         ignore_index=ignore_index,
         integer=bool(integer),
         filter_eps=filter_eps,
+        vocab_axis=vocab_axis(vocab_axis_name),
+    )
+
+
+def vocab_axis(name) -> str | tuple[str, ...] | None:
+    """``vocab_axis_name`` validated: None, a mesh axis name, or a tuple of names."""
+    if name is None or isinstance(name, str):
+        return name
+    if isinstance(name, (tuple, list)) and name and all(isinstance(a, str) for a in name):
+        return tuple(name)
+    raise TypeError(
+        f"vocab_axis_name must be None, a mesh axis name or a tuple of names, got {name!r}"
     )
 
 

@@ -45,7 +45,7 @@ from jax._src import dispatch
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
 
-from jax_softmax_ce import _canonical, _xla
+from jax_softmax_ce import _canonical, _sharding, _xla
 from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import BlockSizes, Options, Pallas, Xla
 from jax_softmax_ce.kernels import (
@@ -273,8 +273,11 @@ def forward(options: Options, config: Pallas, problem: Problem):
         raise NotImplementedError(EXPLICIT_SHARDING)
     rows = problem.rows
     call, leaves = launch(options, config, _canonical.operands(options, problem), "forward")
+    state = call(*leaves)
+    if options.vocab_axis is not None:
+        state = _sharding.combine(state, options.vocab_axis)
     loss, _, stats = _tile.finish(
-        call(*leaves),
+        state,
         rows.label_weight,
         rows.n_valid,
         label_smoothing=options.label_smoothing,
@@ -294,6 +297,7 @@ def backward(options: Options, config: Pallas, problem: Problem, stats, ct) -> P
     call, leaves = launch(options, config, ops, "backward", rows_out=not fused)
     if fused:
         d_inputs, d_weight, d_bias, t_terms = call(*leaves)
+        d_inputs = _sharding.psum(d_inputs, options.vocab_axis)
         d_logits = Linear(
             d_inputs.astype(logits.inputs.dtype),
             _canonical.like_primal(d_weight.astype(logits.weight.dtype), logits.weight),
@@ -308,7 +312,8 @@ def backward(options: Options, config: Pallas, problem: Problem, stats, ct) -> P
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
-        d_temperature = _canonical.temperature_gradient(t_terms, lse, ct, problem, options)
+        terms = _sharding.psum(t_terms, options.vocab_axis)
+        d_temperature = _canonical.temperature_gradient(terms, lse, ct, problem, options)
     return Problem(d_logits, d_labels, None, None, d_temperature, None)
 
 

@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_softmax_ce import _canonical
+from jax_softmax_ce import _canonical, _sharding
 from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import BlockSizes, Options, Xla
 from jax_softmax_ce.kernels import _blocks, _linear, _tile
@@ -156,8 +156,11 @@ def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _t
 def _forward(options: Options, blocks: BlockSizes, problem: Problem):
     """``(losses [N], stats)`` (`_tile.Stats`)."""
     rows = problem.rows
+    state = _forward_state(options, blocks, problem)
+    if options.vocab_axis is not None:
+        state = _sharding.combine(state, options.vocab_axis)
     loss, _, stats = _tile.finish(
-        _forward_state(options, blocks, problem),
+        state,
         rows.label_weight,
         rows.n_valid,
         label_smoothing=options.label_smoothing,
@@ -261,16 +264,19 @@ def _fused_bwd(options, blocks, residuals, cotangent):
     rows, linear = problem.rows, problem.logits
     ct = jnp.where(rows.counted, cotangent.astype(stats.m.dtype)[:, None], 0)
     grads = _backward(options, blocks, problem, stats, ct)
+    # A shard's classes give part of each input's gradient (and of the temperature's terms).
+    d_inputs = _sharding.psum(grads.d_inputs, options.vocab_axis)
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
-        d_temperature = _canonical.temperature_gradient(grads.t_sum, lse, ct, problem, options)
+        terms = _sharding.psum(grads.t_sum, options.vocab_axis)
+        d_temperature = _canonical.temperature_gradient(terms, lse, ct, problem, options)
 
     def like(grad, primal):
         return None if grad is None else _canonical.like_primal(grad.astype(primal.dtype), primal)
 
     d_linear = Linear(
-        like(grads.d_inputs, linear.inputs),
+        like(d_inputs, linear.inputs),
         like(grads.d_weight, linear.weight),
         like(grads.d_bias, linear.bias),
         linear.vd,

@@ -22,6 +22,7 @@ def softmax_cross_entropy(
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
     implementation: str | Implementation | None = None,
+    vocab_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy between logits and probability labels; a drop-in for optax's.
 
@@ -74,6 +75,17 @@ def softmax_cross_entropy(
       implementation: None (the automatic choice), ``"xla"``, ``"pallas"``, ``"reference"``, or
         a `jax_softmax_ce.Pallas` or `jax_softmax_ce.Xla` configuration; what each is, and the
         transformations each supports, as for `softmax_cross_entropy_with_integer_labels`.
+      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which
+        the class axis is split, as in Megatron-LM's vocabulary-parallel cross-entropy: the
+        local ``logits`` (and ``where``, ``class_weights``, probability ``labels``) are this
+        device's slice of ``V_local`` classes, starting at class ``axis_index * V_local``;
+        integer labels are global class ids. Each shard reduces its classes to a few floats
+        per example, which are gathered and merged over the axis, so the losses (the same on
+        every shard of the axis) and the shard's gradient are those of the whole logits;
+        nothing of size ``[batch_size, num_classes]`` crosses devices. None (the default): the
+        classes are not split. ``"reference"`` differentiates through ``psum`` and needs
+        ``shard_map``'s ``check_vma`` (its default).
+
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
       scalar; float32 for 16-bit logits, the logits' dtype otherwise.
@@ -119,6 +131,7 @@ def softmax_cross_entropy_with_integer_labels(
     temperature: float | jax.typing.ArrayLike = 1.0,
     reduction: str = "none",
     implementation: str | Implementation | None = None,
+    vocab_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer labels; a drop-in for optax's.
 
@@ -186,6 +199,17 @@ def softmax_cross_entropy_with_integer_labels(
         (forward mode over its plain-JAX reverse rule); only ``"reference"`` (plain autodiff)
         supports forward mode of the loss itself (``jax.jvp``, ``jax.linearize``,
         ``jax.jacfwd``), and ``jax.hessian`` with ``"pallas"``.
+
+      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which
+        the class axis is split, as in Megatron-LM's vocabulary-parallel cross-entropy: the
+        local ``logits`` (and ``where``, ``class_weights``, probability ``labels``) are this
+        device's slice of ``V_local`` classes, starting at class ``axis_index * V_local``;
+        integer labels are global class ids. Each shard reduces its classes to a few floats
+        per example, which are gathered and merged over the axis, so the losses (the same on
+        every shard of the axis) and the shard's gradient are those of the whole logits;
+        nothing of size ``[batch_size, num_classes]`` crosses devices. None (the default): the
+        classes are not split. ``"reference"`` differentiates through ``psum`` and needs
+        ``shard_map``'s ``check_vma`` (its default).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a

@@ -69,6 +69,7 @@ def linear_softmax_cross_entropy(
     implementation: str | Implementation | None = None,
     weight_layout: str = "dv",
     gradient_filter_eps: float | None = None,
+    vocab_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy of the logits ``inputs @ weight + bias``, never materialised.
 
@@ -150,6 +151,13 @@ def linear_softmax_cross_entropy(
       gradient_filter_eps: None or 0 for exact gradients, else the filter threshold in
         ``(0, 1)``.
 
+      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which the
+        projection's classes are split: ``weight`` (``bias``, ``class_weights``, a class
+        ``where``) is this device's slice of ``V_local`` classes, starting at class
+        ``axis_index * V_local``, and labels are global class ids. The shards merge a few
+        floats per example over the axis and sum the inputs' gradient over it; the weight's
+        gradient is the shard's own. None: the classes are not split.
+
     Returns:
       The losses, shape ``inputs.shape[:-1]`` for ``reduction="none"``, else a scalar; float32
       for 16-bit inputs, the inputs' dtype otherwise.
@@ -193,6 +201,7 @@ def linear_softmax_cross_entropy(
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         gradient_filter_eps=gradient_filter_eps,
+        vocab_axis_name=vocab_axis_name,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
         reduction=reduction,

@@ -106,6 +106,177 @@ for _impl in ("xla", None):
         CHECKS[_name] = functools.partial(jit_case, _impl, _spec)
 
 
+OPTION_SETS = {
+    "plain": {},
+    "options": dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=20.0, temperature=1.3),
+    "masked": dict(label_smoothing=0.2, ignore_index=3),
+}
+
+
+def vocab_parallel_case(implementation, option_set, integer=True):
+    """Inside shard_map over the whole mesh: rows over "data", classes over "model" with
+    ``vocab_axis_name="model"``; class weights and a class mask sliced like the logits, an
+    array temperature replicated (its gradient summed over every shard)."""
+    m = mesh()
+    options = dict(OPTION_SETS[option_set])
+    logits, labels = data(seed=2)
+    rng = np.random.default_rng(3)
+    if not integer:
+        labels = jax.nn.softmax(jnp.asarray(rng.normal(size=logits.shape), jnp.float32))
+    class_weights = jnp.asarray(rng.uniform(0.5, 2.0, V), jnp.float32)
+    where = jnp.asarray(rng.uniform(size=(1, V)) > 0.1)
+    if integer:  # no label on a masked class (an infinite loss)
+        where = where.at[0, labels].set(True)
+    if option_set == "masked":
+        labels = labels.at[:4].set(3) if integer else labels
+        options["where"] = where
+    temperature = jnp.asarray(options.pop("temperature", 1.0), jnp.float32)
+    loss_fn = (
+        sce.softmax_cross_entropy_with_integer_labels if integer else sce.softmax_cross_entropy
+    )
+    if not integer:
+        options.pop("ignore_index", None)
+
+    masked = options.pop("where", None) is not None
+
+    def total(x, y, w, t, vocab_axis=None, where=None):
+        return loss_fn(
+            x,
+            y,
+            class_weights=w,
+            temperature=t,
+            reduction="sum",
+            implementation=implementation,
+            vocab_axis_name=vocab_axis,
+            where=where if masked else None,
+            **options,
+        )
+
+    grad_fn = jax.value_and_grad(total, argnums=(0, 3))
+    row, cls = P("data", "model"), P("model")
+    label_spec = P("data") if integer else row
+
+    def per_shard(x, y, w, t, where):
+        value, (dx, dt) = grad_fn(x, y, w, t, "model", where=where)
+        # With check_vma the replicated temperature's gradient comes back summed over every
+        # shard; without, as JAX's autodiff gives it too, over the vocabulary axis only.
+        return jax.lax.psum(value, "data"), dx, dt if check_vma else jax.lax.psum(dt, "data")
+
+    # The interpreter of the GPU schedule fails check_vma (see tests/test_pallas.py); the
+    # reference differentiates through psum and needs it.
+    check_vma = implementation != "pallas"
+    fn = jax.jit(
+        jax.shard_map(
+            per_shard,
+            mesh=m,
+            in_specs=(row, label_spec, cls, P(), P(None, "model")),
+            out_specs=(P(), row, P()),
+            check_vma=check_vma,
+        )
+    )
+    value, dx, dt = fn(logits, labels, class_weights, temperature, where)
+    want_value, (want_dx, want_dt) = jax.jit(grad_fn)(
+        logits, labels, class_weights, temperature, where=where
+    )
+    ref = numpy_reference.cross_entropy(
+        f64(logits),
+        f64(labels),
+        integer=integer,
+        where=np.broadcast_to(np.asarray(where), logits.shape) if masked else None,
+        class_weights=f64(class_weights),
+        temperature=float(temperature),
+        **options,
+    )
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(value, ref.loss.sum(), rtol=1e-5)
+    np.testing.assert_allclose(f64(dx), f64(want_dx), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(f64(dx), ref.dlogits, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dt, want_dt, rtol=1e-4)
+    np.testing.assert_allclose(dt, ref.dtemperature, rtol=1e-4)
+    assert dx.dtype == logits.dtype and dx.shape == logits.shape
+
+
+for _impl in ("xla", "pallas", "reference"):
+    for _set in OPTION_SETS:
+        CHECKS[f"vocab_parallel_{_impl}_{_set}"] = functools.partial(
+            vocab_parallel_case, _impl, _set
+        )
+    CHECKS[f"vocab_parallel_{_impl}_probabilities"] = functools.partial(
+        vocab_parallel_case, _impl, "options", integer=False
+    )
+
+
+def fused_vocab_parallel_case(implementation, vd=False):
+    """The fused loss inside shard_map: inputs over "data", the projection's classes over
+    "model" with ``vocab_axis_name="model"``."""
+    m = mesh()
+    rng = np.random.default_rng(4)
+    d = 16
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, V)) / 2.0, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, V, N), jnp.int32)
+    class_weights = jnp.asarray(rng.uniform(0.5, 2.0, V), jnp.float32)
+    options = dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=20.0, reduction="sum")
+    weight = w.T if vd else w
+    layout = "vd" if vd else "dv"
+
+    def total(x, w, y, cw, vocab_axis=None):
+        return sce.linear_softmax_cross_entropy(
+            x,
+            w,
+            y,
+            class_weights=cw,
+            implementation=implementation,
+            weight_layout=layout,
+            vocab_axis_name=vocab_axis,
+            **options,
+        )
+
+    grad_fn = jax.value_and_grad(total, argnums=(0, 1))
+    check_vma = implementation != "pallas"
+
+    def per_shard(x, w, y, cw):
+        value, (dx, dw) = grad_fn(x, w, y, cw, "model")
+        if not check_vma:  # the projection's gradient, summed over the rows' shards
+            dw = jax.lax.psum(dw, "data")
+        return jax.lax.psum(value, "data"), dx, dw
+
+    w_spec = P("model", None) if vd else P(None, "model")
+    fn = jax.jit(
+        jax.shard_map(
+            per_shard,
+            mesh=m,
+            in_specs=(P("data", None), w_spec, P("data"), P("model")),
+            out_specs=(P(), P("data", None), w_spec),
+            check_vma=check_vma,
+        )
+    )
+    value, dx, dw = fn(x, weight, labels, class_weights)
+    want_value, (want_dx, want_dw) = jax.jit(grad_fn)(x, weight, labels, class_weights)
+    logits = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    ref = numpy_reference.cross_entropy(
+        logits,
+        f64(labels),
+        integer=True,
+        class_weights=f64(class_weights),
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        logit_softcap=20.0,
+    )
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(value, ref.loss.sum(), rtol=1e-4)
+    np.testing.assert_allclose(f64(dx), f64(want_dx), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f64(dw), f64(want_dw), rtol=1e-4, atol=1e-5)
+    ref_dw = np.asarray(x, np.float64).T @ ref.dlogits
+    np.testing.assert_allclose(f64(dw), ref_dw.T if vd else ref_dw, rtol=1e-3, atol=1e-4)
+    assert dx.dtype == x.dtype and dw.shape == weight.shape
+
+
+for _impl in ("xla", "pallas", "reference"):
+    CHECKS[f"fused_vocab_parallel_{_impl}"] = functools.partial(fused_vocab_parallel_case, _impl)
+CHECKS["fused_vocab_parallel_xla_vd"] = functools.partial(fused_vocab_parallel_case, "xla", True)
+
+
 def run(names) -> int:
     failures = 0
     for name in names:
