@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_softmax_ce import _canonical, _options, _pallas, _reference, _xla
+from jax_softmax_ce import _canonical, _options, _pallas, _reference, _sharding, _xla
 from jax_softmax_ce._canonical import Linear
 from jax_softmax_ce._options import Options, Pallas, Reference, Xla
 from jax_softmax_ce._util import accumulation_dtype
@@ -108,7 +108,10 @@ def run(
     if problem.num_rows == 0:
         losses = jnp.zeros((0,), dtype)
     else:
-        losses = IMPLEMENTATIONS[type(implementation)](options, implementation, problem)
+        losses = functools.partial(IMPLEMENTATIONS[type(implementation)], options, implementation)
+        if isinstance(implementation, (Pallas, Reference)):
+            losses = _sharding.explicit_as_auto(losses, problem)
+        losses = losses(problem)
     return _canonical.reduce_problem(
         losses, problem, options, reduction=reduction, batch_shape=lay.batch_shape, dtype=dtype
     )

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_softmax_ce import _canonical
 from jax_softmax_ce.kernels import _tile
 
 Axis = str | tuple[str, ...]
@@ -35,14 +36,15 @@ def class_offset(axis: Axis, local_classes: int) -> jax.Array:
     return jax.lax.axis_index(axis) * local_classes
 
 
-def combine(state: _tile.RowState, axis: Axis) -> _tile.RowState:
+def combine(state: _tile.RowState, axis: Axis, *, typed: bool = True) -> _tile.RowState:
     """The forward state of whole rows from each shard's ``state`` over its own classes: one
     all-gather of the packed ``[N, k]`` state, folded in shard order. The result is the same on
-    every shard (typed invariant over ``axis`` inside ``shard_map``)."""
+    every shard, and typed so (invariant over ``axis``) inside ``shard_map``; ``typed=False``
+    where nothing tracks those types (a `custom_partitioning` rule's per-device function)."""
     leaves, tree = jax.tree.flatten(state)
     rows = max(leaf.shape[0] for leaf in leaves)
     packed = jnp.concatenate([jnp.broadcast_to(x, (rows, 1)) for x in leaves], axis=1)
-    gathered = jax.lax.all_gather(packed, axis, to="invarying")  # [shards, N, k]
+    gathered = jax.lax.all_gather(packed, axis, to="invarying" if typed else "varying")
     states = [
         jax.tree.unflatten(tree, [shard[:, c : c + 1] for c in range(len(leaves))])
         for shard in gathered
@@ -54,3 +56,23 @@ def psum(x, axis: Axis | None):
     """``x`` summed over ``axis`` (a per-row partial over this shard's classes); unchanged for
     None (no vocabulary axis) and None ``x``."""
     return x if axis is None or x is None else jax.lax.psum(x, axis)
+
+
+def explicit_as_auto(fn, problem):
+    """``fn``, or where the operands' types carry an explicit sharding
+    (`_canonical.explicit_mesh`), ``fn`` under `jax.sharding.auto_axes`: for an implementation
+    without explicit-sharding rules (the kernels' calls, the reference's selects between
+    differently sharded operands), which XLA's partitioner then splits. The per-example losses
+    come back sharded like the rows."""
+    mesh = _canonical.explicit_mesh(problem)
+    if mesh is None:
+        return fn
+    logits = problem.logits
+    spec = jax.typeof(getattr(logits, "inputs", logits)).sharding.spec
+    out = jax.sharding.PartitionSpec(spec[0] if spec else None)
+
+    def auto(problem):
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(fn, out_sharding=out)(problem)
+
+    return auto

@@ -192,14 +192,14 @@ def softmax_cross_entropy_with_integer_labels(
         configuration value: `jax_softmax_ce.Pallas` (block sizes, schedule, interpret mode)
         or `jax_softmax_ce.Xla`. ``"pallas"``'s kernel is chosen when the computation is
         lowered, for the platform lowered for (Mosaic on a TPU, Triton on a GPU, Pallas'
-        interpreter on a CPU); it runs per shard inside ``shard_map``, and given arrays with
-        an explicit sharding under ``jit`` it raises ``NotImplementedError`` (``"xla"`` takes
-        them). Transformations: every implementation supports reverse mode of any order
-        (``grad``, ``grad`` of ``grad``, ``jax.jacrev``); ``"xla"`` also ``jax.hessian``
+        interpreter on a CPU); it runs per shard inside ``shard_map``, and under ``jit`` a
+        partitioning rule runs it on each device's rows and classes of sharded logits (see
+        ``vocab_axis_name`` for how the classes' shards are combined). Transformations: every
+        implementation supports reverse mode of any order (``grad``, ``grad`` of ``grad``,
+        ``jax.jacrev``); ``"xla"`` also ``jax.hessian``
         (forward mode over its plain-JAX reverse rule); only ``"reference"`` (plain autodiff)
         supports forward mode of the loss itself (``jax.jvp``, ``jax.linearize``,
         ``jax.jacfwd``), and ``jax.hessian`` with ``"pallas"``.
-
       vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which
         the class axis is split, as in Megatron-LM's vocabulary-parallel cross-entropy: the
         local ``logits`` (and ``where``, ``class_weights``, probability ``labels``) are this

@@ -116,8 +116,11 @@ def linear_softmax_cross_entropy(
       gradient of an operand that does not vary over a mesh axis (a replicated ``weight`` in data
       parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,
       operands with an explicit sharding (tokens or vocabulary sharded) run ``"xla"`` under
-      `jax.sharding.auto_axes` and XLA partitions the loops; ``"pallas"`` raises
-      ``NotImplementedError`` for them and must be called inside ``shard_map``.
+      `jax.sharding.auto_axes` and XLA partitions the loops (a vocabulary-sharded projection is
+      gathered there: use ``"pallas"``, or ``vocab_axis_name`` inside ``shard_map``);
+      ``"pallas"``'s kernels have a partitioning rule: each device runs them on its rows and
+      its slice of the projection, the shards combine a few floats per row, and the gradients
+      come back sharded like the inputs and the projection.
 
     Args:
       inputs: Features, shape ``[..., D]`` (``[batch_size, hidden_size]`` or
@@ -150,7 +153,6 @@ def linear_softmax_cross_entropy(
       weight_layout: ``"dv"`` for a ``[D, V]`` weight, ``"vd"`` for a ``[V, D]`` (tied) one.
       gradient_filter_eps: None or 0 for exact gradients, else the filter threshold in
         ``(0, 1)``.
-
       vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which the
         projection's classes are split: ``weight`` (``bias``, ``class_weights``, a class
         ``where``) is this device's slice of ``V_local`` classes, starting at class

@@ -15,6 +15,7 @@ all-gather may produce an array as large as a logits shard times the model axis.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -100,7 +101,7 @@ def jit_case(implementation, spec_name):
     no_logits_gather(fn.lower(sharded, y).compile(), shard)
 
 
-for _impl in ("xla", None):
+for _impl in ("xla", None, "pallas"):
     for _spec in SPECS:
         _name = f"jit_{_impl or 'auto'}_{_spec}"
         CHECKS[_name] = functools.partial(jit_case, _impl, _spec)
@@ -275,6 +276,84 @@ def fused_vocab_parallel_case(implementation, vd=False):
 for _impl in ("xla", "pallas", "reference"):
     CHECKS[f"fused_vocab_parallel_{_impl}"] = functools.partial(fused_vocab_parallel_case, _impl)
 CHECKS["fused_vocab_parallel_xla_vd"] = functools.partial(fused_vocab_parallel_case, "xla", True)
+
+
+def explicit_case(implementation, spec_name):
+    """An explicit-axis mesh under jit: values and gradients as unsharded, the gradient's type
+    sharded like the logits."""
+    m = mesh(jax.sharding.AxisType.Explicit)
+    spec = SPECS[spec_name]
+    logits, labels = data(seed=5)
+    fn = jax.jit(logits_loss(implementation, label_smoothing=0.1))
+    want_value, want_grad = jax.jit(logits_loss("xla", label_smoothing=0.1))(logits, labels)
+    with jax.sharding.use_mesh(m) if hasattr(jax.sharding, "use_mesh") else jax.set_mesh(m):
+        x = jax.device_put(logits, NamedSharding(m, spec))
+        y = jax.device_put(labels, NamedSharding(m, P(spec[0])))
+        value, grad = fn(x, y)
+        assert jax.typeof(grad).sharding.spec == spec, jax.typeof(grad).sharding
+        shard = int(np.prod(x.sharding.shard_shape(logits.shape)))
+        no_logits_gather(fn.lower(x, y).compile(), shard)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    np.testing.assert_allclose(f64(grad), f64(want_grad), rtol=1e-5, atol=1e-7)
+
+
+for _impl in ("xla", "pallas", "reference"):
+    for _spec in SPECS:
+        CHECKS[f"explicit_{_impl}_{_spec}"] = functools.partial(explicit_case, _impl, _spec)
+
+
+def fused_jit_case(implementation, vd=False, explicit=False):
+    """The fused loss under jit: inputs over "data", the projection's classes over "model"."""
+    m = mesh(jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto)
+    rng = np.random.default_rng(6)
+    d = 16
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(V, d) if vd else (d, V)) / 2.0, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, V, N), jnp.int32)
+
+    def loss(implementation):
+        return jax.value_and_grad(
+            lambda x, w, y: sce.linear_softmax_cross_entropy(
+                x,
+                w,
+                y,
+                label_smoothing=0.1,
+                z_loss=1e-3,
+                reduction="sum",
+                implementation=implementation,
+                weight_layout="vd" if vd else "dv",
+            ),
+            argnums=(0, 1),
+        )
+
+    fn = jax.jit(loss(implementation))
+    want_value, (want_dx, want_dw) = jax.jit(loss("xla"))(x, w, labels)
+    w_spec = P("model", None) if vd else P(None, "model")
+    context = jax.set_mesh(m) if explicit else contextlib.nullcontext()
+    with context:
+        xs = jax.device_put(x, NamedSharding(m, P("data", None)))
+        ws = jax.device_put(w, NamedSharding(m, w_spec))
+        ys = jax.device_put(labels, NamedSharding(m, P("data")))
+        value, (dx, dw) = fn(xs, ws, ys)
+        compiled = fn.lower(xs, ws, ys).compile()
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(f64(dx), f64(want_dx), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f64(dw), f64(want_dw), rtol=1e-4, atol=1e-5)
+    assert dx.sharding.is_equivalent_to(xs.sharding, 2), dx.sharding
+    assert dw.sharding.is_equivalent_to(ws.sharding, 2), dw.sharding
+    # Neither the projection nor a logits-sized array is gathered.
+    no_logits_gather(compiled, min(w.size, (N // 2) * (V // 4) * 4) // 4)
+
+
+# Blocks smaller than a shard's classes, so that the loops and kernels walk the vocabulary.
+FUSED = {
+    "xla": sce.Xla(block_sizes=sce.BlockSizes(16, 32)),
+    "pallas": sce.Pallas(block_sizes=sce.BlockSizes(16, 32, 16)),
+}
+for _impl, _config in FUSED.items():
+    CHECKS[f"fused_jit_{_impl}"] = functools.partial(fused_jit_case, _config)
+    CHECKS[f"fused_jit_{_impl}_vd"] = functools.partial(fused_jit_case, _config, True)
+    CHECKS[f"fused_explicit_{_impl}"] = functools.partial(fused_jit_case, _config, explicit=True)
 
 
 def run(names) -> int:
