@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import pathlib
+import re
 import sys
 import traceback
 
@@ -354,6 +356,33 @@ for _impl, _config in FUSED.items():
     CHECKS[f"fused_jit_{_impl}"] = functools.partial(fused_jit_case, _config)
     CHECKS[f"fused_jit_{_impl}_vd"] = functools.partial(fused_jit_case, _config, True)
     CHECKS[f"fused_explicit_{_impl}"] = functools.partial(fused_jit_case, _config, explicit=True)
+
+
+@check
+def readme_sharded_training():
+    """The README's "Sharded training" examples run, on this (2, 4) mesh (all but the
+    multi-host start, which needs a cluster)."""
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Sharded training", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    scope = {}
+    for block in blocks:
+        if "jax.distributed.initialize" not in block:
+            exec(compile(block, "README.md", "exec"), scope)
+    assert jax.typeof(scope["grad"]).shape == (64, 1024)
+    assert scope["grad"].sharding.is_equivalent_to(scope["logits"].sharding, 2)
+    want = jax.value_and_grad(
+        lambda x: sce.softmax_cross_entropy_with_integer_labels(
+            x, scope["labels"], reduction="mean"
+        )
+    )(np.asarray(scope["logits"]))
+    np.testing.assert_allclose(scope["loss"], want[0], rtol=1e-6)
+    np.testing.assert_allclose(scope["grad"], want[1], rtol=1e-5, atol=1e-8)
+    want_total = sce.linear_softmax_cross_entropy(
+        np.asarray(scope["hidden"]), np.asarray(scope["weight"]), scope["labels"], reduction="sum"
+    )
+    np.testing.assert_allclose(scope["total"], want_total, rtol=1e-5)
+    assert scope["d_weight"].shape == (256, 1024)
 
 
 def run(names) -> int:
