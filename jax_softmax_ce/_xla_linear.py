@@ -16,7 +16,9 @@ ignores the rows or columns an earlier block covered, so nothing is padded or co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +45,69 @@ def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
     mesh = _canonical.explicit_mesh(problem)
     if mesh is None:
         return _fused(options, blocks, problem)
+    classes = _classes_axis(mesh, linear)
+    if classes is not None:
+        return _vocabulary_parallel(options, blocks, problem, mesh, classes)
     rows = jax.typeof(linear.inputs).sharding.spec
     out = jax.sharding.PartitionSpec(rows[0] if rows else None)
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.sharding.auto_axes(functools.partial(_fused, options, blocks), out_sharding=out)(
             problem
         )
+
+
+def _classes_axis(mesh, linear: Linear):
+    """The mesh axes over which an explicitly sharded projection splits its classes evenly, or
+    None."""
+    spec = (*jax.typeof(linear.weight).sharding.spec, None, None)
+    classes = spec[0 if linear.vd else 1]
+    if classes is None:
+        return None
+    names = classes if isinstance(classes, tuple) else (classes,)
+    return None if linear.num_classes % math.prod(mesh.shape[a] for a in names) else classes
+
+
+def _vocabulary_parallel(options: Options, blocks: BlockSizes, problem: Problem, mesh, classes):
+    """The losses of a problem whose projection's classes are explicitly sharded over
+    ``classes``: the loops per device inside ``shard_map``, each on its rows and its classes,
+    as with ``vocab_axis_name`` (`_sharding`), so that neither the projection nor the logits
+    are gathered. Every operand is resharded to its place first (a small one, labels or class
+    weights, may come replicated)."""
+    linear = problem.logits
+    rows = (*jax.typeof(linear.inputs).sharding.spec, None)[0]
+    P = jax.sharding.PartitionSpec
+
+    def per_row(x):
+        return None if x is None else P(rows if x.shape[0] != 1 else None, None)
+
+    facts = problem.rows
+    spec = Problem(
+        Linear(
+            P(rows, None),
+            P(classes, None) if linear.vd else P(None, classes),
+            None if linear.bias is None else P(classes),
+            linear.vd,
+        ),
+        P(rows),
+        None
+        if problem.where is None
+        else {"row": P(rows, None), "col": P(None, classes), "full": P(rows, classes)}[
+            options.mask
+        ],
+        None if problem.class_weights is None else P(classes),
+        None if problem.temperature is None else P(),
+        _canonical.Rows(*(per_row(x) for x in facts)),
+    )
+    local = dataclasses.replace(options, vocab_axis=classes)
+
+    def per_device(problem):
+        v = problem.logits.num_classes
+        labels = problem.labels - _sharding.class_offset(classes, v)
+        return _fused(local, blocks, problem._replace(labels=labels))
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        problem = jax.tree.map(jax.sharding.reshard, problem, spec)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(spec,), out_specs=P(rows))(problem)
 
 
 def _slice(x, start, size: int, axis: int):

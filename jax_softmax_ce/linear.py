@@ -115,12 +115,13 @@ def linear_softmax_cross_entropy(
     - Sharded operands. Inside ``shard_map`` every implementation runs on its shard, and the
       gradient of an operand that does not vary over a mesh axis (a replicated ``weight`` in data
       parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,
-      operands with an explicit sharding (tokens or vocabulary sharded) run ``"xla"`` under
-      `jax.sharding.auto_axes` and XLA partitions the loops (a vocabulary-sharded projection is
-      gathered there: use ``"pallas"``, or ``vocab_axis_name`` inside ``shard_map``);
       ``"pallas"``'s kernels have a partitioning rule: each device runs them on its rows and
       its slice of the projection, the shards combine a few floats per row, and the gradients
-      come back sharded like the inputs and the projection.
+      come back sharded like the inputs and the projection. ``"xla"`` does the same with a
+      projection whose classes are sharded over explicit mesh axes (its loops per device
+      inside ``shard_map``, as with ``vocab_axis_name``); otherwise XLA partitions its loops,
+      which gathers a projection sharded over automatic axes: use ``"pallas"`` there, explicit
+      axes, or ``vocab_axis_name`` inside ``shard_map``.
 
     Args:
       inputs: Features, shape ``[..., D]`` (``[batch_size, hidden_size]`` or
