@@ -352,6 +352,7 @@ FUSED = {
     "xla": sce.Xla(block_sizes=sce.BlockSizes(16, 32)),
     "pallas": sce.Pallas(block_sizes=sce.BlockSizes(16, 32, 16)),
 }
+FUSED["reference"] = "reference"
 for _impl, _config in FUSED.items():
     CHECKS[f"fused_jit_{_impl}"] = functools.partial(fused_jit_case, _config)
     CHECKS[f"fused_jit_{_impl}_vd"] = functools.partial(fused_jit_case, _config, True)
