@@ -16,7 +16,11 @@ reports each device's temporary memory against its logits shard (goal: at most 1
 ``benchmarks/results/sharded_memory_v5e.json``. ``"pallas"`` fails there so far: XLA's TPU
 compiler, reached through a compile-only libtpu topology, has no partitioner registered for
 `custom_partitioning`'s calls ("Custom emitter for CustomSPMDPartitioning not found"; jax
-registers it with the plugins it starts as backends), and the failure is recorded as such.
+registers it with the plugins it starts as backends), and the failure is recorded as such;
+``"pallas:shard_map"`` is the same loss inside ``shard_map`` with ``vocab_axis_name``, which
+needs no partitioner (and ``"xla:shard_map"`` its XLA twin). The logits and their gradient
+are pinned row-major; the compiler's own choice for the sharded parameter is column-major,
+which costs the kernel two shard-sized layout copies (also recorded).
 """
 
 from __future__ import annotations
@@ -115,6 +119,25 @@ def _row(case, impl, sharding, n, v, d, text, devices) -> dict:
     }
 
 
+def _vocab_parallel_loss(mesh, implementation):
+    """The logits loss inside ``shard_map`` with ``vocab_axis_name="model"``: each chip's kernel
+    on its classes, the row states combined (what the partitioning rule does under ``jit``)."""
+    import jax_softmax_ce as sce
+
+    def per_device(x, y):
+        def loss(x):
+            total = sce.softmax_cross_entropy_with_integer_labels(
+                x, y, reduction="sum", implementation=implementation, vocab_axis_name="model"
+            )
+            return total / y.shape[0]
+
+        return jax.value_and_grad(loss)(x)
+
+    return jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=(P(), P(None, "model"))
+    )
+
+
 def tpu_memory() -> dict:
     """Per-device temporary memory of the logits loss on a v5e:2x2 with vocabulary-sharded
     logits."""
@@ -130,11 +153,26 @@ def tpu_memory() -> dict:
     logits = S((n, v), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "model")))
     labels = S((n,), jnp.int32, sharding=NamedSharding(mesh, P()))
     shard_bytes = n * (v // 4) * 2
+    programs = {
+        "xla": _logits_loss("xla"),
+        "pallas": _logits_loss("pallas"),
+        "pallas:shard_map": _vocab_parallel_loss(mesh, "pallas"),
+        "xla:shard_map": _vocab_parallel_loss(mesh, "xla"),
+    }
+    # Row-major logits and gradient, as a training step's producer and consumer hold them:
+    # left to itself, XLA lays a parameter whose minor axis is sharded out column-major, and
+    # then copies it to and from the kernel's row-major blocks (two shard-sized temporaries).
+    from jax.experimental.layout import Format, Layout
+
+    row_major = Format(Layout(major_to_minor=(0, 1)), logits.sharding)
+    pinned = S((n, v), jnp.bfloat16, sharding=row_major)
+    outs = (NamedSharding(mesh, P()), row_major)
     rows = []
-    for impl in ("xla", "pallas"):
+    for impl, program in programs.items():
         try:
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                compiled = jax.jit(_logits_loss(impl)).lower(logits, labels).compile()
+                compiled = jax.jit(program, out_shardings=outs).lower(pinned, labels).compile()
+                free = jax.jit(program).lower(logits, labels).compile()
         except Exception as err:  # a refusal or a compiler error is a result too
             rows.append({"implementation": impl, "status": "failed", "reason": str(err)[:500]})
             continue
@@ -150,6 +188,7 @@ def tpu_memory() -> dict:
                 "met": memory.temp / shard_bytes <= 0.01,
                 "argument_bytes": memory.argument,
                 "output_bytes": memory.output,
+                "temp_bytes_with_compiler_chosen_layouts": targets.Memory.of(free).temp,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -158,6 +197,7 @@ def tpu_memory() -> dict:
         **_info(),
         "target": "v5e:2x2",
         "sharding": "P(None, 'model') over 4 chips",
+        "layout": "row-major logits and gradient (jax.experimental.layout.Format)",
         "dtype": "bfloat16",
         "pass": "value_and_grad of the mean loss",
         "shape": {"N": n, "V": v},
