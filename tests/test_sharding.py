@@ -121,3 +121,11 @@ def test_row_states_of_vocabulary_shards_combine_as_one(confident):
     lse = m + np.log1p(r64)
     want = 0.9 * (lse[:, 0] - z64[np.arange(n), labels]) + 0.1 * np.mean(lse - z64, axis=1)
     np.testing.assert_allclose(loss[:, 0], want, rtol=2e-6)
+
+
+def test_vocab_axis_name_must_name_mesh_axes():
+    import jax_softmax_ce as sce
+
+    logits, labels = jnp.zeros((2, 3)), jnp.asarray([0, 1])
+    with pytest.raises(TypeError, match="vocab_axis_name"):
+        sce.softmax_cross_entropy_with_integer_labels(logits, labels, vocab_axis_name=3)
