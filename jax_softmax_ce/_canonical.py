@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_softmax_ce import _sharding
 from jax_softmax_ce._options import Options
 from jax_softmax_ce._util import accumulation_dtype, varying_axes
 from jax_softmax_ce.kernels import _blocks, _tile
@@ -96,7 +97,9 @@ class Problem(NamedTuple):
     Attributes:
       logits: ``[N, V]`` floating logits in the caller's dtype, or a `Linear` projection.
       labels: ``[N]`` int32 labels (-1 for a label outside ``[0, V)``), or ``[N, V]``
-        probabilities.
+        probabilities. With a vocabulary axis (`Options.vocab_axis`), this shard's class ids:
+        the global id minus the shard's first class, outside ``[0, V_local)`` for a label of
+        another shard.
       where: None, or a boolean mask of shape ``[N, 1]``, ``[1, V]`` or ``[N, V]``
         (`Options.mask` names which).
       class_weights: None, or ``[V]`` in the accumulation dtype (no gradient).
@@ -373,14 +376,20 @@ def rows(
     """The per-row facts of canonical ``[N]`` integer (or ``[N, V]`` probability) ``labels``
     (integers in the caller's dtype, so that a label that does not fit in int32 is still out of
     range), the canonical ``where`` mask of kind ``options.mask``, the class ``weights`` and
-    the ``[N]`` per-example weights (`example_weights`, or None)."""
+    the ``[N]`` per-example weights (`example_weights`, or None). With ``options.vocab_axis``,
+    ``num_classes`` counts every shard's classes, and ``where`` and ``weights`` are this
+    shard's slice: the valid classes and the label's weight are summed over the shards."""
     n = labels.shape[0]
+    axis = options.vocab_axis
     if options.mask is None:
         n_valid = jnp.full((1, 1), num_classes, dtype)
         counted = jnp.ones((n, 1), jnp.bool_)
     elif options.mask == "row":
         n_valid = where.astype(dtype) * num_classes
         counted = where
+    elif options.vocab_axis is not None:
+        n_valid = _sharding.psum(jnp.sum(where, axis=1, keepdims=True, dtype=dtype), axis)
+        counted = jnp.broadcast_to(n_valid > 0, (n, 1))
     else:
         n_valid = jnp.sum(where, axis=1, keepdims=True, dtype=dtype)
         counted = jnp.broadcast_to(jnp.any(where, axis=1, keepdims=True), (n, 1))
@@ -389,7 +398,13 @@ def rows(
         in_range = (labels >= 0) & (labels < num_classes)
         # The range is checked first: indexing with mode="fill" would wrap a negative label.
         weight = jnp.ones((n,), dtype)
-        if weights is not None:
+        if weights is not None and axis is not None:
+            # Each shard holds its own classes' weights: the label's owner gives it.
+            local = labels - _sharding.class_offset(axis, weights.shape[0])
+            owned = (local >= 0) & (local < weights.shape[0])
+            weight = weights.astype(dtype).at[local].get(mode="clip")
+            weight = _sharding.psum(jnp.where(owned, weight, jnp.zeros((), dtype)), axis)
+        elif weights is not None:
             weight = weights.astype(dtype).at[labels].get(mode="clip")
         weight = jnp.where(in_range, weight, jnp.full((), np.nan, dtype))
         if options.ignore_index is not None:
@@ -465,10 +480,16 @@ def canonicalise(
     dtype = accumulation_dtype(logits.dtype)
     described = f"{name} shape {shape} without axis {-1 if linear else axis}"
     example_weight = example_weights(example_weight, lay.batch_shape, dtype, described)
-    facts = rows(options, labels, where, weights, lay.num_classes, dtype, example_weight)
+    num_classes = lay.num_classes
+    if options.vocab_axis is not None:
+        num_classes *= _sharding.num_shards(options.vocab_axis)
+    facts = rows(options, labels, where, weights, num_classes, dtype, example_weight)
     if options.integer:
-        in_range = (labels >= 0) & (labels < lay.num_classes)
+        in_range = (labels >= 0) & (labels < num_classes)
         labels = jnp.where(in_range, labels, -1).astype(jnp.int32)
+        if options.vocab_axis is not None:
+            # This shard's class ids: a label of another shard (or -1) is outside [0, V_local).
+            labels = labels - _sharding.class_offset(options.vocab_axis, lay.num_classes)
     if linear:
         inputs = logits.inputs.reshape(lay.num_rows, logits.inputs.shape[-1])
         logits = dataclasses.replace(logits, inputs=inputs)

@@ -39,6 +39,8 @@ class Options:
       vd: the fused loss's projection is ``[V, D]`` (tied embeddings) rather than ``[D, V]``.
       aux: ``return_aux=True``: the implementation also returns the per-example
         `monitoring.CrossEntropyAux`, from the same pass.
+      vocab_axis: the ``shard_map`` axis (a name or a tuple of names) over which the class axis
+        is split (`jax_softmax_ce._sharding`), or None.
     """
 
     label_smoothing: float = 0.0
@@ -51,6 +53,7 @@ class Options:
     filter_eps: float = 0.0
     vd: bool = False
     aux: bool = False
+    vocab_axis: str | tuple[str, ...] | None = None
 
 
 def python_float(name: str, value) -> float:
@@ -76,6 +79,7 @@ def make_options(
     gradient_filter_eps=None,
     temperature_is_array: bool = False,
     return_aux: bool = False,
+    vocab_axis_name=None,
 ) -> Options:
     """Validates the scalar options and returns them as one hashable `Options` (its ``mask``
     and ``vd`` are set when the problem is canonicalised)."""
@@ -112,6 +116,11 @@ def make_options(
             raise ValueError(f"gradient_filter_eps must be in [0, 1), got {gradient_filter_eps}")
     if not isinstance(return_aux, (bool, np.bool_)):
         raise TypeError(f"return_aux must be a Python bool (it is static), got {return_aux!r}")
+    if return_aux and vocab_axis_name is not None:
+        raise NotImplementedError(
+            f"return_aux=True with vocab_axis_name={vocab_axis_name!r} is not implemented yet: "
+            "the monitoring statistics are not combined across vocabulary shards"
+        )
     return Options(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -121,6 +130,18 @@ def make_options(
         integer=bool(integer),
         filter_eps=filter_eps,
         aux=bool(return_aux),
+        vocab_axis=vocab_axis(vocab_axis_name),
+    )
+
+
+def vocab_axis(name) -> str | tuple[str, ...] | None:
+    """``vocab_axis_name`` validated: None, a mesh axis name, or a tuple of names."""
+    if name is None or isinstance(name, str):
+        return name
+    if isinstance(name, (tuple, list)) and name and all(isinstance(a, str) for a in name):
+        return tuple(name)
+    raise TypeError(
+        f"vocab_axis_name must be None, a mesh axis name or a tuple of names, got {name!r}"
     )
 
 

@@ -28,25 +28,41 @@ projection) makes the kernel run once per batch element under ``lax.map``.
 Decisions where the spec is silent:
 
 - Zero examples return an empty result without launching a kernel.
-- Inside ``shard_map`` each shard runs its own kernels. Arrays with an explicit sharding under
-  ``jit`` raise ``NotImplementedError``: a ``pallas_call`` needs manual axes, and an implicit
-  all-gather would be a silent cost.
+- Inside ``shard_map`` each shard runs its own kernels; with ``vocab_axis_name`` the shards of
+  the classes combine their rows' forward state (`_sharding`).
+- Under ``jit`` every kernel call is a `custom_partitioning` (`_partition`): each device runs
+  the kernels on its rows and its classes of the logits (of the inputs and the projection),
+  with the labels moved to its classes' ids; across the classes' shards the forward's row
+  states are combined (`_sharding.combine`, ``[N, k]`` floats) and the per-row sums summed,
+  and across the rows' shards the projection's gradient is summed. So nothing of the logits'
+  size is gathered, and the gradients come back sharded like their operands. A class axis
+  that does not split evenly is gathered (a padded shard's classes would join the sums), and
+  so is the hidden axis of the fused loss. Arrays with an explicit sharding run under
+  `jax.sharding.auto_axes` (`_sharding.explicit_as_auto`), which hands them to that rule.
+  The strict TPU interpreter (``Pallas(interpret=True)``) is not partitioned: its callbacks
+  are effects that a partitioned call cannot carry.
 - The automatic choice (``implementation=None``) never picks this implementation until a
   platform has measured it faster than ``"xla"``; none has.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src import dispatch
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend import core as jex_core
 from jax.interpreters import mlir
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jax_softmax_ce import _canonical, _xla
+from jax_softmax_ce import _canonical, _sharding, _xla
 from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import BlockSizes, Options, Pallas, Xla
 from jax_softmax_ce.kernels import (
@@ -67,11 +83,6 @@ KERNELS = {
 # The schedule each platform compiles; a CPU runs the GPU schedule in the interpreter.
 NATIVE = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}
 PLATFORMS = ("tpu", "cuda", "rocm", "cpu")
-
-EXPLICIT_SHARDING = (
-    'implementation="pallas" does not take arrays with an explicit sharding under jit; '
-    'call it inside shard_map (per-shard kernels) or use implementation="xla"'
-)
 
 
 # ------------------------------------------------------------------------------ derivatives
@@ -235,6 +246,182 @@ def kernels(options: Options, config: Pallas, ops: _blocks.Operands, step: str) 
     return out
 
 
+# -------------------------------------------------------------------- partitioning under jit
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """The statics of one kernel call (`_kernel_call`, `_partitioned`)."""
+
+    options: Options
+    config: Pallas
+    step: str  # "forward" or "backward"
+    tree: Any  # the structure of the `_blocks.Operands`
+
+
+def _kernel_call(call: _Call, *leaves):
+    """``call.step`` of the kernels on the operands ``leaves``, the schedule chosen when
+    lowering."""
+    ops = jax.tree.unflatten(call.tree, leaves)
+    table = kernels(call.options, call.config, ops, call.step)
+    if None in table:
+        return table[None](ops)
+    # Every platform's kernel is traced now, each lowered only for its own platform.
+    traced = {
+        platform: kernel
+        if isinstance(kernel, str)
+        else jax.make_jaxpr(kernel, return_shape=True)(ops)
+        for platform, kernel in table.items()
+    }
+    out_tree = jax.tree.structure(traced["cpu"][1])
+    jaxprs = tuple((p, k if isinstance(k, str) else k[0]) for p, k in traced.items())
+    return jax.tree.unflatten(out_tree, kernel_p.bind(*leaves, kernels=jaxprs))
+
+
+def _split(mesh, entry, size: int):
+    """A spec ``entry`` of an axis of ``size``, or None where it does not split evenly: a padded
+    shard's classes would join its rows' sums."""
+    if entry is None:
+        return None
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return None if size % math.prod(mesh.shape[a] for a in names) else entry
+
+
+def _mesh_axes(call: _Call, mesh, arg_shapes):
+    """``(rows, classes)``: the mesh axes (each None, a name or a tuple of names) of the rows
+    of the logits (of the fused loss's inputs) and of the classes of the logits (of its
+    projection)."""
+    ops = jax.tree.unflatten(call.tree, arg_shapes)
+    if ops.logits is not None:
+        rows, classes = (*ops.logits.sharding.spec, None, None)[:2]
+        return _split(mesh, rows, ops.logits.shape[0]), _split(mesh, classes, ops.logits.shape[1])
+    rows = (*ops.x.sharding.spec, None)[0]
+    col = 0 if call.options.vd else 1
+    classes = (*ops.w.sharding.spec, None, None)[col]
+    return _split(mesh, rows, ops.x.shape[0]), _split(mesh, classes, ops.w.shape[col])
+
+
+def _shardings(call: _Call, mesh, arg_shapes, result_shape):
+    """``(result_shardings, arg_shardings)`` of a call: every operand split like the logits
+    along its rows and classes (`_blocks.axes`; the hidden axis whole), the row states and the
+    inputs' gradient along the rows, the logits' gradients along both, the projection's along
+    its classes, and what is summed over the rows (a temperature's sum) whole."""
+    rows, classes = _mesh_axes(call, mesh, arg_shapes)
+    ops = jax.tree.unflatten(call.tree, arg_shapes)
+
+    def spec(row, col):
+        return NamedSharding(mesh, P(rows if row == 0 else None, classes if col == 1 else None))
+
+    def operand(name):
+        if name == "w" and call.options.vd:  # [V, D]: the classes lead
+            return NamedSharding(mesh, P(classes, None))
+        return spec(*_blocks.axes(name, call.options))
+
+    args = tuple(operand(n) for n, x in zip(ops._fields, ops, strict=True) if x is not None)
+    if call.step == "forward":
+        return jax.tree.map(lambda _: spec(0, None), result_shape), args
+    if ops.logits is not None:
+        specs = (spec(0, 1), spec(0, 1), spec(0, None))
+    else:
+        specs = (
+            spec(0, None),
+            operand("w"),
+            NamedSharding(mesh, P(classes)),
+            NamedSharding(mesh, P()),
+        )
+    results = [sp for r, sp in zip(result_shape, specs, strict=True) if r is not None]
+    return jax.tree.unflatten(jax.tree.structure(result_shape), results), args
+
+
+def _partition(call: _Call, mesh, arg_shapes, result_shape):
+    """Each device runs the kernel on its rows and classes, as for ``vocab_axis_name``
+    (`_sharding`): the labels moved to its classes' ids; across the classes' shards, the
+    forward's row states combined, and the per-row sums (the inputs' gradient, a temperature's
+    terms) summed; across the rows' shards, the sums over rows (the projection's gradient)."""
+    results, args = _shardings(call, mesh, arg_shapes, result_shape)
+    rows, classes = _mesh_axes(call, mesh, arg_shapes)
+    if classes is not None and call.options.aux:
+        raise NotImplementedError(
+            'implementation="pallas": return_aux=True with the classes sharded over '
+            f"{classes!r} is not implemented yet: the monitoring statistics are not combined "
+            "across vocabulary shards"
+        )
+
+    # Traced with every axis automatic, whatever mesh the caller set (jax >= 0.11 would type
+    # the per-device values with an explicit one's shardings).
+    auto = jax.sharding.AbstractMesh(
+        mesh.axis_sizes, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)
+    )
+
+    def lower(*leaves):
+        with jax.sharding.use_abstract_mesh(auto):
+            return per_device(*leaves)
+
+    def per_device(*leaves):
+        ops = jax.tree.unflatten(call.tree, leaves)
+        fused = ops.logits is None
+        if classes is not None:
+            v = ops.w.shape[0 if call.options.vd else 1] if fused else ops.logits.shape[1]
+            ops = ops._replace(labels=ops.labels - _sharding.class_offset(classes, v))
+        out = _kernel_call(call, *jax.tree.leaves(ops))
+        if call.step == "forward":
+            return out if classes is None else _sharding.combine(out, classes, typed=False)
+        if not fused:
+            d_logits, d_labels, t_row = out
+            return d_logits, d_labels, _sharding.psum(t_row, classes)
+        d_inputs, d_weight, d_bias, t_sum = out
+        return type(out)(
+            _sharding.psum(d_inputs, classes),
+            _sharding.psum(d_weight, rows),
+            _sharding.psum(d_bias, rows),
+            _sharding.psum(_sharding.psum(t_sum, rows), classes),
+        )
+
+    return mesh, lower, results, args
+
+
+def _infer(call: _Call, mesh, arg_shapes, result_shape):
+    return _shardings(call, mesh, arg_shapes, result_shape)[0]
+
+
+def _sharding_rule(call: _Call, mesh, operand_types, result_types):
+    """Shardy's rule of a call: factor ``n`` for the rows, ``v`` for the classes, ``d`` for the
+    fused loss's hidden axis (kept whole), one factor of its own for every other axis."""
+    del mesh, operand_types
+    ops = jax.tree.unflatten(call.tree, range(call.tree.num_leaves))
+    alone = (f"s{i}" for i in range(1000))
+
+    def dims(name):
+        if name == "x":
+            return "n d"
+        if name == "w":
+            return "v d" if call.options.vd else "d v"
+        row, col = _blocks.axes(name, call.options)
+        return f"{'n' if row == 0 else next(alone)} {'v' if col == 1 else next(alone)}"
+
+    operands = [dims(name) for name, x in zip(ops._fields, ops, strict=True) if x is not None]
+    fused = ops.logits is None
+    if call.step == "forward":
+        results = [f"n {next(alone)}" for _ in result_types]
+    elif not fused:
+        results = [dims("logits")] * (1 + (not call.options.integer))
+        results += [f"n {next(alone)}"] * (call.options.temperature is None)
+    else:
+        results = ["n d", dims("w")] + ["v"] * (ops.bias is not None)
+        results += [""] * (call.options.temperature is None)
+    factors = {"need_replication_factors": ("d",)} if fused else {}
+    if call.step == "forward":
+        factors["reduction_factors"] = ("d", "v") if fused else ("v",)  # in order of appearance
+        factors.pop("need_replication_factors", None)
+    return f"{', '.join(operands)} -> {', '.join(results)}", factors
+
+
+_partitioned = custom_partitioning(_kernel_call, static_argnums=(0,))
+_partitioned.def_partition(
+    partition=_partition, infer_sharding_from_operands=_infer, sharding_rule=_sharding_rule
+)
+
+
 def launch(options: Options, config: Pallas, ops: _blocks.Operands, step: str, *, rows_out=True):
     """``(call, leaves)``: ``call(*leaves)`` runs ``step`` of the kernels on ``ops``, the
     schedule chosen when lowering, with a ``vmap`` rule that folds batch axes into rows.
@@ -242,25 +429,16 @@ def launch(options: Options, config: Pallas, ops: _blocks.Operands, step: str, *
     With ``rows_out`` every output is per row too; a batched operand that is not per row, or an
     output that is not (``rows_out=False``, a gradient summed over rows), cannot be folded and
     makes the kernel run once per batch element."""
-    table = kernels(options, config, ops, step)
     leaves, tree = jax.tree.flatten(ops)
     row_leaves = jax.tree.leaves(_blocks.per_row(ops, options))
-
-    @jax.custom_batching.custom_vmap
-    def call(*leaves):
-        ops = jax.tree.unflatten(tree, leaves)
-        if None in table:
-            return table[None](ops)
-        # Every platform's kernel is traced now, each lowered only for its own platform.
-        traced = {
-            platform: kernel
-            if isinstance(kernel, str)
-            else jax.make_jaxpr(kernel, return_shape=True)(ops)
-            for platform, kernel in table.items()
-        }
-        out_tree = jax.tree.structure(traced["cpu"][1])
-        jaxprs = tuple((p, k if isinstance(k, str) else k[0]) for p, k in traced.items())
-        return jax.tree.unflatten(out_tree, kernel_p.bind(*leaves, kernels=jaxprs))
+    # The kernels are partitioned under jit (`_partition`); not the strict TPU interpreter,
+    # whose callbacks are effects that a partitioned call cannot carry.
+    partitioned = not config.interpret
+    call = jax.custom_batching.custom_vmap(
+        functools.partial(
+            _partitioned if partitioned else _kernel_call, _Call(options, config, step, tree)
+        )
+    )
 
     @call.def_vmap
     def _rule(axis_size, in_batched, *leaves):
@@ -293,10 +471,11 @@ def forward(options: Options, config: Pallas, problem: Problem):
     """``(losses [N], stats)``: the forward kernel's per-example losses (0 for examples that do
     not count), and what the backward kernel needs (`_tile.Stats`); with ``options.aux`` the
     `CrossEntropyAux` values too (`_canonical.finish_rows`)."""
-    if _canonical.explicit_mesh(problem) is not None:
-        raise NotImplementedError(EXPLICIT_SHARDING)
     call, leaves = launch(options, config, _canonical.operands(options, problem), "forward")
-    return _canonical.finish_rows(options, problem, call(*leaves))
+    state = call(*leaves)
+    if options.vocab_axis is not None:
+        state = _sharding.combine(state, options.vocab_axis)
+    return _canonical.finish_rows(options, problem, state)
 
 
 def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> Problem:
@@ -319,6 +498,7 @@ def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> P
     call, leaves = launch(options, config, ops, "backward", rows_out=not fused)
     if fused:
         d_inputs, d_weight, d_bias, t_terms = call(*leaves)
+        d_inputs = _sharding.psum(d_inputs, options.vocab_axis)
         d_logits = Linear(
             d_inputs.astype(logits.inputs.dtype),
             _canonical.like_primal(d_weight.astype(logits.weight.dtype), logits.weight),
@@ -333,8 +513,9 @@ def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> P
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
+        terms = _sharding.psum(t_terms, options.vocab_axis)
         d_temperature = _canonical.temperature_gradient(
-            t_terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
+            terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
         )
     return Problem(d_logits, d_labels, None, None, d_temperature, None)
 

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_softmax_ce import _canonical, _options, _pallas, _reference, _xla
+from jax_softmax_ce import _canonical, _options, _pallas, _reference, _sharding, _xla
 from jax_softmax_ce._canonical import Linear
 from jax_softmax_ce._options import Options, Pallas, Reference, Xla
 from jax_softmax_ce._util import accumulation_dtype
@@ -122,7 +122,10 @@ def run(
         if options.aux:
             out = out, _empty_aux((0,), dtype, options)
     else:
-        out = IMPLEMENTATIONS[type(implementation)](options, implementation, problem)
+        losses = functools.partial(IMPLEMENTATIONS[type(implementation)], options, implementation)
+        if isinstance(implementation, (Pallas, Reference)):
+            losses = _sharding.explicit_as_auto(losses, problem, options)
+        out = losses(problem)
     losses, aux = out if options.aux else (out, None)
     loss = _canonical.reduce_problem(
         losses, problem, options, reduction=reduction, batch_shape=lay.batch_shape, dtype=dtype

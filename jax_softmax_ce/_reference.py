@@ -52,6 +52,8 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     # A row that contributes nothing gets a zero cotangent: NaN logits there must not reach
     # autodiff's products with it.
     bad, problem = _canonical.quarantine_problem(problem)
+    if options.vocab_axis is not None:
+        return _vocab_parallel(options, problem, bad)
     logits, labels, where, class_weights = logits_of(problem), *problem[1:4]
     rows = problem.rows
     n, v = logits.shape
@@ -137,3 +139,46 @@ def _aux(z, lse, has_mass, labels) -> CrossEntropyAux:
         -jnp.sum(p * log_p, axis=1),
         target_logprob,
     )
+
+
+def _vocab_parallel(options: Options, problem: Problem, bad: jax.Array) -> jax.Array:
+    """`losses` with the class axis split over ``options.vocab_axis`` inside ``shard_map``: the
+    same formula, its sums over classes (of ``exp(z' - m)``, of the target terms, of the valid
+    classes) summed over the shards and the max taken over them, differentiated by autodiff
+    through those collectives (so ``shard_map``'s ``check_vma`` must be on, its default: off,
+    the transpose of a ``psum`` sums the replicated cotangent once per shard). It leaves out
+    `losses`' care for confident rows (the mass besides the max): it is the plain formula."""
+    axis = options.vocab_axis
+    bad = jax.lax.psum(bad.astype(jnp.int32), axis) > 0  # a NaN in any shard's classes
+    logits, labels, where, class_weights = logits_of(problem), *problem[1:4]
+    rows = problem.rows
+    n, v = logits.shape
+    dtype = problem.accumulation_dtype
+    valid = jnp.ones((n, v), jnp.bool_) if where is None else jnp.broadcast_to(where, (n, v))
+    z = jnp.where(valid, _transformed(options, problem, logits.astype(dtype)), -np.inf)
+    m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True)), axis)
+    m = jnp.where(jnp.isfinite(m), m, 0)
+    s = jax.lax.psum(jnp.sum(jnp.exp(z - m), axis=1, keepdims=True), axis)
+    has_mass = (s != 0) | jnp.isnan(s)
+    log_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)), 0)
+    lse = jnp.where(has_mass, m + log_s, -np.inf)
+    nll = (m + log_s) - z  # +inf at invalid classes
+    if options.integer:
+        q = jax.nn.one_hot(labels, v, dtype=dtype)  # zeros where another shard owns the label
+    else:
+        q = jnp.where(valid, labels.astype(dtype), 0)
+    if options.label_smoothing:
+        e = options.label_smoothing
+        n_valid = jax.lax.psum(jnp.sum(valid, axis=1, keepdims=True, dtype=dtype), axis)
+        q = (1 - e) * q + jnp.where(valid, e / jnp.maximum(n_valid, 1), 0)
+    wq = q if class_weights is None else q * class_weights
+    nll = jnp.where(wq != 0, nll, jnp.where(jnp.isinf(nll), 0, nll))
+    loss = jax.lax.psum(jnp.sum(wq * nll, axis=1), axis)
+    if options.z_loss:
+        loss = loss + jnp.where(
+            has_mass[:, 0], options.z_loss * jnp.where(has_mass, lse, 0)[:, 0] ** 2, 0
+        )
+    if options.integer:
+        loss = jnp.where(jnp.isnan(rows.label_weight[:, 0]), np.nan, loss)
+    loss = jnp.where(bad[:, 0], np.nan, loss)
+    return jnp.where(rows.counted[:, 0], loss, 0)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_softmax_ce import _canonical, _xla_linear
+from jax_softmax_ce import _canonical, _sharding, _xla_linear
 from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import Options, Xla
 from jax_softmax_ce._util import accumulation_dtype
@@ -113,7 +113,8 @@ def _forward(options: Options, problem: Problem):
         # does, and the max must be one of the block's z' exactly.
         z_max = jnp.max(z, axis=1, keepdims=True)
     z_label = _target_logit(options, problem, t) if options.integer else None
-    if options.integer and logits.shape[1] <= _EXACT_IDS:
+    vocab_parallel = options.vocab_axis is not None
+    if options.integer and logits.shape[1] <= _EXACT_IDS and not vocab_parallel:
         # Labels behind a barrier: constant labels would have XLA fold the label's column
         # test into a logits-sized constant.
         labels = jax.lax.optimization_barrier(problem.labels[:, None])
@@ -127,7 +128,11 @@ def _forward(options: Options, problem: Problem):
         ties = None if options.logit_softcap else functools.partial(_ties, options, problem)
         lse, ref, _ = _tile.lse_merge(empty, z, z_max, ties=ties)
     if options.integer:
-        target = _tile.picked_term(rows.label_weight, z_label, ref)
+        label_weight = rows.label_weight
+        if vocab_parallel:  # the label's term is its owner's
+            owned = (problem.labels >= 0) & (problem.labels < logits.shape[1])
+            label_weight = jnp.where(owned[:, None], label_weight, 0)
+        target = _tile.picked_term(label_weight, z_label, ref)
     else:
         a = _blocks.target_block(
             options, 0, True, valid, problem.labels, None, _class_row(problem), dtype
@@ -146,6 +151,8 @@ def _forward(options: Options, problem: Problem):
             outside = (problem.labels < 0)[:, None] & (lse.m != _tile.NEG_INF)
             lse = lse._replace(r=jnp.where(outside, lse.r - 1.0, lse.r))
     state = _tile.RowState(lse, _tile.Term(*target), smoothing, monitor)
+    if vocab_parallel:
+        state = _sharding.combine(state, options.vocab_axis)
     return _canonical.finish_rows(options, problem, state)
 
 
@@ -242,8 +249,9 @@ def _bwd(options: Options, residuals, cotangent):
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
+        terms = _sharding.psum(grad.t_part, options.vocab_axis)
         d_temperature = _canonical.temperature_gradient(
-            grad.t_part, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
+            terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
         )
     d_logits = grad.d_logits.astype(problem.logits.dtype)
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)

@@ -16,12 +16,14 @@ ignores the rows or columns an earlier block covered, so nothing is padded or co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-from jax_softmax_ce import _canonical
+from jax_softmax_ce import _canonical, _sharding
 from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import BlockSizes, Options, Xla
 from jax_softmax_ce.kernels import _blocks, _linear, _tile
@@ -44,6 +46,15 @@ def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
     mesh = _canonical.explicit_mesh(problem)
     if mesh is None:
         return _fused(options, blocks, problem)
+    classes = _classes_axis(mesh, linear)
+    if classes is not None:
+        if options.aux:
+            raise NotImplementedError(
+                "return_aux=True with a projection whose classes are explicitly sharded is not "
+                "implemented yet: the monitoring statistics are not combined across vocabulary "
+                "shards"
+            )
+        return _vocabulary_parallel(options, blocks, problem, mesh, classes)
     rows = jax.typeof(linear.inputs).sharding.spec
     out = jax.sharding.PartitionSpec(rows[0] if rows else None)
     if options.aux:
@@ -52,6 +63,60 @@ def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
         return jax.sharding.auto_axes(functools.partial(_fused, options, blocks), out_sharding=out)(
             problem
         )
+
+
+def _classes_axis(mesh, linear: Linear):
+    """The mesh axes over which an explicitly sharded projection splits its classes evenly, or
+    None."""
+    spec = (*jax.typeof(linear.weight).sharding.spec, None, None)
+    classes = spec[0 if linear.vd else 1]
+    if classes is None:
+        return None
+    names = classes if isinstance(classes, tuple) else (classes,)
+    return None if linear.num_classes % math.prod(mesh.shape[a] for a in names) else classes
+
+
+def _vocabulary_parallel(options: Options, blocks: BlockSizes, problem: Problem, mesh, classes):
+    """The losses of a problem whose projection's classes are explicitly sharded over
+    ``classes``: the loops per device inside ``shard_map``, each on its rows and its classes,
+    as with ``vocab_axis_name`` (`_sharding`), so that neither the projection nor the logits
+    are gathered. Every operand is resharded to its place first (a small one, labels or class
+    weights, may come replicated)."""
+    linear = problem.logits
+    rows = (*jax.typeof(linear.inputs).sharding.spec, None)[0]
+    P = jax.sharding.PartitionSpec
+
+    def per_row(x):
+        return None if x is None else P(rows if x.shape[0] != 1 else None, None)
+
+    facts = problem.rows
+    spec = Problem(
+        Linear(
+            P(rows, None),
+            P(classes, None) if linear.vd else P(None, classes),
+            None if linear.bias is None else P(classes),
+            linear.vd,
+        ),
+        P(rows),
+        None
+        if problem.where is None
+        else {"row": P(rows, None), "col": P(None, classes), "full": P(rows, classes)}[
+            options.mask
+        ],
+        None if problem.class_weights is None else P(classes),
+        None if problem.temperature is None else P(),
+        _canonical.Rows(*(per_row(x) for x in facts)),
+    )
+    local = dataclasses.replace(options, vocab_axis=classes)
+
+    def per_device(problem):
+        v = problem.logits.num_classes
+        labels = problem.labels - _sharding.class_offset(classes, v)
+        return _fused(local, blocks, problem._replace(labels=labels))
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        problem = jax.tree.map(jax.sharding.reshard, problem, spec)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(spec,), out_specs=P(rows))(problem)
 
 
 def _slice(x, start, size: int, axis: int):
@@ -158,7 +223,10 @@ def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _t
 def _forward(options: Options, blocks: BlockSizes, problem: Problem):
     """``(losses [N], stats)`` (`_tile.Stats`), or with ``options.aux`` the values and saved rows
     of `_canonical.finish_rows`."""
-    return _canonical.finish_rows(options, problem, _forward_state(options, blocks, problem))
+    state = _forward_state(options, blocks, problem)
+    if options.vocab_axis is not None:
+        state = _sharding.combine(state, options.vocab_axis)
+    return _canonical.finish_rows(options, problem, state)
 
 
 def _write(full, new, start, size: int, axis: int, fresh):
@@ -263,18 +331,21 @@ def _fused_bwd(options, blocks, residuals, cotangent):
         stats = saved
     ct = jnp.where(rows.counted, cotangent.astype(stats.m.dtype)[:, None], 0)
     grads = _backward(options, blocks, problem, stats, ct, _canonical.aux_operands(aux_grad))
+    # A shard's classes give part of each input's gradient (and of the temperature's terms).
+    d_inputs = _sharding.psum(grads.d_inputs, options.vocab_axis)
     d_temperature = None
     if problem.temperature is not None:
         lse = _tile.lse_of(stats.m, stats.r)
+        terms = _sharding.psum(grads.t_sum, options.vocab_axis)
         d_temperature = _canonical.temperature_gradient(
-            grads.t_sum, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
+            terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
         )
 
     def like(grad, primal):
         return None if grad is None else _canonical.like_primal(grad.astype(primal.dtype), primal)
 
     d_linear = Linear(
-        like(grads.d_inputs, linear.inputs),
+        like(d_inputs, linear.inputs),
         like(grads.d_weight, linear.weight),
         like(grads.d_bias, linear.bias),
         linear.vd,

@@ -24,6 +24,7 @@ def softmax_cross_entropy(
     reduction: str = "none",
     implementation: str | Implementation | None = None,
     return_aux: bool = False,
+    vocab_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy between logits and probability labels; a drop-in for optax's.
 
@@ -80,6 +81,16 @@ def softmax_cross_entropy(
         (`jax_softmax_ce.CrossEntropyAux`), as for
         `softmax_cross_entropy_with_integer_labels`; with probability labels its
         ``target_logprob`` is None (there is no single target class).
+      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which
+        the class axis is split, as in Megatron-LM's vocabulary-parallel cross-entropy: the
+        local ``logits`` (and ``where``, ``class_weights``, probability ``labels``) are this
+        device's slice of ``V_local`` classes, starting at class ``axis_index * V_local``;
+        integer labels are global class ids. Each shard reduces its classes to a few floats
+        per example, which are gathered and merged over the axis, so the losses (the same on
+        every shard of the axis) and the shard's gradient are those of the whole logits;
+        nothing of size ``[batch_size, num_classes]`` crosses devices. None (the default): the
+        classes are not split. ``"reference"`` differentiates through ``psum`` and needs
+        ``shard_map``'s ``check_vma`` (its default).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
@@ -128,6 +139,7 @@ def softmax_cross_entropy_with_integer_labels(
     reduction: str = "none",
     implementation: str | Implementation | None = None,
     return_aux: bool = False,
+    vocab_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy with integer labels; a drop-in for optax's.
 
@@ -188,16 +200,28 @@ def softmax_cross_entropy_with_integer_labels(
         configuration value: `jax_softmax_ce.Pallas` (block sizes, schedule, interpret mode)
         or `jax_softmax_ce.Xla`. ``"pallas"``'s kernel is chosen when the computation is
         lowered, for the platform lowered for (Mosaic on a TPU, Triton on a GPU, Pallas'
-        interpreter on a CPU); it runs per shard inside ``shard_map``, and given arrays with
-        an explicit sharding under ``jit`` it raises ``NotImplementedError`` (``"xla"`` takes
-        them). Transformations: every implementation supports reverse mode of any order
-        (``grad``, ``grad`` of ``grad``, ``jax.jacrev``); ``"xla"`` also ``jax.hessian``
+        interpreter on a CPU); it runs per shard inside ``shard_map``, and under ``jit`` a
+        partitioning rule runs it on each device's rows and classes of sharded logits (see
+        ``vocab_axis_name`` for how the classes' shards are combined). Transformations: every
+        implementation supports reverse mode of any order (``grad``, ``grad`` of ``grad``,
+        ``jax.jacrev``); ``"xla"`` also ``jax.hessian``
         (forward mode over its plain-JAX reverse rule); only ``"reference"`` (plain autodiff)
         supports forward mode of the loss itself (``jax.jvp``, ``jax.linearize``,
         ``jax.jacfwd``), and ``jax.hessian`` with ``"pallas"``.
       return_aux: Also return a `jax_softmax_ce.CrossEntropyAux` of per-example statistics of
         ``p = softmax(z')``, computed in the same pass over the logits as the loss by every
-        implementation (see below).
+        implementation (see below). Not yet with ``vocab_axis_name`` or class-sharded logits
+        (``NotImplementedError``).
+      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which
+        the class axis is split, as in Megatron-LM's vocabulary-parallel cross-entropy: the
+        local ``logits`` (and ``where``, ``class_weights``, probability ``labels``) are this
+        device's slice of ``V_local`` classes, starting at class ``axis_index * V_local``;
+        integer labels are global class ids. Each shard reduces its classes to a few floats
+        per example, which are gathered and merged over the axis, so the losses (the same on
+        every shard of the axis) and the shard's gradient are those of the whole logits;
+        nothing of size ``[batch_size, num_classes]`` crosses devices. None (the default): the
+        classes are not split. ``"reference"`` differentiates through ``psum`` and needs
+        ``shard_map``'s ``check_vma`` (its default).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a

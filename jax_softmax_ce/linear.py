@@ -71,6 +71,7 @@ def linear_softmax_cross_entropy(
     weight_layout: str = "dv",
     gradient_filter_eps: float | None = None,
     return_aux: bool = False,
+    vocab_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, CrossEntropyAux]:
     r"""Softmax cross-entropy of the logits ``inputs @ weight + bias``, never materialised.
 
@@ -111,16 +112,20 @@ def linear_softmax_cross_entropy(
       Cross-Entropy does), so those gradients may differ in their last bits between runs; the
       other schedules are deterministic. Its float32 accumulators are bounded by
       ``Pallas(accumulator_bytes=...)`` (32 MiB): beyond it, the backward runs over chunks of
-      rows for ``d_inputs``, then of columns for ``d_weight``, forming the logits twice. Its kernels have no derivative rules of their own: the
-      rules are the XLA implementation's, so reverse over reverse (``grad`` of ``grad``) is
-      exact, and under ``vmap`` the forward kernel folds the batch into rows while the backward
-      runs once per batch element.
+      rows for ``d_inputs``, then of columns for ``d_weight``, forming the logits twice. Its
+      kernels have no derivative rules of their own: the rules are the XLA implementation's, so
+      reverse over reverse (``grad`` of ``grad``) is exact, and under ``vmap`` the forward kernel
+      folds the batch into rows while the backward runs once per batch element.
     - Sharded operands. Inside ``shard_map`` every implementation runs on its shard, and the
       gradient of an operand that does not vary over a mesh axis (a replicated ``weight`` in data
       parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,
-      operands with an explicit sharding (tokens or vocabulary sharded) run ``"xla"`` under
-      `jax.sharding.auto_axes` and XLA partitions the loops; ``"pallas"`` raises
-      ``NotImplementedError`` for them and must be called inside ``shard_map``.
+      ``"pallas"``'s kernels have a partitioning rule: each device runs them on its rows and
+      its slice of the projection, the shards combine a few floats per row, and the gradients
+      come back sharded like the inputs and the projection. ``"xla"`` does the same with a
+      projection whose classes are sharded over explicit mesh axes (its loops per device
+      inside ``shard_map``, as with ``vocab_axis_name``); otherwise XLA partitions its loops,
+      which gathers a projection sharded over automatic axes: use ``"pallas"`` there, explicit
+      axes, or ``vocab_axis_name`` inside ``shard_map``.
 
     Args:
       inputs: Features, shape ``[..., D]`` (``[batch_size, hidden_size]`` or
@@ -159,6 +164,14 @@ def linear_softmax_cross_entropy(
         from the same pass over the tiles, with what
         `softmax_cross_entropy_with_integer_labels` says of them; their gradients reach
         ``inputs``, ``weight``, ``bias`` and an array temperature, in the same backward pass.
+        Not yet with ``vocab_axis_name`` or explicitly class-sharded operands
+        (``NotImplementedError``).
+      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which the
+        projection's classes are split: ``weight`` (``bias``, ``class_weights``, a class
+        ``where``) is this device's slice of ``V_local`` classes, starting at class
+        ``axis_index * V_local``, and labels are global class ids. The shards merge a few
+        floats per example over the axis and sum the inputs' gradient over it; the weight's
+        gradient is the shard's own. None: the classes are not split.
 
     Returns:
       The losses, shape ``inputs.shape[:-1]`` for ``reduction="none"``, else a scalar; float32
@@ -206,6 +219,7 @@ def linear_softmax_cross_entropy(
         label_smoothing=label_smoothing,
         gradient_filter_eps=gradient_filter_eps,
         return_aux=return_aux,
+        vocab_axis_name=vocab_axis_name,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
         reduction=reduction,

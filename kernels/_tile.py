@@ -235,6 +235,45 @@ def lse_besides_label(z: jax.Array, z_max: jax.Array, labels: jax.Array) -> tupl
     return Lse(z_max, r), ref
 
 
+def lse_combine(a: Lse, b: Lse) -> tuple[Lse, jax.Array, jax.Array]:
+    """Two running log-sum-exps over disjoint classes (two vocabulary shards) as one; returns it
+    and how far each side's reference point moved (``shift_a``, ``shift_b``), as `lse_merge`'s
+    ``shift``.
+
+    The side that holds the max (``a`` on a tie) keeps its ``r``, the mass besides that one
+    instance; the other side's whole mass ``1 + r`` joins it, moved to the new max with
+    `exp_of_difference`. So ``r`` keeps the relative accuracy that `lse_merge` gives it."""
+    m = jnp.maximum(a.m, b.m)
+    ref = reference_point(m)
+    a_top = a.m >= b.m
+    r_a = jnp.where(a_top, a.r, (1.0 + a.r) * exp_of_difference(a.m, ref))
+    r_b = jnp.where(a_top, (1.0 + b.r) * exp_of_difference(b.m, ref), b.r)
+    r = jnp.where(m == NEG_INF, jnp.zeros_like(a.r), r_a + r_b)
+
+    def shift(side):
+        return jnp.where(side.m == NEG_INF, jnp.zeros_like(m), m - side.m)
+
+    return Lse(m, r), shift(a), shift(b)
+
+
+def term_combine(a: Term, shift_a: jax.Array, b: Term, shift_b: jax.Array) -> Term:
+    """Two running weighted sums over disjoint classes, each moved to the new reference."""
+    return Term(a.w + b.w, (a.a - a.w * shift_a) + (b.a - b.w * shift_b))
+
+
+def row_state_combine(a: RowState, b: RowState) -> RowState:
+    """Two forward states of the same rows over disjoint classes (vocabulary shards) as one, as
+    if one kernel had seen both: the cross-shard step of vocabulary parallelism, the same merge
+    as `lse_merge` and `term_merge` across blocks. Every field after ``lse`` is a `Term` (or
+    None) formed against the running max; a field of another kind needs its rule here."""
+    lse, shift_a, shift_b = lse_combine(a.lse, b.lse)
+    rest = [
+        None if x is None else term_combine(x, shift_a, y, shift_b)
+        for x, y in zip(a[1:], b[1:], strict=True)
+    ]
+    return RowState(lse, *rest)
+
+
 def exp_of_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     """``exp(a - b)`` for finite ``b`` (``a`` may be -inf), with ``a - b`` exact: its rounding
     error ``e`` (Knuth's two-sum) enters as ``exp(d) (1 + e)``. Where the max moves far (a

@@ -591,3 +591,16 @@ def test_fused_xla_with_rows_sharded_over_an_explicit_mesh(mesh):
     np.testing.assert_array_equal(argmax, want_argmax)
     for g, h in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_return_aux_with_vocab_axis_name_is_refused(integer):
+    """The monitoring statistics are not combined across vocabulary shards yet: asking for both
+    raises, naming the reason, rather than returning one shard's statistics."""
+    logits = jnp.zeros((4, 6), jnp.float32)
+    if integer:
+        fn, labels = sce.softmax_cross_entropy_with_integer_labels, jnp.zeros((4,), jnp.int32)
+    else:
+        fn, labels = sce.softmax_cross_entropy, jnp.full((4, 6), 1 / 6, jnp.float32)
+    with pytest.raises(NotImplementedError, match="vocab_axis_name='model' is not implemented"):
+        fn(logits, labels, return_aux=True, vocab_axis_name="model")

@@ -19,10 +19,10 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from jax_softmax_ce.kernels import linear_gpu
 
 import jax_softmax_ce as sce
 from benchmarks import targets
-from jax_softmax_ce.kernels import linear_gpu
 
 UNAVAILABLE = targets.available()
 if UNAVAILABLE is not None and os.environ.get("REQUIRE_COMPILE_TARGETS"):

@@ -799,12 +799,22 @@ def test_inside_shard_map_data_parallel(engine, mesh):
     np.testing.assert_allclose(db, expected[4], rtol=rtol, atol=atol)
 
 
-def test_pallas_with_explicitly_sharded_inputs_raises(mesh):
+def test_pallas_with_explicitly_sharded_inputs(mesh):
+    """Rows sharded over an explicit mesh under jit run the fused kernels per shard (the
+    8-device checks in tests/_sharded.py cover the vocabulary-sharded projection)."""
     x, w, _, y = _data(n=16)
-    x = jax.device_put(jnp.asarray(x), jax.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
-    fn = jax.jit(lambda x: linear_ce(x, jnp.asarray(w), jnp.asarray(y), implementation="pallas"))
-    with pytest.raises(NotImplementedError, match="shard_map"):
-        fn(x)
+    explicit = jax.make_mesh(
+        mesh.axis_sizes, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,)
+    )
+
+    def fn(implementation):
+        return jax.jit(
+            lambda x: linear_ce(x, jnp.asarray(w), jnp.asarray(y), implementation=implementation)
+        )
+
+    with jax.set_mesh(explicit):
+        got = fn("pallas")(jax.device_put(jnp.asarray(x), jax.sharding.PartitionSpec("d")))
+    np.testing.assert_allclose(got, fn("xla")(jnp.asarray(x)), rtol=1e-5)
 
 
 def _lower_fused(schedule, lowering_target, *, n, d, v, blocks, vd=False, bias=True, **options):

@@ -709,12 +709,22 @@ def test_inside_shard_map(schedule, mesh):
     np.testing.assert_allclose(got[2], want[2], rtol=1e-5)  # the replicated T's gradient, summed
 
 
-def test_explicitly_sharded_inputs_raise(schedule, mesh):
+def test_explicitly_sharded_inputs(schedule, mesh):
+    """Rows sharded over an explicit mesh under jit run the kernels per shard (the 8-device
+    checks in tests/_sharded.py cover every sharding and read the compiled collectives)."""
     logits, labels = make_case(SMALL_V, jnp.float32, integer=True)
-    logits = jax.device_put(logits[:16], jax.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
-    impl = pallas(schedule, jnp.float32)
-    fn = jax.jit(
-        lambda x: sce.softmax_cross_entropy_with_integer_labels(x, labels[:16], implementation=impl)
+    explicit = jax.make_mesh(
+        mesh.axis_sizes, mesh.axis_names, axis_types=(jax.sharding.AxisType.Explicit,)
     )
-    with pytest.raises(NotImplementedError, match="shard_map"):
-        fn(logits)
+    impl = pallas(schedule, jnp.float32)
+
+    def fn(implementation):
+        return jax.jit(
+            lambda x: sce.softmax_cross_entropy_with_integer_labels(
+                x, labels[:16], implementation=implementation
+            )
+        )
+
+    with jax.set_mesh(explicit):
+        got = fn(impl)(jax.device_put(logits[:16], jax.sharding.PartitionSpec("d")))
+    np.testing.assert_allclose(got, fn("xla")(logits[:16]), rtol=1e-6)
