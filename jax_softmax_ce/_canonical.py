@@ -602,6 +602,16 @@ def aux_gradient(problem: Problem, m: jax.Array, aux: _tile.AuxRows, ct) -> _til
     )
 
 
+def unpack_saved(options: Options, problem: Problem, saved, cotangent):
+    """``(stats, ct, aux_grad)`` of a backward rule: the saved `_tile.Stats`, the losses'
+    cotangent and, with ``options.aux``, `aux_gradient` of the auxiliary values' cotangent
+    (None without), from what `finish_rows` saved and the cotangent of its outputs."""
+    if not options.aux:
+        return saved, cotangent, None
+    (stats, aux), (cotangent, aux_ct) = saved, cotangent
+    return stats, cotangent, aux_gradient(problem, stats.m, aux, aux_ct)
+
+
 def aux_operands(grad: _tile.AuxGrad) -> dict:
     """The backward kernels' operands of `aux_gradient`'s coefficients (empty without)."""
     if grad is None:
@@ -637,6 +647,17 @@ def temperature_gradient(terms, lse, ct, problem: Problem, options: Options, aux
     t = problem.temperature
     grad = (-total / temperature(options, problem, dtype)).astype(t.dtype)
     return like_primal(grad, t)
+
+
+def temperature_cotangent(terms, stats, ct, problem: Problem, options: Options, aux_grad):
+    """`temperature_gradient` from a backward rule's values: the rows' temperature ``terms``
+    (summed over vocabulary shards already), the saved `_tile.Stats`, the rows' cotangent and
+    `unpack_saved`'s ``aux_grad``; None without an array temperature."""
+    if problem.temperature is None:
+        return None
+    lse = _tile.lse_of(stats.m, stats.r)
+    aux_total = None if aux_grad is None else aux_grad.total
+    return temperature_gradient(terms, lse, ct, problem, options, aux_total)
 
 
 def weighted_finite(weight: jax.Array, value: jax.Array) -> jax.Array:

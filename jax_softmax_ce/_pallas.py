@@ -67,7 +67,6 @@ from jax_softmax_ce._canonical import Linear, Problem
 from jax_softmax_ce._options import BlockSizes, Options, Pallas, Xla
 from jax_softmax_ce.kernels import (
     _blocks,
-    _tile,
     cross_entropy_gpu,
     cross_entropy_tpu,
     linear_gpu,
@@ -482,12 +481,7 @@ def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> P
     """The cotangent of ``problem`` (None where there is none) from the backward kernels;
     ``saved`` and ``ct`` as `forward` returns them and their cotangent (without the argmax's)."""
     rows = problem.rows
-    aux_grad = None
-    if options.aux:
-        (stats, aux), (ct, aux_ct) = saved, ct
-        aux_grad = _canonical.aux_gradient(problem, stats.m, aux, aux_ct)
-    else:
-        stats = saved
+    stats, ct, aux_grad = _canonical.unpack_saved(options, problem, saved, ct)
     dtype = stats.m.dtype
     ct = jnp.where(rows.counted, ct.astype(dtype)[:, None], jnp.zeros((), dtype))
     ops = _canonical.operands(
@@ -510,13 +504,8 @@ def backward(options: Options, config: Pallas, problem: Problem, saved, ct) -> P
         d_labels = None
     else:
         d_logits, d_labels, t_terms = call(*leaves)
-    d_temperature = None
-    if problem.temperature is not None:
-        lse = _tile.lse_of(stats.m, stats.r)
-        terms = _sharding.psum(t_terms, options.vocab_axis)
-        d_temperature = _canonical.temperature_gradient(
-            terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
-        )
+    terms = _sharding.psum(t_terms, options.vocab_axis)
+    d_temperature = _canonical.temperature_cotangent(terms, stats, ct, problem, options, aux_grad)
     return Problem(d_logits, d_labels, None, None, d_temperature, None)
 
 

@@ -103,15 +103,7 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     # derivative in q is exact wherever nll is finite; at a -inf logit it is 0 here (it is +inf
     # in the custom_vjp implementations).
     nll = jnp.where(wq != 0, nll, jnp.where(jnp.isinf(nll), 0, nll))
-    loss = jnp.sum(wq * nll, axis=1)
-    if options.z_loss:
-        loss = loss + jnp.where(
-            has_mass[:, 0], options.z_loss * jnp.where(has_mass, lse, 0)[:, 0] ** 2, 0
-        )
-    if options.integer:
-        loss = jnp.where(jnp.isnan(rows.label_weight[:, 0]), np.nan, loss)
-    loss = jnp.where(bad[:, 0], np.nan, loss)
-    losses = jnp.where(rows.counted[:, 0], loss, 0)
+    losses = _finish(options, rows, jnp.sum(wq * nll, axis=1), has_mass, lse, bad)
     if not options.aux:
         return losses
     return losses, _aux(z, lse, has_mass, labels if options.integer else None)
@@ -173,7 +165,13 @@ def _vocab_parallel(options: Options, problem: Problem, bad: jax.Array) -> jax.A
         q = (1 - e) * q + jnp.where(valid, e / jnp.maximum(n_valid, 1), 0)
     wq = q if class_weights is None else q * class_weights
     nll = jnp.where(wq != 0, nll, jnp.where(jnp.isinf(nll), 0, nll))
-    loss = jax.lax.psum(jnp.sum(wq * nll, axis=1), axis)
+    return _finish(options, rows, jax.lax.psum(jnp.sum(wq * nll, axis=1), axis), has_mass, lse, bad)
+
+
+def _finish(options: Options, rows, loss, has_mass, lse, bad) -> jax.Array:
+    """The per-example losses from the rows' weighted sums ``loss`` (``[N]``): plus the z-loss
+    where a row has mass, NaN for a label outside ``[0, V)`` or a NaN logit (``bad``), 0 for
+    the rows that do not count."""
     if options.z_loss:
         loss = loss + jnp.where(
             has_mass[:, 0], options.z_loss * jnp.where(has_mass, lse, 0)[:, 0] ** 2, 0

@@ -216,12 +216,7 @@ def _bwd(options: Options, residuals, cotangent):
     # The saved statistics behind a barrier: the backward's exp(z' - m) is then not the same
     # value as the forward's, which XLA would otherwise share as one [N, V] temporary.
     saved = jax.lax.optimization_barrier(saved)
-    aux_grad = None
-    if options.aux:
-        (stats, aux), (cotangent, aux_ct) = saved, cotangent
-        aux_grad = _canonical.aux_gradient(problem, stats.m, aux, aux_ct)
-    else:
-        stats = saved
+    stats, cotangent, aux_grad = _canonical.unpack_saved(options, problem, saved, cotangent)
     logits, rows = problem.logits, problem.rows
     dtype = stats.m.dtype
     if logits.dtype != dtype:
@@ -246,13 +241,8 @@ def _bwd(options: Options, residuals, cotangent):
         label_entry=entry,
     )
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
-    d_temperature = None
-    if problem.temperature is not None:
-        lse = _tile.lse_of(stats.m, stats.r)
-        terms = _sharding.psum(grad.t_part, options.vocab_axis)
-        d_temperature = _canonical.temperature_gradient(
-            terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
-        )
+    terms = _sharding.psum(grad.t_part, options.vocab_axis)
+    d_temperature = _canonical.temperature_cotangent(terms, stats, ct, problem, options, aux_grad)
     d_logits = grad.d_logits.astype(problem.logits.dtype)
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)
 

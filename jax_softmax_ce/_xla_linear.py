@@ -323,23 +323,13 @@ def _fused_fwd(options, blocks, problem):
 def _fused_bwd(options, blocks, residuals, cotangent):
     problem, saved = residuals
     rows, linear = problem.rows, problem.logits
-    aux_grad = None
-    if options.aux:
-        (stats, aux), (cotangent, aux_ct) = saved, cotangent
-        aux_grad = _canonical.aux_gradient(problem, stats.m, aux, aux_ct)
-    else:
-        stats = saved
+    stats, cotangent, aux_grad = _canonical.unpack_saved(options, problem, saved, cotangent)
     ct = jnp.where(rows.counted, cotangent.astype(stats.m.dtype)[:, None], 0)
     grads = _backward(options, blocks, problem, stats, ct, _canonical.aux_operands(aux_grad))
     # A shard's classes give part of each input's gradient (and of the temperature's terms).
     d_inputs = _sharding.psum(grads.d_inputs, options.vocab_axis)
-    d_temperature = None
-    if problem.temperature is not None:
-        lse = _tile.lse_of(stats.m, stats.r)
-        terms = _sharding.psum(grads.t_sum, options.vocab_axis)
-        d_temperature = _canonical.temperature_gradient(
-            terms, lse, ct, problem, options, None if aux_grad is None else aux_grad.total
-        )
+    terms = _sharding.psum(grads.t_sum, options.vocab_axis)
+    d_temperature = _canonical.temperature_cotangent(terms, stats, ct, problem, options, aux_grad)
 
     def like(grad, primal):
         return None if grad is None else _canonical.like_primal(grad.astype(primal.dtype), primal)

@@ -212,16 +212,10 @@ def softmax_cross_entropy_with_integer_labels(
         ``p = softmax(z')``, computed in the same pass over the logits as the loss by every
         implementation (see below). Not yet with ``vocab_axis_name`` or class-sharded logits
         (``NotImplementedError``).
-      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which
-        the class axis is split, as in Megatron-LM's vocabulary-parallel cross-entropy: the
-        local ``logits`` (and ``where``, ``class_weights``, probability ``labels``) are this
-        device's slice of ``V_local`` classes, starting at class ``axis_index * V_local``;
-        integer labels are global class ids. Each shard reduces its classes to a few floats
-        per example, which are gathered and merged over the axis, so the losses (the same on
-        every shard of the axis) and the shard's gradient are those of the whole logits;
-        nothing of size ``[batch_size, num_classes]`` crosses devices. None (the default): the
-        classes are not split. ``"reference"`` differentiates through ``psum`` and needs
-        ``shard_map``'s ``check_vma`` (its default).
+      vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which the
+        class axis is split (Megatron-LM's vocabulary-parallel cross-entropy), as for
+        `softmax_cross_entropy`: the local ``logits`` are this device's slice of the classes,
+        and the labels are global class ids (``ignore_index`` as usual).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
