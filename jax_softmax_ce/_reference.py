@@ -54,12 +54,8 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     bad, problem = _canonical.quarantine_problem(problem)
     if options.vocab_axis is not None:
         return _vocab_parallel(options, problem, bad)
-    logits, labels, where, class_weights = logits_of(problem), *problem[1:4]
-    rows = problem.rows
-    n, v = logits.shape
-    dtype = problem.accumulation_dtype
-    valid = jnp.ones((n, v), jnp.bool_) if where is None else jnp.broadcast_to(where, (n, v))
-    z = jnp.where(valid, _transformed(options, problem, logits.astype(dtype)), -np.inf)
+    labels, rows, v = problem.labels, problem.rows, problem.num_classes
+    z, valid = _masked_logits(options, problem)
 
     # lse - z_k formed as log(sum exp(z - m)) - (z_k - m), never as a difference of large numbers,
     # m the logit of the (first) max class. Two ways, chosen per row, so that autodiff forms
@@ -90,20 +86,7 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     nll = log_s + jnp.where(first_max & confident, 0, m - z)  # +inf at invalid classes
     lse = jnp.where(has_mass, m + log_s, -np.inf)
 
-    if options.integer:
-        q = jax.nn.one_hot(labels, v, dtype=dtype)
-    else:
-        q = jnp.where(valid, labels.astype(dtype), 0)
-    n_valid = jnp.sum(valid, axis=1, keepdims=True, dtype=dtype)
-    if options.label_smoothing:
-        e = options.label_smoothing
-        q = (1 - e) * q + jnp.where(valid, e / jnp.maximum(n_valid, 1), 0)
-    wq = q if class_weights is None else q * class_weights
-    # A zero weight contributes 0 even at an infinite nll, and no branch multiplies 0 by inf. The
-    # derivative in q is exact wherever nll is finite; at a -inf logit it is 0 here (it is +inf
-    # in the custom_vjp implementations).
-    nll = jnp.where(wq != 0, nll, jnp.where(jnp.isinf(nll), 0, nll))
-    losses = _finish(options, rows, jnp.sum(wq * nll, axis=1), has_mass, lse, bad)
+    losses = _finish(options, rows, _weighted_nll(options, problem, valid, nll), has_mass, lse, bad)
     if not options.aux:
         return losses
     return losses, _aux(z, lse, has_mass, labels if options.integer else None)
@@ -142,12 +125,8 @@ def _vocab_parallel(options: Options, problem: Problem, bad: jax.Array) -> jax.A
     `losses`' care for confident rows (the mass besides the max): it is the plain formula."""
     axis = options.vocab_axis
     bad = jax.lax.psum(bad.astype(jnp.int32), axis) > 0  # a NaN in any shard's classes
-    logits, labels, where, class_weights = logits_of(problem), *problem[1:4]
     rows = problem.rows
-    n, v = logits.shape
-    dtype = problem.accumulation_dtype
-    valid = jnp.ones((n, v), jnp.bool_) if where is None else jnp.broadcast_to(where, (n, v))
-    z = jnp.where(valid, _transformed(options, problem, logits.astype(dtype)), -np.inf)
+    z, valid = _masked_logits(options, problem)
     m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True)), axis)
     m = jnp.where(jnp.isfinite(m), m, 0)
     s = jax.lax.psum(jnp.sum(jnp.exp(z - m), axis=1, keepdims=True), axis)
@@ -155,17 +134,42 @@ def _vocab_parallel(options: Options, problem: Problem, bad: jax.Array) -> jax.A
     log_s = jnp.where(has_mass, jnp.log(jnp.where(has_mass, s, 1)), 0)
     lse = jnp.where(has_mass, m + log_s, -np.inf)
     nll = (m + log_s) - z  # +inf at invalid classes
+    # The label's one-hot is zero where another shard owns the label.
+    loss = jax.lax.psum(_weighted_nll(options, problem, valid, nll, axis=axis), axis)
+    return _finish(options, rows, loss, has_mass, lse, bad)
+
+
+def _masked_logits(options: Options, problem: Problem) -> tuple[jax.Array, jax.Array]:
+    """``(z', valid)``: the transformed logits ``[N, V]`` in the accumulation dtype, -inf at the
+    invalid classes, and the ``[N, V]`` mask of the valid ones."""
+    logits, where = logits_of(problem), problem.where
+    shape = logits.shape
+    valid = jnp.ones(shape, jnp.bool_) if where is None else jnp.broadcast_to(where, shape)
+    z = _transformed(options, problem, logits.astype(problem.accumulation_dtype))
+    return jnp.where(valid, z, -np.inf), valid
+
+
+def _weighted_nll(options: Options, problem: Problem, valid, nll, *, axis=None) -> jax.Array:
+    """``sum_k w_k q_k nll_k`` per row (``[N]``), ``q`` the labels with the smoothing spread over
+    the valid classes (counted over the vocabulary ``axis`` too where one is given)."""
+    labels, class_weights = problem.labels, problem.class_weights
+    dtype = problem.accumulation_dtype
     if options.integer:
-        q = jax.nn.one_hot(labels, v, dtype=dtype)  # zeros where another shard owns the label
+        q = jax.nn.one_hot(labels, problem.num_classes, dtype=dtype)
     else:
         q = jnp.where(valid, labels.astype(dtype), 0)
     if options.label_smoothing:
         e = options.label_smoothing
-        n_valid = jax.lax.psum(jnp.sum(valid, axis=1, keepdims=True, dtype=dtype), axis)
+        n_valid = jnp.sum(valid, axis=1, keepdims=True, dtype=dtype)
+        if axis is not None:
+            n_valid = jax.lax.psum(n_valid, axis)
         q = (1 - e) * q + jnp.where(valid, e / jnp.maximum(n_valid, 1), 0)
     wq = q if class_weights is None else q * class_weights
+    # A zero weight contributes 0 even at an infinite nll, and no branch multiplies 0 by inf. The
+    # derivative in q is exact wherever nll is finite; at a -inf logit it is 0 here (it is +inf
+    # in the custom_vjp implementations).
     nll = jnp.where(wq != 0, nll, jnp.where(jnp.isinf(nll), 0, nll))
-    return _finish(options, rows, jax.lax.psum(jnp.sum(wq * nll, axis=1), axis), has_mass, lse, bad)
+    return jnp.sum(wq * nll, axis=1)
 
 
 def _finish(options: Options, rows, loss, has_mass, lse, bad) -> jax.Array:
