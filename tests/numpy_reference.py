@@ -189,6 +189,17 @@ def weights_gradient(
     return loss / denominator - losses.sum() * c / denominator**2
 
 
+def random_case(n: int, v: int, *, integer: bool, seed=0, scale=3.0):
+    """``(logits, labels)`` in float64: normal logits of standard deviation ``scale`` and integer
+    labels ``[n]``, or peaked probability labels ``[n, v]``."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, v)) * scale
+    if integer:
+        return logits, rng.integers(0, v, n)
+    raw = rng.random((n, v)) ** 4
+    return logits, raw / raw.sum(1, keepdims=True)
+
+
 def confident_logits(
     num_classes: int, margins, spreads, *, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

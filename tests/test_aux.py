@@ -41,14 +41,8 @@ IMPLEMENTATIONS = ("reference", "xla", "gpu", "tpu")
 
 
 def make_case(*, integer: bool, seed=0, dtype=jnp.float32, scale=3.0):
-    rng = np.random.default_rng(seed)
-    logits = jnp.asarray(rng.normal(size=(N, V)) * scale, dtype)
-    if integer:
-        labels = jnp.asarray(rng.integers(0, V, N), jnp.int32)
-    else:
-        raw = rng.random((N, V)) ** 4
-        labels = jnp.asarray(raw / raw.sum(1, keepdims=True), jnp.float32)
-    return logits, labels
+    logits, labels = numpy_reference.random_case(N, V, integer=integer, seed=seed, scale=scale)
+    return jnp.asarray(logits, dtype), jnp.asarray(labels, jnp.int32 if integer else jnp.float32)
 
 
 def coefficients(seed=5):

@@ -85,14 +85,8 @@ def run(implementation, logits, labels, *, integer, where=None, array_temperatur
 
 
 def make_case(v, dtype, *, integer, seed=0, scale=3.0):
-    rng = np.random.default_rng(seed)
-    logits = jnp.asarray(rng.normal(size=(N, v)) * scale, dtype)
-    if integer:
-        labels = jnp.asarray(rng.integers(0, v, N), jnp.int32)
-    else:
-        raw = rng.random((N, v)) ** 4
-        labels = jnp.asarray(raw / raw.sum(1, keepdims=True), jnp.float32)
-    return logits, labels
+    logits, labels = numpy_reference.random_case(N, v, integer=integer, seed=seed, scale=scale)
+    return jnp.asarray(logits, dtype), jnp.asarray(labels, jnp.int32 if integer else jnp.float32)
 
 
 def tolerances(dtype):
