@@ -1,13 +1,14 @@
 """Sharded training on 8 host devices, mesh ``(2, 4)`` named ``("data", "model")``.
 
-The checks live in `tests/_sharded.py`, which one subprocess runs (this pytest process's CPU
-backend has 4 devices, fixed when it started); each test here asserts one check's result, and
-`test_the_process_exits_cleanly` that the subprocess ended without an abort. The cross-shard
-merge itself is checked here, on one device.
+The checks live in `tests/_sharded.py`, which runs in subprocesses (this pytest process's CPU
+backend has 4 devices, fixed when it started), two of them with half the checks each; each test
+here asserts one check's result, and `test_the_process_exits_cleanly` that each subprocess ended
+without an abort. The cross-shard merge itself is checked here, on one device.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -27,12 +28,21 @@ SCRIPT = pathlib.Path(__file__).with_name("_sharded.py")
 ROOT = SCRIPT.parents[1]
 
 
-@pytest.fixture(scope="module")
-def report():
+# The checks in two halves, each run by one subprocess and pinned to one pytest-xdist worker
+# (``--dist loadgroup`` in pyproject.toml), so that two workers run the halves side by side and no
+# check runs twice.
+HALVES = 2
+HALF = {name: i % HALVES for i, name in enumerate(_sharded.CHECKS)}
+
+
+@functools.cache
+def report(half: int):
+    """``(process, results)`` of the subprocess that runs the checks of ``half``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    names = [name for name, h in HALF.items() if h == half]
     done = subprocess.run(
-        [sys.executable, str(SCRIPT)],
+        [sys.executable, str(SCRIPT), *names],
         capture_output=True,
         text=True,
         timeout=900,
@@ -48,6 +58,10 @@ def report():
     return done, results
 
 
+def on_worker(half: int):
+    return pytest.mark.xdist_group(f"sharded-{half}")
+
+
 # What issue 16 asks and is not done yet, each with the reason; strict, so that a fix shows.
 OPEN = {
     name: "the fused loss's XLA loops slice a projection whose classes are sharded over "
@@ -60,20 +74,25 @@ OPEN = {
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=pytest.mark.xfail(reason=OPEN[n], strict=True)) if n in OPEN else n
+        pytest.param(
+            n,
+            marks=[on_worker(HALF[n])]
+            + ([pytest.mark.xfail(reason=OPEN[n], strict=True)] if n in OPEN else []),
+        )
         for n in _sharded.CHECKS
     ],
 )
-def test_check(report, name):
-    done, results = report
+def test_check(name):
+    done, results = report(HALF[name])
     assert name in results, f"the check did not report:\n{done.stderr[-4000:]}"
     assert results[name]["ok"], results[name]["error"]
 
 
-def test_the_process_exits_cleanly(report):
-    done, results = report
+@pytest.mark.parametrize("half", [pytest.param(h, marks=on_worker(h)) for h in range(HALVES)])
+def test_the_process_exits_cleanly(half):
+    done, results = report(half)
     failed = [name for name, result in results.items() if not result["ok"] and name not in OPEN]
-    failed += [name for name in OPEN if not results.get(name, {"ok": False})["ok"]]
+    failed += [name for name in OPEN if HALF[name] == half and not results[name]["ok"]]
     assert "Fatal Python error" not in done.stderr, done.stderr[-4000:]
     assert done.returncode == (1 if failed else 0), (done.returncode, done.stderr[-4000:])
 
