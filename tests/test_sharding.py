@@ -29,8 +29,8 @@ ROOT = SCRIPT.parents[1]
 
 
 # The checks in two halves, each run by one subprocess and pinned to one pytest-xdist worker
-# (``--dist loadgroup`` in pyproject.toml), so that two workers run the halves side by side and no
-# check runs twice.
+# (tests/conftest.py makes ``-n`` distribute by group), so that two workers run the halves side
+# by side and no check runs twice.
 HALVES = 2
 HALF = {name: i % HALVES for i, name in enumerate(_sharded.CHECKS)}
 
