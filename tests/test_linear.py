@@ -26,6 +26,10 @@ SMALL_BLOCKS = BlockSizes(8, 16)
 # Triton's dot needs tiles of at least 16 in every dimension; the GPU schedule masks the ragged
 # ends of all three (N = 37 and V = 53 are not multiples of 16, nor is D = 40).
 GPU_BLOCKS, GPU_D = BlockSizes(16, 16, 16), 40
+# Corners of the grids that repeat what other cases check (the "vd" layout of every option case,
+# more option cases of the second derivatives): with the slow tests, which CI runs, so that the
+# README's test command stays short.
+SLOW = pytest.mark.slow
 
 
 def implementation_of(implementation, block_sizes=None, schedule=None, accumulator_bytes=None):
@@ -176,8 +180,15 @@ def _value_and_grads(implementation, x, w, b, y, *, layout="dv", reduction="sum"
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b)
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
-@pytest.mark.parametrize("implementation", ["xla", "reference"])
+@pytest.mark.parametrize(
+    ("implementation", "layout"),
+    [
+        ("xla", "dv"),
+        ("xla", "vd"),
+        ("reference", "dv"),
+        pytest.param("reference", "vd", marks=SLOW),
+    ],
+)
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_values_and_gradients_match_numpy(name, implementation, layout):
     x, w, b, y = _data()
@@ -256,7 +267,7 @@ PALLAS_CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("layout", ["dv", pytest.param("vd", marks=SLOW)])
 @pytest.mark.parametrize(
     ("schedule", "accumulator_bytes"),
     # One byte of accumulators makes the GPU backward run its two passes of one-block chunks:
@@ -287,7 +298,8 @@ def test_pallas_matches_numpy(name, schedule, accumulator_bytes, layout):
 
 
 @pytest.mark.parametrize(
-    ("schedule", "accumulator_bytes"), [("tpu", None), ("gpu", None), ("gpu", 1)]
+    ("schedule", "accumulator_bytes"),
+    [("tpu", None), pytest.param("gpu", None, marks=SLOW), ("gpu", 1)],
 )
 def test_pallas_array_temperature_gradient(schedule, accumulator_bytes):
     d, pallas = _pallas_args(schedule)
@@ -353,7 +365,7 @@ def test_three_dimensional_inputs_and_vmap():
 def test_bfloat16_inputs_accumulate_in_float32(engine, layout):
     implementation, _, schedule = engine.partition(":")
     d, pallas = _pallas_args(schedule, d=32) if schedule else (32, {"block_sizes": SMALL_BLOCKS})
-    x, w, b, y = _data(n=64, d=d, v=97)
+    x, w, b, y = _data(n=32, d=d, v=97)
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     expected = numpy_linear_ce(
         np.asarray(xb, np.float64), np.asarray(wb, np.float64), y, bias=b, reduction="mean"
@@ -378,7 +390,7 @@ def test_bfloat16_inputs_accumulate_in_float32(engine, layout):
 
 
 def test_gradient_filter_error_is_bounded():
-    x, w, b, y = _data(n=64, d=16, v=211, scale=4.0)  # sharp softmax: most |p - q| are tiny
+    x, w, b, y = _data(n=32, d=16, v=211, scale=4.0)  # sharp softmax: most |p - q| are tiny
     eps = 1e-3
     blocks = BlockSizes(4, 8)
     args = [jnp.asarray(a) for a in (x, w, b, y)]
@@ -684,7 +696,14 @@ def test_pallas_under_vmap(schedule):
         np.testing.assert_allclose(grads[1][k], want[3], rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["smoothing_weights", "zloss_softcap_temperature", "where_full"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("smoothing_weights", marks=SLOW),
+        "zloss_softcap_temperature",
+        pytest.param("where_full", marks=SLOW),
+    ],
+)
 def test_grad_of_grad_with_options_matches_reference(name):
     """Second derivatives with respect to inputs and weight, through the custom_vjp's backward
     loops, against autodiff of the materialised formula ("reference")."""
