@@ -334,7 +334,7 @@ def _shardings(call: _Call, mesh, arg_shapes, result_shape):
 
 def _partition(call: _Call, mesh, arg_shapes, result_shape):
     """Each device runs the kernel on its rows and classes, as for ``vocab_axis_name``
-    (`_sharding`): the labels moved to its classes' ids; across the classes' shards, the
+    (`_sharding`): integer labels moved to its classes' ids; across the classes' shards, the
     forward's row states combined, and the per-row sums (the inputs' gradient, a temperature's
     terms) summed; across the rows' shards, the sums over rows (the projection's gradient)."""
     results, args = _shardings(call, mesh, arg_shapes, result_shape)
@@ -361,7 +361,8 @@ def _partition(call: _Call, mesh, arg_shapes, result_shape):
         fused = ops.logits is None
         if classes is not None:
             v = ops.w.shape[0 if call.options.vd else 1] if fused else ops.logits.shape[1]
-            ops = ops._replace(labels=ops.labels - _sharding.class_offset(classes, v))
+            if call.options.integer:  # probability labels are sliced like the logits
+                ops = ops._replace(labels=ops.labels - _sharding.class_offset(classes, v))
         out = _kernel_call(call, *jax.tree.leaves(ops))
         if call.step == "forward":
             return out if classes is None else _sharding.combine(out, classes, typed=False)

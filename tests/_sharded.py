@@ -109,6 +109,37 @@ for _impl in ("xla", None, "pallas"):
         CHECKS[_name] = functools.partial(jit_case, _impl, _spec)
 
 
+def jit_probabilities_case(implementation, spec_name):
+    """Probability labels sharded like the logits under jit (they are not class ids: only
+    integer labels move to a shard's ids): values and gradients as float64."""
+    m = mesh()
+    spec = SPECS[spec_name]
+    logits, _ = data(seed=12)
+    rng = np.random.default_rng(13)
+    labels = jax.nn.softmax(jnp.asarray(2.0 * rng.normal(size=logits.shape), jnp.float32))
+
+    def loss(x, y):
+        return sce.softmax_cross_entropy(
+            x, y, label_smoothing=0.1, reduction="sum", implementation=implementation
+        )
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    x = jax.device_put(logits, NamedSharding(m, spec))
+    value, grad = fn(x, jax.device_put(labels, NamedSharding(m, spec)))
+    ref = numpy_reference.cross_entropy(
+        f64(logits), f64(labels), integer=False, label_smoothing=0.1
+    )
+    np.testing.assert_allclose(value, ref.loss.sum(), rtol=1e-5)
+    np.testing.assert_allclose(f64(grad), ref.dlogits, rtol=1e-4, atol=1e-6)
+    assert grad.dtype == logits.dtype and grad.sharding.is_equivalent_to(x.sharding, 2)
+
+
+for _spec in ("vocab", "both"):
+    CHECKS[f"jit_pallas_{_spec}_probabilities"] = functools.partial(
+        jit_probabilities_case, "pallas", _spec
+    )
+
+
 OPTION_SETS = {
     "plain": {},
     "options": dict(label_smoothing=0.1, z_loss=1e-3, logit_softcap=20.0, temperature=1.3),
