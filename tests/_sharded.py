@@ -6,7 +6,7 @@ The other test modules run in pytest processes whose CPU backend has 4 devices (
 and a backend's device count is fixed once it starts, so `tests/test_sharding.py` runs this script
 in a subprocess and reads its report: one JSON line per check, ``{"check", "ok", "error"}``. The
 mesh is ``(2, 4)`` named ``("data", "model")``; shapes are small (16 rows by 64 classes per
-device at most) so that the whole script runs in about a minute on two cores.
+device at most) so that the whole script runs in about three minutes on two cores.
 
 Each check compares values and gradients with the unsharded call and with the float64 NumPy
 reference (`numpy_reference`), and reads the compiled HLO (`benchmarks.collectives`): no
