@@ -605,11 +605,17 @@ def aux_gradient(problem: Problem, m: jax.Array, aux: _tile.AuxRows, ct) -> _til
 def unpack_saved(options: Options, problem: Problem, saved, cotangent):
     """``(stats, ct, aux_grad)`` of a backward rule: the saved `_tile.Stats`, the losses'
     cotangent and, with ``options.aux``, `aux_gradient` of the auxiliary values' cotangent
-    (None without), from what `finish_rows` saved and the cotangent of its outputs."""
+    (None without), from what `finish_rows` saved and the cotangent of its outputs. With a
+    vocabulary axis its argmax is a class id of this shard's (the combined forward's is
+    global), as the labels are, so that the block steps find its column."""
     if not options.aux:
         return saved, cotangent, None
     (stats, aux), (cotangent, aux_ct) = saved, cotangent
-    return stats, cotangent, aux_gradient(problem, stats.m, aux, aux_ct)
+    grad = aux_gradient(problem, stats.m, aux, aux_ct)
+    if options.vocab_axis is not None:  # the argmax's column among this shard's classes
+        local = _sharding.local_ids(grad.argmax, options.vocab_axis, problem.num_classes)
+        grad = grad._replace(argmax=local)
+    return stats, cotangent, grad
 
 
 def aux_operands(grad: _tile.AuxGrad) -> dict:

@@ -116,11 +116,6 @@ def make_options(
             raise ValueError(f"gradient_filter_eps must be in [0, 1), got {gradient_filter_eps}")
     if not isinstance(return_aux, (bool, np.bool_)):
         raise TypeError(f"return_aux must be a Python bool (it is static), got {return_aux!r}")
-    if return_aux and vocab_axis_name is not None:
-        raise NotImplementedError(
-            f"return_aux=True with vocab_axis_name={vocab_axis_name!r} is not implemented yet: "
-            "the monitoring statistics are not combined across vocabulary shards"
-        )
     return Options(
         label_smoothing=label_smoothing,
         z_loss=z_loss,

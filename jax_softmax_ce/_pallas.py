@@ -32,12 +32,13 @@ Decisions where the spec is silent:
   the classes combine their rows' forward state (`_sharding`).
 - Under ``jit`` every kernel call is a `custom_partitioning` (`_partition`): each device runs
   the kernels on its rows and its classes of the logits (of the inputs and the projection),
-  with the labels moved to its classes' ids; across the classes' shards the forward's row
-  states are combined (`_sharding.combine`, ``[N, k]`` floats) and the per-row sums summed,
-  and across the rows' shards the projection's gradient is summed. So nothing of the logits'
-  size is gathered, and the gradients come back sharded like their operands. A class axis
-  that does not split evenly is gathered (a padded shard's classes would join the sums), and
-  so is the hidden axis of the fused loss. Arrays with an explicit sharding run under
+  with the labels (and the backward's argmax) moved to its classes' ids; across the classes'
+  shards the forward's row states (with ``return_aux``, its statistics too) are combined
+  (`_sharding.combine`, ``[N, k]`` floats) and the per-row sums summed, and across the rows'
+  shards the projection's gradient is summed. So nothing of the logits' size is gathered,
+  and the gradients come back sharded like their operands. A class axis that does not split
+  evenly is gathered (a padded shard's classes would join the sums), and so is the hidden
+  axis of the fused loss. Arrays with an explicit sharding run under
   `jax.sharding.auto_axes` (`_sharding.explicit_as_auto`), which hands them to that rule.
   The strict TPU interpreter (``Pallas(interpret=True)``) is not partitioned: its callbacks
   are effects that a partitioned call cannot carry.
@@ -334,17 +335,12 @@ def _shardings(call: _Call, mesh, arg_shapes, result_shape):
 
 def _partition(call: _Call, mesh, arg_shapes, result_shape):
     """Each device runs the kernel on its rows and classes, as for ``vocab_axis_name``
-    (`_sharding`): the labels moved to its classes' ids; across the classes' shards, the
-    forward's row states combined, and the per-row sums (the inputs' gradient, a temperature's
-    terms) summed; across the rows' shards, the sums over rows (the projection's gradient)."""
+    (`_sharding`): the integer labels and the backward's argmax moved to its classes' ids;
+    across the classes' shards, the forward's row states combined, and the per-row sums (the
+    inputs' gradient, a temperature's terms) summed; across the rows' shards, the sums over
+    rows (the projection's gradient)."""
     results, args = _shardings(call, mesh, arg_shapes, result_shape)
     rows, classes = _mesh_axes(call, mesh, arg_shapes)
-    if classes is not None and call.options.aux:
-        raise NotImplementedError(
-            'implementation="pallas": return_aux=True with the classes sharded over '
-            f"{classes!r} is not implemented yet: the monitoring statistics are not combined "
-            "across vocabulary shards"
-        )
 
     # Traced with every axis automatic, whatever mesh the caller set (jax >= 0.11 would type
     # the per-device values with an explicit one's shardings).
@@ -361,10 +357,13 @@ def _partition(call: _Call, mesh, arg_shapes, result_shape):
         fused = ops.logits is None
         if classes is not None:
             v = ops.w.shape[0 if call.options.vd else 1] if fused else ops.logits.shape[1]
-            ops = ops._replace(labels=ops.labels - _sharding.class_offset(classes, v))
+            ids = {"labels": ops.labels} if call.options.integer else {}
+            if ops.argmax is not None:
+                ids["argmax"] = ops.argmax
+            ops = ops._replace(**{k: _sharding.local_ids(x, classes, v) for k, x in ids.items()})
         out = _kernel_call(call, *jax.tree.leaves(ops))
         if call.step == "forward":
-            return out if classes is None else _sharding.combine(out, classes, typed=False)
+            return out if classes is None else _sharding.combine(out, classes, v, typed=False)
         if not fused:
             d_logits, d_labels, t_row = out
             return d_logits, d_labels, _sharding.psum(t_row, classes)
@@ -473,7 +472,7 @@ def forward(options: Options, config: Pallas, problem: Problem):
     call, leaves = launch(options, config, _canonical.operands(options, problem), "forward")
     state = call(*leaves)
     if options.vocab_axis is not None:
-        state = _sharding.combine(state, options.vocab_axis)
+        state = _sharding.combine(state, options.vocab_axis, problem.num_classes)
     return _canonical.finish_rows(options, problem, state)
 
 

@@ -110,10 +110,14 @@ def run(
     problem, options, lay = _canonical.canonicalise(
         logits, labels, axis, where, class_weights, temperature, options, weights
     )
-    if options.aux and problem.num_classes > MAX_AUX_CLASSES:
+    num_classes, sharded = problem.num_classes, ""
+    if options.vocab_axis is not None:  # the argmax is a global class id
+        num_classes *= _sharding.num_shards(options.vocab_axis)
+        sharded = f" on each of {num_classes // problem.num_classes} shards"
+    if options.aux and num_classes > MAX_AUX_CLASSES:
         raise ValueError(
             f"return_aux=True takes at most {MAX_AUX_CLASSES} classes (the argmax is carried as "
-            f"a float32 class id), got {problem.num_classes} ({logits.shape}, axis {axis})"
+            f"a float32 class id), got {num_classes} ({logits.shape}{sharded}, axis {axis})"
         )
     if implementation is None:
         implementation = choose_implementation(problem, options)

@@ -92,28 +92,48 @@ def losses(options: Options, config: Reference, problem: Problem) -> jax.Array:
     return losses, _aux(z, lse, has_mass, labels if options.integer else None)
 
 
-def _aux(z, lse, has_mass, labels) -> CrossEntropyAux:
+def _aux(z, lse, has_mass, labels, axis=None) -> CrossEntropyAux:
     """``return_aux``'s values from the ``[N, V]`` transformed, masked logits ``z`` and their
-    ``lse`` (``[N, 1]``), by autodiff: ``log p = z' - lse`` on the classes of finite ``z'``."""
+    ``lse`` (``[N, 1]``), by autodiff: ``log p = z' - lse`` on the classes of finite ``z'``.
+    With a vocabulary ``axis`` (``shard_map``), ``z`` and the labels are this shard's classes
+    and ids, ``lse`` the whole rows', and the sums over classes are summed over the shards;
+    the argmax is the lowest global class id at the max of every shard's."""
     v = z.shape[1]
+
+    def total(x):
+        x = jnp.sum(x, axis=1)
+        return x if axis is None else jax.lax.psum(x, axis)
+
     finite = (z != -np.inf) & has_mass
     log_p = jnp.where(finite, z - lse, 0)
     p = jnp.where(finite, jnp.exp(log_p), 0)
-    argmax = jnp.argmax(jnp.where(has_mass, z, 0), axis=1)
-    at_argmax = jnp.arange(v, dtype=argmax.dtype) == argmax[:, None]
+    z_top = jnp.where(has_mass, z, 0)
+    argmax = jnp.argmax(z_top, axis=1)
+    ids = jnp.arange(v, dtype=argmax.dtype)
+    if axis is not None:
+        ids = ids + (jax.lax.axis_index(axis) * v).astype(argmax.dtype)
+        local_max = jax.lax.stop_gradient(jnp.max(z_top, axis=1))
+        top = local_max == jax.lax.pmax(local_max, axis)
+        argmax = jax.lax.pmin(jnp.where(top, ids[argmax], _NO_CLASS), axis)
+    at_argmax = ids == argmax[:, None]
     rows = has_mass[:, 0]
     target_logprob = None
     if labels is not None:
-        z_t = jnp.sum(jnp.where(jnp.arange(v, dtype=labels.dtype) == labels[:, None], z, 0), axis=1)
+        z_t = total(jnp.where(jnp.arange(v, dtype=labels.dtype) == labels[:, None], z, 0))
+        found = total(((labels >= 0) & (labels < v)).astype(z.dtype)[:, None]) > 0
         target_logprob = jnp.where(rows, z_t - lse[:, 0], -np.inf)
-        target_logprob = jnp.where(labels >= 0, target_logprob, np.nan)
+        target_logprob = jnp.where(found, target_logprob, np.nan)
     return CrossEntropyAux(
         lse[:, 0],
-        jnp.where(rows, argmax, -1).astype(jnp.int32),
-        jnp.sum(jnp.where(at_argmax, p, 0), axis=1),
-        -jnp.sum(p * log_p, axis=1),
+        jnp.where(rows & (argmax != _NO_CLASS), argmax, -1).astype(jnp.int32),
+        total(jnp.where(at_argmax, p, 0)),
+        -total(p * log_p),
         target_logprob,
     )
+
+
+# The sharded argmax of a row whose max no shard holds (a NaN logit): -1, as the kernels give.
+_NO_CLASS = np.iinfo(np.int32).max
 
 
 def _vocab_parallel(options: Options, problem: Problem, bad: jax.Array) -> jax.Array:
@@ -136,7 +156,10 @@ def _vocab_parallel(options: Options, problem: Problem, bad: jax.Array) -> jax.A
     nll = (m + log_s) - z  # +inf at invalid classes
     # The label's one-hot is zero where another shard owns the label.
     loss = jax.lax.psum(_weighted_nll(options, problem, valid, nll, axis=axis), axis)
-    return _finish(options, rows, loss, has_mass, lse, bad)
+    losses = _finish(options, rows, loss, has_mass, lse, bad)
+    if not options.aux:
+        return losses
+    return losses, _aux(z, lse, has_mass, problem.labels if options.integer else None, axis)
 
 
 def _masked_logits(options: Options, problem: Problem) -> tuple[jax.Array, jax.Array]:

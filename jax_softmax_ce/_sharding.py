@@ -4,13 +4,15 @@ axis, as in Megatron-LM's vocabulary-parallel cross-entropy.
 Inside ``shard_map`` a loss called with ``vocab_axis_name`` sees on each device the logits (or
 the projection) of its own slice of the vocabulary, ``V_local`` classes starting at class
 ``axis_index * V_local``, and labels in global class ids. Each shard forms its rows' forward
-accumulators (`kernels._tile.RowState`: max, mass besides it, target and smoothing terms) over
-its classes; `combine` gathers those ``[N, k]`` states over the axis (``k`` floats per row, never
-the logits) and folds them with `kernels._tile.row_state_combine`, the merge that the kernels use
-across blocks, so that every shard holds the whole rows' state and finishes the loss itself. The
-backward runs per shard from the combined statistics; the only other collectives are sums of
-per-row values (a label's class weight, the valid classes of a row, the temperature's terms)
-and, for the fused loss, of the inputs' gradient.
+accumulators (`kernels._tile.RowState`: max, mass besides it, target and smoothing terms, and
+with ``return_aux`` the monitoring statistics) over its classes; `combine` gathers those
+``[N, k]`` states over the axis (``k`` floats per row, never the logits) and folds them with
+`kernels._tile.row_state_combine`, the merge that the kernels use across blocks, so that every
+shard holds the whole rows' state and finishes the loss (and the auxiliary values) itself. The
+argmax is a global class id in the combined state; the backward, which runs per shard from the
+combined statistics, looks for it among the shard's own ids (`local_ids`), as for the labels.
+The only other collectives are sums of per-row values (a label's class weight, the valid
+classes of a row, the temperature's terms) and, for the fused loss, of the inputs' gradient.
 """
 
 from __future__ import annotations
@@ -37,11 +39,25 @@ def class_offset(axis: Axis, local_classes: int) -> jax.Array:
     return jax.lax.axis_index(axis) * local_classes
 
 
-def combine(state: _tile.RowState, axis: Axis, *, typed: bool = True) -> _tile.RowState:
-    """The forward state of whole rows from each shard's ``state`` over its own classes: one
-    all-gather of the packed ``[N, k]`` state, folded in shard order. The result is the same on
-    every shard, and typed so (invariant over ``axis``) inside ``shard_map``; ``typed=False``
-    where nothing tracks those types (a `custom_partitioning` rule's per-device function)."""
+def local_ids(ids: jax.Array, axis: Axis, local_classes: int) -> jax.Array:
+    """Global class ids ``ids`` (integer labels, or a float argmax) as this shard's: minus its
+    first class's id, in ``ids``' dtype. An id of another shard falls outside
+    ``[0, local_classes)``."""
+    return ids - class_offset(axis, local_classes).astype(ids.dtype)
+
+
+def combine(
+    state: _tile.RowState, axis: Axis, local_classes: int, *, typed: bool = True
+) -> _tile.RowState:
+    """The forward state of whole rows from each shard's ``state`` over its own
+    ``local_classes`` classes: one all-gather of the packed ``[N, k]`` state, folded in shard
+    order. The result is the same on every shard, and typed so (invariant over ``axis``) inside
+    ``shard_map``; ``typed=False`` where nothing tracks those types (a `custom_partitioning`
+    rule's per-device function). A `_tile.Monitor`'s argmax (a class id of the shard's own)
+    becomes a global class id first, so the fold keeps the lowest global id among ties."""
+    if state.monitor is not None:
+        offset = class_offset(axis, local_classes).astype(state.monitor.index.dtype)
+        state = state._replace(monitor=_tile.offset_argmax(state.monitor, offset))
     leaves, tree = jax.tree.flatten(state)
     rows = max(leaf.shape[0] for leaf in leaves)
     packed = jnp.concatenate([jnp.broadcast_to(x, (rows, 1)) for x in leaves], axis=1)

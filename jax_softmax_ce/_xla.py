@@ -114,7 +114,8 @@ def _forward(options: Options, problem: Problem):
         z_max = jnp.max(z, axis=1, keepdims=True)
     z_label = _target_logit(options, problem, t) if options.integer else None
     vocab_parallel = options.vocab_axis is not None
-    if options.integer and logits.shape[1] <= _EXACT_IDS and not vocab_parallel:
+    besides_label = options.integer and logits.shape[1] <= _EXACT_IDS and not vocab_parallel
+    if besides_label:
         # Labels behind a barrier: constant labels would have XLA fold the label's column
         # test into a logits-sized constant.
         labels = jax.lax.optimization_barrier(problem.labels[:, None])
@@ -145,19 +146,20 @@ def _forward(options: Options, problem: Problem):
     monitor = None
     if options.aux:
         monitor = _monitor(options, problem, ref, z_label)
-        if options.integer and logits.shape[1] <= _EXACT_IDS:
+        if besides_label:
             # `_tile.lse_besides_label` left out no instance of the max where the label is
             # outside [0, V) (its loss is NaN), but the auxiliary values need the mass.
             outside = (problem.labels < 0)[:, None] & (lse.m != _tile.NEG_INF)
             lse = lse._replace(r=jnp.where(outside, lse.r - 1.0, lse.r))
     state = _tile.RowState(lse, _tile.Term(*target), smoothing, monitor)
     if vocab_parallel:
-        state = _sharding.combine(state, options.vocab_axis)
+        state = _sharding.combine(state, options.vocab_axis, logits.shape[1])
     return _canonical.finish_rows(options, problem, state)
 
 
 def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
-    """The `_tile.Monitor` of the one block that spans the vocabulary: its two reductions each
+    """The `_tile.Monitor` of the one block that spans the vocabulary (this shard's classes,
+    their argmax a class id of the shard's own, with ``vocab_axis``): its two reductions each
     on their own copy of the logits, as `_ties` (no [N, V] value shared between fusions)."""
 
     def fresh_z(tag: int):
@@ -177,7 +179,8 @@ def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
     index = _tile.first_at_max(*fresh_z(1), 0, float_ids=True)
     label = None
     if options.integer:
-        found = (problem.labels >= 0).astype(ref.dtype)[:, None]
+        labels = problem.labels  # the label's class is this block's (this shard's) or not
+        found = ((labels >= 0) & (labels < problem.num_classes)).astype(ref.dtype)[:, None]
         label = _tile.Term(found, _tile.weighted(found, z_label - ref))
     return _tile.Monitor(t, index, label)
 

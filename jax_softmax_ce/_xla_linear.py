@@ -48,21 +48,20 @@ def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
         return _fused(options, blocks, problem)
     classes = _classes_axis(mesh, linear)
     if classes is not None:
-        if options.aux:
-            raise NotImplementedError(
-                "return_aux=True with a projection whose classes are explicitly sharded is not "
-                "implemented yet: the monitoring statistics are not combined across vocabulary "
-                "shards"
-            )
         return _vocabulary_parallel(options, blocks, problem, mesh, classes)
     rows = jax.typeof(linear.inputs).sharding.spec
-    out = jax.sharding.PartitionSpec(rows[0] if rows else None)
-    if options.aux:
-        out = (out, CrossEntropyAux(out, out, out, out, out if options.integer else None))
+    out = _out_specs(options, jax.sharding.PartitionSpec(rows[0] if rows else None))
     with jax.sharding.use_abstract_mesh(mesh):
         return jax.sharding.auto_axes(functools.partial(_fused, options, blocks), out_sharding=out)(
             problem
         )
+
+
+def _out_specs(options: Options, rows):
+    """The specs of `_fused`'s outputs, each sharded like the rows (``rows``, a spec)."""
+    if not options.aux:
+        return rows
+    return rows, CrossEntropyAux(rows, rows, rows, rows, rows if options.integer else None)
 
 
 def _classes_axis(mesh, linear: Linear):
@@ -116,7 +115,8 @@ def _vocabulary_parallel(options: Options, blocks: BlockSizes, problem: Problem,
 
     with jax.sharding.use_abstract_mesh(mesh):
         problem = jax.tree.map(jax.sharding.reshard, problem, spec)
-        return jax.shard_map(per_device, mesh=mesh, in_specs=(spec,), out_specs=P(rows))(problem)
+        out = _out_specs(options, P(rows))
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(spec,), out_specs=out)(problem)
 
 
 def _slice(x, start, size: int, axis: int):
@@ -225,7 +225,7 @@ def _forward(options: Options, blocks: BlockSizes, problem: Problem):
     of `_canonical.finish_rows`."""
     state = _forward_state(options, blocks, problem)
     if options.vocab_axis is not None:
-        state = _sharding.combine(state, options.vocab_axis)
+        state = _sharding.combine(state, options.vocab_axis, problem.num_classes)
     return _canonical.finish_rows(options, problem, state)
 
 

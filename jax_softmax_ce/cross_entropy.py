@@ -88,9 +88,10 @@ def softmax_cross_entropy(
         integer labels are global class ids. Each shard reduces its classes to a few floats
         per example, which are gathered and merged over the axis, so the losses (the same on
         every shard of the axis) and the shard's gradient are those of the whole logits;
-        nothing of size ``[batch_size, num_classes]`` crosses devices. None (the default): the
-        classes are not split. ``"reference"`` differentiates through ``psum`` and needs
-        ``shard_map``'s ``check_vma`` (its default).
+        nothing of size ``[batch_size, num_classes]`` crosses devices. ``return_aux``'s
+        statistics are merged alike (the argmax a global class id, the lowest among ties
+        across shards). None (the default): the classes are not split. ``"reference"``
+        differentiates through ``psum`` and needs ``shard_map``'s ``check_vma`` (its default).
 
     Returns:
       The losses, shape ``logits.shape`` without ``axis`` for ``reduction="none"``, else a
@@ -210,8 +211,9 @@ def softmax_cross_entropy_with_integer_labels(
         ``jax.jacfwd``), and ``jax.hessian`` with ``"pallas"``.
       return_aux: Also return a `jax_softmax_ce.CrossEntropyAux` of per-example statistics of
         ``p = softmax(z')``, computed in the same pass over the logits as the loss by every
-        implementation (see below). Not yet with ``vocab_axis_name`` or class-sharded logits
-        (``NotImplementedError``).
+        implementation (see below). Also with the classes sharded (``vocab_axis_name``, or
+        class-sharded logits under ``jit``): each shard's statistics are combined with the
+        others' like the loss's, and the values and gradients are those of the whole logits.
       vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which the
         class axis is split (Megatron-LM's vocabulary-parallel cross-entropy), as for
         `softmax_cross_entropy`: the local ``logits`` are this device's slice of the classes,

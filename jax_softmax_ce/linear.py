@@ -164,8 +164,9 @@ def linear_softmax_cross_entropy(
         from the same pass over the tiles, with what
         `softmax_cross_entropy_with_integer_labels` says of them; their gradients reach
         ``inputs``, ``weight``, ``bias`` and an array temperature, in the same backward pass.
-        Not yet with ``vocab_axis_name`` or explicitly class-sharded operands
-        (``NotImplementedError``).
+        Also with the classes sharded (``vocab_axis_name``, or a class-sharded projection under
+        ``jit``), the shards' statistics combined like the loss's (the argmax a global class
+        id, the lowest among ties across shards).
       vocab_axis_name: Inside ``shard_map``, the mesh axis (or tuple of axes) over which the
         projection's classes are split: ``weight`` (``bias``, ``class_weights``, a class
         ``where``) is this device's slice of ``V_local`` classes, starting at class

@@ -261,17 +261,55 @@ def term_combine(a: Term, shift_a: jax.Array, b: Term, shift_b: jax.Array) -> Te
     return Term(a.w + b.w, (a.a - a.w * shift_a) + (b.a - b.w * shift_b))
 
 
+def monitor_combine(
+    a: Monitor, lse_a: Lse, shift_a: jax.Array, b: Monitor, lse_b: Lse, shift_b: jax.Array
+) -> Monitor:
+    """Two `Monitor` states of the same rows over disjoint classes as one, ``a``'s classes
+    before ``b``'s: ``lse_a`` and ``lse_b`` are each side's `Lse`, ``shift_a`` and ``shift_b``
+    how far `lse_combine` moved each side's reference. Both argmaxes are global class ids
+    (`offset_argmax`).
+
+    The side that holds the max (``a`` on a tie) keeps its ``t``; the other's moves to the new
+    reference as in `monitor_merge`, ``exp(-shift) (t - shift s)``. The argmax is ``b``'s only
+    where ``b``'s max is strictly greater, so among ties across the sides the lower class id
+    is kept, as across blocks. The label's term merges like any `Term` (its ``found`` flags
+    add up: one side at most holds the label's class)."""
+    ref = reference_point(jnp.maximum(lse_a.m, lse_b.m))
+
+    def moved(monitor: Monitor, side: Lse, shift: jax.Array) -> jax.Array:
+        s = jnp.where(side.m != NEG_INF, 1.0 + side.r, jnp.zeros_like(side.r))
+        return exp_of_difference(side.m, ref) * (monitor.t - shift * s)
+
+    a_top = lse_a.m >= lse_b.m
+    t = jnp.where(a_top, a.t + moved(b, lse_b, shift_b), moved(a, lse_a, shift_a) + b.t)
+    index = jnp.where(lse_b.m > lse_a.m, b.index, a.index)
+    label = None if a.label is None else term_combine(a.label, shift_a, b.label, shift_b)
+    return Monitor(t, index, label)
+
+
+def offset_argmax(monitor: Monitor, col0) -> Monitor:
+    """``monitor`` with its argmax counted from class ``col0`` (a vocabulary shard's first
+    class, in the monitor's dtype), so that `monitor_combine` compares global class ids; -1
+    (no finite ``z'`` seen) stays -1."""
+    index = monitor.index
+    return monitor._replace(index=jnp.where(index >= 0, index + col0, index))
+
+
 def row_state_combine(a: RowState, b: RowState) -> RowState:
-    """Two forward states of the same rows over disjoint classes (vocabulary shards) as one, as
-    if one kernel had seen both: the cross-shard step of vocabulary parallelism, the same merge
-    as `lse_merge` and `term_merge` across blocks. Every field after ``lse`` is a `Term` (or
-    None) formed against the running max; a field of another kind needs its rule here."""
+    """Two forward states of the same rows over disjoint classes (vocabulary shards, ``a``'s
+    classes first) as one, as if one kernel had seen both: the cross-shard step of vocabulary
+    parallelism, the same merge as `lse_merge`, `term_merge` and `monitor_merge` across
+    blocks. The `Term` fields are formed against the running max; the `Monitor` (its argmax a
+    global class id, `offset_argmax`) has its own rule, `monitor_combine`."""
     lse, shift_a, shift_b = lse_combine(a.lse, b.lse)
-    rest = [
+    target, smoothing = [
         None if x is None else term_combine(x, shift_a, y, shift_b)
-        for x, y in zip(a[1:], b[1:], strict=True)
+        for x, y in ((a.target, b.target), (a.smoothing, b.smoothing))
     ]
-    return RowState(lse, *rest)
+    monitor = None
+    if a.monitor is not None:
+        monitor = monitor_combine(a.monitor, a.lse, shift_a, b.monitor, b.lse, shift_b)
+    return RowState(lse, target, smoothing, monitor)
 
 
 def exp_of_difference(a: jax.Array, b: jax.Array) -> jax.Array:

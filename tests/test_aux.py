@@ -588,13 +588,63 @@ def test_fused_xla_with_rows_sharded_over_an_explicit_mesh(mesh):
 
 
 @pytest.mark.parametrize("integer", [True, False])
-def test_return_aux_with_vocab_axis_name_is_refused(integer):
-    """The monitoring statistics are not combined across vocabulary shards yet: asking for both
-    raises, naming the reason, rather than returning one shard's statistics."""
-    logits = jnp.zeros((4, 6), jnp.float32)
+@pytest.mark.parametrize("impl_name", IMPLEMENTATIONS)
+def test_vocabulary_sharded_inside_shard_map(impl_name, integer, mesh):
+    """With ``vocab_axis_name`` (the classes split over the mesh, 50 a device on four) the
+    shards' statistics are combined: values and gradients as float64. Ties across shards keep
+    the lowest global id (row 0: 10 and 60, row 2: 120 and 199), a max 40 above the rest in
+    the last shard (row 3, its label) keeps its accuracy, an ignored example gets -1 and 0."""
+    logits, labels = make_case(integer=integer, seed=12)
+    logits = logits.at[0, jnp.array([60, 10])].set(12.0).at[2, jnp.array([199, 120])].set(12.0)
+    logits = logits.at[3, V - 1].set(40.0)
+    options = dict(label_smoothing=0.1, logit_softcap=30.0)
     if integer:
-        fn, labels = sce.softmax_cross_entropy_with_integer_labels, jnp.zeros((4,), jnp.int32)
-    else:
-        fn, labels = sce.softmax_cross_entropy, jnp.full((4, 6), 1 / 6, jnp.float32)
-    with pytest.raises(NotImplementedError, match="vocab_axis_name='model' is not implemented"):
-        fn(logits, labels, return_aux=True, vocab_axis_name="model")
+        labels = labels.at[3].set(V - 1).at[1].set(-100)
+        options["ignore_index"] = -100
+    c = coefficients()
+    impl = implementation(impl_name, logits.dtype)
+    fn = loss_fn(integer)
+
+    def per_shard(x, y):
+        def f(x):
+            loss, aux = fn(
+                x, y, implementation=impl, return_aux=True, vocab_axis_name="d", **options
+            )
+            return objective(aux, loss, c, integer=integer), (loss, aux)
+
+        (_, out), grad = jax.value_and_grad(f, has_aux=True)(x)
+        return out, grad
+
+    whole, cols = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(None, "d")
+    aux_specs = sce.CrossEntropyAux(whole, whole, whole, whole, whole if integer else None)
+    sharded = jax.jit(
+        jax.shard_map(
+            per_shard,
+            mesh=mesh,
+            in_specs=(cols, whole if integer else cols),
+            out_specs=((whole, aux_specs), cols),
+            # as in test_inside_shard_map_and_with_sharded_inputs
+            check_vma=not (impl_name == "gpu" and interpret("gpu")),
+        )
+    )
+    placed = jax.sharding.NamedSharding(mesh, cols)
+    (loss, aux), grad = sharded(
+        jax.device_put(logits, placed), labels if integer else jax.device_put(labels, placed)
+    )
+    exact = np.asarray(logits, np.float64)
+    ce = numpy_reference.cross_entropy(
+        exact, np.asarray(labels), integer=integer, cotangent=c["loss"], **options
+    )
+    mon = numpy_reference.monitoring(
+        exact,
+        np.asarray(labels),
+        integer=integer,
+        coefficients={k: c[k] for k in FIELDS},
+        **{k: v for k, v in options.items() if k != "label_smoothing"},
+    )
+    check(loss, aux, (grad,), ce, mon, integer=integer)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    if len(mesh.devices.flat) > 1:
+        assert aux.argmax[0] == 10 and aux.argmax[2] == 120 and aux.argmax[3] == V - 1
+    if integer:
+        assert aux.argmax[1] == -1 and aux.entropy[1] == 0 and not np.any(grad[1])

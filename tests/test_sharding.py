@@ -142,6 +142,77 @@ def test_row_states_of_vocabulary_shards_combine_as_one(confident):
     np.testing.assert_allclose(loss[:, 0], want, rtol=2e-6)
 
 
+@pytest.mark.parametrize("confident", [False, True])
+def test_monitors_of_vocabulary_shards_combine_as_one(confident):
+    """The `_tile.Monitor` part of `_tile.row_state_combine`: four shards' states, each formed
+    with its own class ids and moved to global ones (`_tile.offset_argmax`), combine (in shard
+    order) into the whole rows' state: the argmax the lowest global id at the max (a tie
+    across shards, the max in a later shard), and lse, max_prob, entropy and target_logprob
+    as float64, also where the max is in the last shard 30 above the rest, where the first
+    shards have no finite logit, and where no shard has one (argmax -1)."""
+    rng = np.random.default_rng(1)
+    n, v, shards = 8, 64, 4
+    width = v // shards
+    z = rng.normal(size=(n, v)).astype(np.float32)
+    labels = rng.integers(0, v, n).astype(np.int32)
+    z[0, [5, 40]] = z[0].max() + 1.0  # a tie across shards 0 and 2: 5
+    z[1, [50, 20]] = z[1].max() + 1.0  # across shards 3 and 1: 20
+    z[2, :48] = -np.inf  # only the last shard has finite logits (and the label)
+    labels[2] = 60
+    z[3] = -np.inf  # none has
+    if confident:  # the label is the max by 30, in the last shard
+        labels[4:] = v - 3
+        z[4:, v - 3] = z[4:].max(axis=1) + 30.0
+    options = Options(aux=True)
+    blocks = _blocks.Operands(
+        labels=jnp.asarray(labels)[:, None], label_weight=jnp.ones((n, 1), jnp.float32)
+    )
+
+    def state(cols, col0):
+        init = _blocks.state_init(options, n, jnp.float32)
+        return _blocks.forward_step(options, init, jnp.asarray(cols), col0, True, True, blocks)
+
+    combined = None
+    for i in range(shards):
+        local = blocks._replace(labels=blocks.labels - i * width)
+        part = _blocks.forward_step(
+            options,
+            _blocks.state_init(options, n, jnp.float32),
+            jnp.asarray(z[:, i * width : (i + 1) * width]),
+            0,  # this shard's own class ids
+            True,
+            True,
+            local,
+        )
+        part = part._replace(monitor=_tile.offset_argmax(part.monitor, float(i * width)))
+        combined = part if combined is None else _tile.row_state_combine(combined, part)
+    whole = state(z, 0)
+    got = _tile.monitor_finish(combined.lse, combined.monitor)
+    assert got.argmax.dtype == jnp.float32 and got.argmax.shape == (n, 1)
+    np.testing.assert_array_equal(got.argmax, _tile.monitor_finish(whole.lse, whole.monitor).argmax)
+    z64 = z.astype(np.float64)
+    finite = np.isfinite(z64)
+    has = finite.any(axis=1)
+    want_argmax = np.where(has, np.argmax(np.where(finite, z64, -np.inf), axis=1), -1)
+    assert list(want_argmax[:4]) == [5, 20, np.argmax(z64[2]), -1]
+    np.testing.assert_array_equal(got.argmax[:, 0], want_argmax)
+    m = np.where(has, np.max(np.where(finite, z64, -np.inf), axis=1), 0)[:, None]
+    e = np.where(finite, np.exp(np.where(finite, z64 - m, 0)), 0)
+    top = np.arange(v) == want_argmax[:, None]
+    log_s = np.log1p(np.where(top, 0, e).sum(axis=1, keepdims=True))  # no cancellation at 1
+    p = e / np.exp(log_s)
+    lse = np.where(has, (m + log_s)[:, 0], -np.inf)
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
+    target = np.where(has, (z64[np.arange(n), labels] - m[:, 0]) - log_s[:, 0], -np.inf)
+    np.testing.assert_allclose(got.lse[:, 0], lse, rtol=1e-6)
+    np.testing.assert_allclose(got.max_prob[:, 0], np.where(has, p.max(axis=1), 0), rtol=2e-6)
+    np.testing.assert_allclose(got.entropy[:, 0], entropy, rtol=2e-5, atol=1e-30)
+    np.testing.assert_allclose(got.target_logprob[:, 0], target, rtol=2e-6)
+    assert got.argmax[3, 0] == -1 and got.max_prob[3, 0] == 0 and got.entropy[3, 0] == 0
+    if confident:  # the entropy of a confident row is ~ 1e-12: relative accuracy kept
+        assert np.all(entropy[4:] < 1e-9)
+
+
 def test_vocab_axis_name_must_name_mesh_axes():
     import jax_softmax_ce as sce
 
