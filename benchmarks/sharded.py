@@ -13,14 +13,17 @@ vocabulary), so the bytes must not grow with the vocabulary. It writes
 ``tpu-memory`` compiles the logits loss with ``P(None, "model")`` sharded bfloat16 logits
 ``[8192, 128256]`` for a 4-chip TPU v5e (``v5e:2x2``, compile-only devices from libtpu) and
 reports each device's temporary memory against its logits shard (goal: at most 1%). It writes
-``benchmarks/results/sharded_memory_v5e.json``. ``"pallas"`` fails there so far: XLA's TPU
-compiler, reached through a compile-only libtpu topology, has no partitioner registered for
-`custom_partitioning`'s calls ("Custom emitter for CustomSPMDPartitioning not found"; jax
-registers it with the plugins it starts as backends), and the failure is recorded as such;
-``"pallas:shard_map"`` is the same loss inside ``shard_map`` with ``vocab_axis_name``, which
-needs no partitioner (and ``"xla:shard_map"`` its XLA twin). The logits and their gradient
-are pinned row-major; the compiler's own choice for the sharded parameter is column-major,
-which costs the kernel two shard-sized layout copies (also recorded).
+``benchmarks/results/sharded_memory_v5e.json``. ``"pallas"`` fails there, and the failure is
+recorded as such: libtpu's compiler knows no partitioner for `custom_partitioning`'s calls
+("Custom emitter for CustomSPMDPartitioning not found"). jax registers its partitioner with
+jaxlib's own XLA (the CPU backend) and, through the PJRT custom partitioner extension, with the
+plugins that implement it (the CUDA plugin: `tests/test_compile_targets.py` compiles the rule
+for four GPUs); libtpu implements no such extension, so a TPU host fails alike (jax's own tests
+skip custom partitioning on libtpu; jax-ml/jax#38196). ``"pallas:shard_map"`` is the same loss
+inside ``shard_map`` with ``vocab_axis_name``, which needs no partitioner (and
+``"xla:shard_map"`` its XLA twin). The logits and their gradient are pinned row-major; the
+compiler's own choice for the sharded parameter is column-major, which costs the kernel two
+shard-sized layout copies (also recorded).
 """
 
 from __future__ import annotations

@@ -17,11 +17,15 @@ import pathlib
 import warnings
 
 import jax
+import numpy as np
 from jax.experimental import topologies
 
 CONFIGS = pathlib.Path(__file__).parent / "target_configs"
 TPUS = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v5p": "v5p:1x1x1"}
 GPUS = {"h100": "h100.txtpb", "h200": "h200.txtpb"}
+# Four devices of a target, for sharded programs: a TPU slice and its chips per host, or a
+# GPU host's ``slices x hosts x devices``.
+FOUR = {"v5e": ("v5e:2x2", (2, 2, 1)), "h100": "1x1x4", "h200": "1x1x4"}
 TARGETS = (*TPUS, *GPUS)
 KERNEL_CALLS = {
     "tpu": 'custom_call_target="tpu_custom_call"',
@@ -35,18 +39,33 @@ def kind(target: str) -> str:
 
 
 @functools.cache
-def device(target: str) -> jax.Device:
-    """A compile-only device for ``target`` (a name in `TARGETS`)."""
+def devices(target: str, count: int = 1) -> tuple[jax.Device, ...]:
+    """``count`` compile-only devices of ``target`` (a name in `TARGETS`): one, or four of a
+    target in `FOUR`."""
     if target in TPUS:
+        name, bounds = (TPUS[target], (1, 1, 1)) if count == 1 else FOUR[target]
         topology = topologies.get_topology_desc(
-            topology_name=TPUS[target], platform="tpu", chips_per_host_bounds=(1, 1, 1)
+            topology_name=name, platform="tpu", chips_per_host_bounds=bounds
         )
     else:
         config = (CONFIGS / GPUS[target]).read_text()
         topology = topologies.get_topology_desc(
-            platform="cuda", target_config=config, topology="1x1x1"
+            platform="cuda", target_config=config, topology="1x1x1" if count == 1 else FOUR[target]
         )
-    return topology.devices[0]
+    assert len(topology.devices) == count, (target, count)
+    return tuple(topology.devices)
+
+
+def device(target: str) -> jax.Device:
+    """A compile-only device for ``target`` (a name in `TARGETS`)."""
+    return devices(target)[0]
+
+
+def mesh(target: str, shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
+    """A mesh of four compile-only devices of ``target`` (a name in `FOUR`), its axes
+    automatic."""
+    grid = np.array(devices(target, 4)).reshape(shape)
+    return jax.sharding.Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def available() -> str | None:
@@ -61,12 +80,15 @@ def available() -> str | None:
 
 def compile_for(fn, target: str, *args):
     """``jax.jit(fn)`` compiled for ``target``, with the ``jax.ShapeDtypeStruct`` (or None)
-    ``args`` placed on its device. Some Pallas lowerings read the default device, hence
-    ``jax.default_device``."""
-    dev = device(target)
-    sharding = jax.sharding.SingleDeviceSharding(dev)
+    ``args`` placed on its device, those with a ``sharding`` (on devices of `mesh`) left there.
+    Some Pallas lowerings read the default device, hence ``jax.default_device``."""
+    sharded = [a.sharding for a in args if a is not None and a.sharding is not None]
+    dev = min(sharded[0].device_set, key=lambda d: d.id) if sharded else device(target)
+    single = jax.sharding.SingleDeviceSharding(dev)
     placed = [
-        None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+        a
+        if a is None or a.sharding is not None
+        else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single)
         for a in args
     ]
     with jax.default_device(dev), warnings.catch_warnings():

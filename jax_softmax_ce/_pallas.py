@@ -40,6 +40,8 @@ Decisions where the spec is silent:
   evenly is gathered (a padded shard's classes would join the sums), and so is the hidden
   axis of the fused loss. Arrays with an explicit sharding run under
   `jax.sharding.auto_axes` (`_sharding.explicit_as_auto`), which hands them to that rule.
+  libtpu has no partitioner for `custom_partitioning` (jax-ml/jax#38196): a ``jit`` over more
+  than one TPU chip does not compile; ``shard_map`` with ``vocab_axis_name`` does.
   The strict TPU interpreter (``Pallas(interpret=True)``) is not partitioned: its callbacks
   are effects that a partitioned call cannot carry.
 - The automatic choice (``implementation=None``) never picks this implementation until a

@@ -19,10 +19,12 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax_softmax_ce.kernels import linear_gpu
 
 import jax_softmax_ce as sce
-from benchmarks import targets
+from benchmarks import collectives, targets
 
 UNAVAILABLE = targets.available()
 if UNAVAILABLE is not None and os.environ.get("REQUIRE_COMPILE_TARGETS"):
@@ -297,3 +299,53 @@ def test_refusals_are_raised_when_compiling_for_a_tpu():
             targets.compile_for(fn, "v5e", *args)
         compiled = targets.compile_for(fn, "h100", *args)
     assert targets.kernel_calls(compiled)["gpu"] == 2
+
+
+SHARDED = {"vocab": P(None, "model"), "both": P("data", "model")}
+
+
+def sharded_program(mesh, spec):
+    """``value_and_grad`` of the mean ``"pallas"`` loss of integer labels, on bfloat16 logits
+    ``[256, 4096]`` sharded ``spec`` over ``mesh``: its function and abstract arguments."""
+
+    def loss(x, y):
+        return sce.softmax_cross_entropy_with_integer_labels(
+            x, y, reduction="mean", implementation="pallas"
+        )
+
+    n, v = 256, 4096
+    logits = S((n, v), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+    labels = S((n,), jnp.int32, sharding=NamedSharding(mesh, P(spec[0])))
+    return jax.value_and_grad(loss), (logits, labels)
+
+
+@pytest.mark.parametrize("sharding", SHARDED)
+@pytest.mark.parametrize("target", ["h100", "h200"])
+def test_sharded_logits_compile_with_the_kernels_on_each_gpu(target, sharding):
+    """Under ``jit`` with logits sharded over four GPUs' automatic axes, the partitioning rule
+    of the kernels compiles: the forward and backward kernels run on each device's shard, and
+    no all-gather (or all-to-all) moves as much as a device's shard of the logits."""
+    mesh = targets.mesh(target, (2, 2), ("data", "model"))
+    fn, args = sharded_program(mesh, SHARDED[sharding])
+    compiled = targets.compile_for(fn, target, *args)
+    assert targets.kernel_calls(compiled) == {"gpu": 2, "tpu": 0}
+    shard_elements = args[0].size // 4 if sharding == "both" else args[0].size // 2
+    assert collectives.largest_gather(compiled.as_text(), 4) < shard_elements / 100
+
+
+@pytest.mark.xfail(
+    raises=jax.errors.JaxRuntimeError,
+    strict=True,
+    reason="libtpu registers no partitioner for custom_partitioning's calls (no PJRT custom "
+    "partitioner extension), on compile-only devices and TPU hosts alike: jax-ml/jax#38196",
+)
+@pytest.mark.parametrize("sharding", SHARDED)
+def test_sharded_logits_compile_with_the_kernels_on_a_tpu_slice(sharding):
+    """The same on a v5e:2x2 slice; XLA's TPU compiler rejects the partitioned call ("Custom
+    emitter for CustomSPMDPartitioning not found") until libtpu registers partitioners."""
+    mesh = targets.mesh("v5e", (2, 2), ("data", "model"))
+    fn, args = sharded_program(mesh, SHARDED[sharding])
+    compiled = targets.compile_for(fn, "v5e", *args)
+    assert targets.kernel_calls(compiled) == {"tpu": 2, "gpu": 0}
+    shard_elements = args[0].size // 4 if sharding == "both" else args[0].size // 2
+    assert collectives.largest_gather(compiled.as_text(), 4) < shard_elements / 100
