@@ -203,7 +203,9 @@ def softmax_cross_entropy_with_integer_labels(
         lowered, for the platform lowered for (Mosaic on a TPU, Triton on a GPU, Pallas'
         interpreter on a CPU); it runs per shard inside ``shard_map``, and under ``jit`` a
         partitioning rule runs it on each device's rows and classes of sharded logits (see
-        ``vocab_axis_name`` for how the classes' shards are combined). Transformations: every
+        ``vocab_axis_name`` for how the classes' shards are combined), on GPUs and CPUs: libtpu
+        implements no custom partitioner, so ``"pallas"`` under ``jit`` over more than one TPU
+        chip does not compile (use it inside ``shard_map`` there). Transformations: every
         implementation supports reverse mode of any order (``grad``, ``grad`` of ``grad``,
         ``jax.jacrev``); ``"xla"`` also ``jax.hessian``
         (forward mode over its plain-JAX reverse rule); only ``"reference"`` (plain autodiff)
