@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -123,23 +124,6 @@ def _slice(x, start, size: int, axis: int):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _tile_operands(options: Options, ops: _blocks.Operands, r0, c0, bn: int, bv: int):
-    """The blocks of the operands other than ``x`` and ``w`` at rows ``r0 + [0, bn)`` and
-    columns ``c0 + [0, bv)``."""
-
-    def block(name, x):
-        if x is None or name in ("x", "w"):
-            return None
-        row, col = _blocks.axes(name, options)
-        if row == 0:
-            x = _slice(x, r0, bn, 0)
-        if col == 1:
-            x = _slice(x, c0, bv, 1)
-        return x
-
-    return _blocks.Operands(*(block(n, x) for n, x in zip(ops._fields, ops, strict=True)))
-
-
 def _manual_axes(problem: Problem) -> tuple[str, ...]:
     """The ``shard_map`` axes over which some operand varies (empty outside ``shard_map``)."""
     axes = frozenset().union(*(_canonical.varying_axes(x) for x in jax.tree.leaves(problem)))
@@ -158,66 +142,225 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The most groups of rows or of classes: so that a default block (1024 rows by 2048 columns)
+# keeps 64 rows and 128 columns (a TPU vector's lanes) of every group.
+MAX_GROUPS = 16
+
+
+def _automatic_axis_sizes(x: jax.Array) -> list[int]:
+    """The sizes of the automatic axes of the mesh in ``x``'s type (none on one device, nor
+    inside ``shard_map``, whose axes are manual)."""
+    mesh = jax.typeof(x).sharding.mesh
+    auto = jax.sharding.AxisType.Auto
+    return [s for s, t in zip(mesh.axis_sizes, mesh.axis_types, strict=True) if t == auto]
+
+
+def _groups(x: jax.Array, size: int, block: int) -> int:
+    """How many groups the loops split an axis of ``size`` rows or classes of ``x`` into, with
+    blocks of ``block`` (`_Loops`): the largest product of the sizes of some of the automatic
+    mesh axes (any of them may shard that axis), at most `MAX_GROUPS`, that divides both
+    ``size`` and ``block``; 1 on one device."""
+    sizes = _automatic_axis_sizes(x)
+    products = {
+        math.prod(chosen)
+        for k in range(len(sizes) + 1)
+        for chosen in itertools.combinations(sizes, k)
+    }
+    return max(g for g in products if g <= MAX_GROUPS and size % g == 0 and block % g == 0)
+
+
 class _Loops:
-    """The geometry of the loops over one problem: tile sizes clipped to the arrays."""
+    """The geometry of the loops over one problem: tile sizes clipped to the arrays, and the
+    groups that every block takes its rows and its columns from.
+
+    With ``row_groups`` groups of rows (``groups`` of classes), each operand is seen as
+    ``[row_groups, N / row_groups]`` along its row axis (``[groups, V / groups]`` along its
+    class axis), a reshape, and row block ``i`` (vocabulary block ``j``) is the same
+    ``block_n / row_groups`` rows (``block_v / groups`` classes) of every group: a dynamic slice
+    along an axis that no mesh axis shards where the groups' count is a multiple of the mesh
+    axes' sizes, so that XLA's partitioner splits the loops over the groups instead of gathering
+    the operands. The tile of each group is formed apart (``vmap``); the forward states of a
+    row's groups of classes are folded with the cross-shard merge (`_fold`), and the backward's
+    matmuls take the groups' tiles side by side, as one ``[block_n, block_v]`` tile. One group
+    of each (one device) is the plain loop. ``return_aux`` keeps one group of classes: its
+    statistics have no cross-shard merge in `_tile.row_state_combine`."""
 
     def __init__(self, options: Options, blocks: BlockSizes, problem: Problem, **saved):
         linear = problem.logits
         self.options, self.vd = options, linear.vd
-        self.ops = _canonical.operands(options, problem, **saved)
-        self.x, self.w = self.ops.x, linear.weight
+        ops = _canonical.operands(options, problem, **saved)._replace(w=linear.weight)
+        self.x, self.w = ops.x, linear.weight
         self.n, self.d = self.x.shape
         self.v = linear.num_classes
         self.bn, self.bv = min(blocks.block_n, self.n), min(blocks.block_v, self.v)
         self.dtype = problem.accumulation_dtype
         self.axes = _manual_axes(problem)
+        self.row_groups = _groups(self.x, self.n, self.bn)
+        self.groups = 1 if options.aux else _groups(self.w, self.v, self.bv)
+        # Rows and classes per group, and how many of them one block takes from each group.
+        self.ng, self.bng = self.n // self.row_groups, self.bn // self.row_groups
+        self.vg, self.bg = self.v // self.groups, self.bv // self.groups
+        self.w_axis = 0 if self.vd else 1
+        # Each operand's row and class axes (None where it has none), and its grouped view.
+        self.place = {
+            n: _blocks.axes(n, options) for n, x in ops._asdict().items() if x is not None
+        }
+        self.views = {n: self.split(getattr(ops, n), *self.place[n]) for n in self.place}
 
-    def tile(self, i, j) -> tuple[_linear.Tile, jax.Array, jax.Array]:
-        """The tile of row block ``i`` and vocabulary block ``j`` (each moved back to end inside
-        the array, and ignoring the rows and columns an earlier block covered), and its blocks
-        of ``x`` and of the projection."""
-        r0 = _linear.block_start(i, self.bn, self.n)
-        c0 = _linear.block_start(j, self.bv, self.v)
-        blocks = _tile_operands(self.options, self.ops, r0, c0, self.bn, self.bv)
-        tile = _linear.Tile(
-            blocks,
-            self.options,
-            start=(r0, c0),
-            lo=(i * self.bn, j * self.bv),
-            shape=(self.bn, self.bv),
-            extents=(self.n, self.v),
+    def split(self, x, row: int | None, col: int | None):
+        """``x`` with its row axis ``row`` split into ``[row_groups, N / row_groups]`` and its
+        class axis ``col`` into ``[groups, V / groups]`` (where there are several)."""
+        if col is not None and self.groups > 1:
+            x = x.reshape(*x.shape[:col], self.groups, -1, *x.shape[col + 1 :])
+        if row is not None and self.row_groups > 1:
+            x = x.reshape(*x.shape[:row], self.row_groups, -1, *x.shape[row + 1 :])
+        return x
+
+    def join(self, x, row: int | None, col: int | None):
+        """`split`'s inverse, for ``x`` of the original axes ``row`` and ``col``."""
+        if row is not None and self.row_groups > 1:
+            x = x.reshape(*x.shape[:row], -1, *x.shape[row + 2 :])
+        if col is not None and self.groups > 1:
+            x = x.reshape(*x.shape[:col], -1, *x.shape[col + 2 :])
+        return x
+
+    def within(self, row: int | None, col: int | None) -> tuple[int | None, int | None]:
+        """Where the rows and the classes of one group are in a `split` array."""
+        row_in = None if row is None else row + (self.row_groups > 1)
+        col_in = None
+        if col is not None:
+            before = row is not None and row < col and self.row_groups > 1
+            col_in = col + before + (self.groups > 1)
+        return row_in, col_in
+
+    def for_groups(self, tree):
+        """Loop carries, one per group of rows and of classes on leading axes."""
+        lead = tuple(g for g in (self.row_groups, self.groups) if g > 1)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (*lead, *a.shape)), tree)
+
+    def grouped(self, fn, i, j, *carry):
+        """``(fn(tile, z_raw, *carry), x_blk, w_blk)``: ``fn`` of the tile of row block ``i`` and
+        vocabulary block ``j`` of every group (each block moved back to end inside its group,
+        and ignoring the rows and columns an earlier block covered) and its raw logits, mapped
+        over the groups of rows, then of classes (``carry`` and the result have a leading axis
+        for each of them where there are several); the block of the inputs, ``[block_n, D]``,
+        and of the projection, ``[D, block_v]`` (``[block_v, D]`` when ``vd``), with the groups'
+        rows and columns side by side."""
+        bng, bg = self.bng, self.bg
+        r0 = _linear.block_start(i, bng, self.ng)
+        c0 = _linear.block_start(j, bg, self.vg)
+
+        def block(name):
+            x = self.views[name]
+            row, col = self.within(*self.place[name])
+            if row is not None:
+                x = _slice(x, r0, bng, row)
+            if col is not None:
+                x = _slice(x, c0, bg, col)
+            return x
+
+        blocks = {name: block(name) for name in self.views}
+        x_blk, w_blk = blocks.pop("x"), blocks.pop("w")
+
+        def one(blocks, x_blk, w_blk, base, *carry):
+            col0, lo = c0, j * bg
+            if base is not None:
+                col0, lo = base + col0, base + lo
+            tile = _linear.Tile(
+                _blocks.Operands(**blocks),
+                self.options,
+                start=(r0, col0),
+                lo=(i * bng, lo),
+                shape=(bng, bg),
+                extents=(self.ng, self.v),
+            )
+            return fn(tile, _linear.logits_tile(x_blk, w_blk, tile.bias, vd=self.vd), *carry)
+
+        base = None
+        more = (0,) * len(carry)
+        if self.groups > 1:
+            base = jnp.arange(self.groups, dtype=jnp.int32) * self.vg
+            cols = {n: self.place[n][1] for n in blocks}
+            one = jax.vmap(one, in_axes=(cols, None, self.w_axis, 0, *more))
+        if self.row_groups > 1:
+            rows = {n: None if self.place[n][0] is None else 0 for n in blocks}
+            one = jax.vmap(one, in_axes=(rows, 0, None, None, *more))
+        out = one(blocks, x_blk, w_blk, base, *carry)
+        return out, self.join(x_blk, 0, None), self.join(w_blk, None, self.w_axis)
+
+    def side_by_side(self, x):
+        """``[rows, cols]`` blocks of every group, as `grouped` stacks them, side by side."""
+        if self.groups > 1:
+            x = jnp.moveaxis(x, int(self.row_groups > 1), -2)
+        return x.reshape(self.bn, -1)
+
+    def whole(self, grad: _blocks.BlockGrad) -> _blocks.BlockGrad:
+        """The groups' `_blocks.BlockGrad` from `grouped` as that of one ``[block_n, block_v]``
+        tile, kept where any group's is."""
+        if self.row_groups == self.groups == 1:
+            return grad
+        d_labels, t_part, keep = grad.d_labels, grad.t_part, grad.keep
+        return _blocks.BlockGrad(
+            self.side_by_side(grad.d_logits),
+            None if d_labels is None else self.side_by_side(d_labels),
+            None if t_part is None else jnp.sum(self.side_by_side(t_part), 1, keepdims=True),
+            None if keep is None else jnp.any(keep),
         )
-        x_blk = _slice(self.x, r0, self.bn, 0)
-        return tile, x_blk, _slice(self.w, c0, self.bv, 0 if self.vd else 1)
 
-    def logits(self, x_blk, w_blk, tile: _linear.Tile):
-        return _linear.logits_tile(x_blk, w_blk, tile.bias, vd=self.vd)
+    def fold(self, state: _tile.RowState) -> _tile.RowState:
+        """The state of a row block from its groups' states (`grouped`'s carry)."""
+        if self.groups == 1:
+            return state
+        if self.row_groups > 1:
+            state = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), state)
+        return jax.tree.map(lambda a: a[0], _fold(state, self.groups))
+
+
+def _fold(state: _tile.RowState, k: int) -> _tile.RowState:
+    """``k`` states on a leading axis (of classes in order) folded into one, pairwise with
+    `_tile.row_state_combine`, the cross-shard merge: ``log2(k)`` merges of half as many."""
+    if k == 1:
+        return state
+
+    def every_other(start: int, stop: int):
+        return jax.tree.map(lambda a: a[start:stop:2], state)
+
+    pairs = _tile.row_state_combine(every_other(0, k - 1), every_other(1, k))
+    if k % 2:
+        pairs = jax.tree.map(lambda p, a: jnp.concatenate([p, a[k - 1 :]]), pairs, state)
+    return _fold(pairs, (k + 1) // 2)
 
 
 def _forward_state(options: Options, blocks: BlockSizes, problem: Problem) -> _tile.RowState:
-    """``RowState`` of ``[N, 1]`` accumulators, looping over row blocks, then vocabulary blocks."""
+    """``RowState`` of ``[N, 1]`` accumulators, looping over row blocks, then vocabulary blocks
+    (with several groups of classes, each group's apart, folded at the end of the row)."""
     loops = _Loops(options, blocks, problem)
-    n, v, bn, bv = loops.n, loops.v, loops.bn, loops.bv
+    ng, bng = loops.ng, loops.bng
+
+    def forward(tile, z, acc):
+        return tile.forward(acc, z)
 
     def row_block(i, state):
-        r0 = _linear.block_start(i, bn, n)
+        r0 = _linear.block_start(i, bng, ng)
 
         def vocab_block(j, acc):
-            tile, x_blk, w_blk = loops.tile(i, j)
-            return tile.forward(acc, loops.logits(x_blk, w_blk, tile))
+            return loops.grouped(forward, i, j, acc)[0]
 
-        init = _varying(_blocks.state_init(options, bn, loops.dtype), loops.axes)
-        block = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
-        fresh = _linear.rows_ok(r0, i * bn, bn, n)
+        init = loops.for_groups(_varying(_blocks.state_init(options, bng, loops.dtype), loops.axes))
+        block = loops.fold(jax.lax.fori_loop(0, _cdiv(loops.vg, loops.bg), vocab_block, init))
+        fresh = _linear.rows_ok(r0, i * bng, bng, ng)
+        axis = loops.within(0, None)[0]
 
         def write(full, new):
-            old = _slice(full, r0, bn, 0)
-            return jax.lax.dynamic_update_slice_in_dim(full, jnp.where(fresh, new, old), r0, 0)
+            old = _slice(full, r0, bng, axis)
+            return jax.lax.dynamic_update_slice_in_dim(full, jnp.where(fresh, new, old), r0, axis)
 
         return jax.tree.map(write, state, block)
 
-    init = _varying(_blocks.state_init(options, n, loops.dtype), loops.axes)
-    return jax.lax.fori_loop(0, _cdiv(n, bn), row_block, init)
+    init = _varying(_blocks.state_init(options, loops.n, loops.dtype), loops.axes)
+    init = jax.tree.map(lambda a: loops.split(a, 0, None), init)
+    state = jax.lax.fori_loop(0, _cdiv(ng, bng), row_block, init)
+    return jax.tree.map(lambda a: loops.join(a, 0, None), state)
 
 
 def _forward(options: Options, blocks: BlockSizes, problem: Problem):
@@ -248,13 +391,16 @@ def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct,
     ``return_aux`` values' gradient (`_canonical.aux_operands`)."""
     loops = _Loops(options, blocks, problem, **stats._asdict(), ct=ct, **aux_ops)
     n, d, v, bn, bv = loops.n, loops.d, loops.v, loops.bn, loops.bv
-    dtype, vd = loops.dtype, loops.vd
+    ng, bng, vg, bg = loops.ng, loops.bng, loops.vg, loops.bg
+    dtype, vd, w_axis = loops.dtype, loops.vd, loops.w_axis
     has_bias = problem.logits.bias is not None
 
+    def backward(tile, z):
+        return tile.backward(z, filter_eps=options.filter_eps)
+
     def tile_grad(i, j):
-        tile, x_blk, w_blk = loops.tile(i, j)
-        grad = tile.backward(loops.logits(x_blk, w_blk, tile), filter_eps=options.filter_eps)
-        return grad, x_blk, w_blk
+        grad, x_blk, w_blk = loops.grouped(backward, i, j)
+        return loops.whole(grad), x_blk, w_blk
 
     def row_block(i, carry):
         dx, t_sum = carry
@@ -271,9 +417,11 @@ def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct,
             return _linear.when_kept(grad.keep, add, acc), t_sum
 
         init = (_varying(jnp.zeros((bn, d), dtype), loops.axes), t_sum)
-        acc, t_sum = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, init)
-        r0 = _linear.block_start(i, bn, n)
-        return _write(dx, acc, r0, bn, 0, _linear.rows_ok(r0, i * bn, bn, n)), t_sum
+        acc, t_sum = jax.lax.fori_loop(0, _cdiv(vg, bg), vocab_block, init)
+        r0 = _linear.block_start(i, bng, ng)
+        fresh = _linear.rows_ok(r0, i * bng, bng, ng)
+        axis = loops.within(0, None)[0]
+        return _write(dx, loops.split(acc, 0, None), r0, bng, axis, fresh), t_sum
 
     def vocab_block(j, carry):
         dw, db = carry
@@ -294,20 +442,25 @@ def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct,
             jnp.zeros((bv, d) if vd else (d, bv), dtype),
             jnp.zeros((1, bv), dtype) if has_bias else None,
         )
-        dw_blk, db_blk = jax.lax.fori_loop(0, _cdiv(n, bn), row_block, _varying(init, loops.axes))
-        c0 = _linear.block_start(j, bv, v)
-        ok = _linear.columns_ok(c0, j * bv, bv, v)
-        dw = _write(dw, dw_blk, c0, bv, 0 if vd else 1, ok.T if vd else ok)
-        return dw, None if db is None else _write(db, db_blk, c0, bv, 1, ok)
+        dw_blk, db_blk = jax.lax.fori_loop(0, _cdiv(ng, bng), row_block, _varying(init, loops.axes))
+        c0 = _linear.block_start(j, bg, vg)
+        ok = _linear.columns_ok(c0, j * bg, bg, vg)
+        axis = loops.within(None, w_axis)[1]
+        dw = _write(dw, loops.split(dw_blk, None, w_axis), c0, bg, axis, ok.T if vd else ok)
+        if db is not None:
+            axis = loops.within(None, 1)[1]
+            db = _write(db, loops.split(db_blk, None, 1), c0, bg, axis, ok)
+        return dw, db
 
-    zeros = (jnp.zeros((n, d), loops.x.dtype), jnp.zeros((), dtype))
-    dx, t_sum = jax.lax.fori_loop(0, _cdiv(n, bn), row_block, _varying(zeros, loops.axes))
+    zeros = (loops.split(jnp.zeros((n, d), loops.x.dtype), 0, None), jnp.zeros((), dtype))
+    dx, t_sum = jax.lax.fori_loop(0, _cdiv(ng, bng), row_block, _varying(zeros, loops.axes))
     zeros = (
-        jnp.zeros(loops.w.shape, loops.w.dtype),
-        jnp.zeros((1, v), dtype) if has_bias else None,
+        loops.split(jnp.zeros(loops.w.shape, loops.w.dtype), None, w_axis),
+        loops.split(jnp.zeros((1, v), dtype), None, 1) if has_bias else None,
     )
-    dw, db = jax.lax.fori_loop(0, _cdiv(v, bv), vocab_block, _varying(zeros, loops.axes))
-    return _linear.Grads(dx, dw, None if db is None else db[0], t_sum)
+    dw, db = jax.lax.fori_loop(0, _cdiv(vg, bg), vocab_block, _varying(zeros, loops.axes))
+    dx, dw = loops.join(dx, 0, None), loops.join(dw, None, w_axis)
+    return _linear.Grads(dx, dw, None if db is None else loops.join(db, None, 1)[0], t_sum)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -19,7 +19,7 @@ import pytest
 from platforms import interpret
 
 import jax_softmax_ce as sce
-from jax_softmax_ce import BlockSizes
+from jax_softmax_ce import BlockSizes, _xla_linear
 
 N, D, V = 37, 13, 53
 SMALL_BLOCKS = BlockSizes(8, 16)
@@ -764,6 +764,143 @@ def test_sharded_inputs_under_jit(axis, mesh):
     np.testing.assert_allclose(value, expected[0], rtol=1e-10)
     for got, want in zip(grads, expected[2:5], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.fixture
+def mesh_axes(monkeypatch):
+    """``mesh_axes(*sizes)``: on one device, the XLA loops group rows and classes as for
+    operands on a mesh of automatic axes of these sizes (`_xla_linear._groups`). Returns the
+    ``(size, groups)`` that the loops choose, as they trace; jit caches are cleared around, so
+    that no trace crosses the change."""
+    chosen = []
+    groups = _xla_linear._groups
+
+    def spy(x, size, block):
+        chosen.append((size, groups(x, size, block)))
+        return chosen[-1][1]
+
+    def force(*sizes):
+        monkeypatch.setattr(_xla_linear, "_automatic_axis_sizes", lambda x: list(sizes))
+        monkeypatch.setattr(_xla_linear, "_groups", spy)
+        jax.clear_caches()
+        return chosen
+
+    yield force
+    jax.clear_caches()
+
+
+# (N, V, blocks, mesh axes' sizes, (row groups, class groups)). "ragged": the groups' 9 rows and
+# 13 classes are not multiples of a block's 2 and 4 from each; "odd": three groups, folded
+# unevenly; "clipped": a block wider than the vocabulary, one block of 3 classes per group.
+GROUPED = {
+    "exact": (32, 64, BlockSizes(8, 16), (2, 4), (8, 8)),
+    "ragged": (36, 52, BlockSizes(8, 16), (2, 4), (4, 4)),
+    "odd": (30, 45, BlockSizes(6, 15), (3,), (3, 3)),
+    "clipped": (16, 24, BlockSizes(8, 64), (2, 4), (8, 8)),
+}
+
+
+def _grouped_options(name, n, v, y):
+    rng = np.random.default_rng(31)
+    if name == "options":
+        return dict(
+            label_smoothing=0.1,
+            class_weights=rng.uniform(0.5, 2.0, size=v),
+            z_loss=1e-2,
+            logit_softcap=2.0,
+            temperature=1.7,
+        )
+    if name == "where_full":
+        where = rng.uniform(size=(n, v)) > 0.3
+        where[np.arange(n), y] = True
+        where[3] = False
+        return dict(where=where, label_smoothing=0.2)
+    if name == "where_rows":
+        return dict(where=np.arange(n) % 3 != 1, ignore_index=-100)
+    return {}
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("name", ["plain", "options", "where_full", "where_rows"])
+@pytest.mark.parametrize("geometry", list(GROUPED))
+def test_grouped_loops_match_numpy(geometry, name, layout, mesh_axes):
+    """The loops' groups of rows and of classes (which XLA's partitioner splits over mesh axes,
+    `_xla_linear._Loops`), forced on one device: values and gradients as the float64 NumPy
+    reference's, with exact and ragged groups, an odd number of them, and a clipped block."""
+    n, v, blocks, sizes, want_groups = GROUPED[geometry]
+    chosen = mesh_axes(*sizes)
+    x, w, b, y = _data(seed=30, n=n, v=v)
+    options = _grouped_options(name, n, v, y)
+    if name == "where_rows":
+        y[::4] = -100
+    expected = numpy_linear_ce(x, w, y, bias=b, **_numpy_options(options))
+    value, (dx, dw, db) = _value_and_grads(
+        "xla",
+        *(jnp.asarray(a) for a in (x, w, b, y)),
+        layout=layout,
+        block_sizes=blocks,
+        **_jax_options(options),
+    )
+    assert set(chosen) == {(n, want_groups[0]), (v, want_groups[1])}
+    np.testing.assert_allclose(value, expected[0], rtol=1e-10)
+    np.testing.assert_allclose(dx, expected[2], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(dw, expected[3], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(db, expected[4], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_grouped_loops_grad_of_grad_and_vmap(layout, mesh_axes):
+    """Grouped loops (`test_grouped_loops_match_numpy`) keep what the custom_vjp gives: grad of
+    grad against autodiff of the materialised formula ("reference"), and vmap of grad with an
+    array temperature and a gradient filter (that drops nothing) against the ungrouped loops."""
+    n, v, blocks, sizes, _ = GROUPED["ragged"]
+    x, w, b, y = _data(seed=32, n=n, v=v)
+    w = w if layout == "dv" else w.T
+    rng = np.random.default_rng(33)
+    u, t = jnp.asarray(rng.normal(size=x.shape)), jnp.asarray(rng.normal(size=w.shape))
+    labels = jnp.asarray(y)
+
+    def loss(x, w, implementation, temperature=1.0, y=labels, **kwargs):
+        return linear_ce(
+            x,
+            w,
+            y,
+            bias=jnp.asarray(b),
+            implementation=implementation,
+            block_sizes=blocks if implementation == "xla" else None,
+            weight_layout=layout,
+            label_smoothing=0.1,
+            z_loss=1e-2,
+            temperature=temperature,
+            reduction="mean",
+            **kwargs,
+        )
+
+    def hvp(implementation):
+        def directional(x, w):
+            dx, dw = jax.grad(loss, argnums=(0, 1))(x, w, implementation)
+            return jnp.vdot(dx, u) + jnp.vdot(dw, t)
+
+        return jax.grad(directional, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+
+    def batched():
+        x2, y2 = jnp.asarray(x).reshape(2, n // 2, D), jnp.asarray(y).reshape(2, n // 2)
+
+        def grad(x, w, t, y):
+            return jax.grad(loss, (0, 1, 3))(x, w, "xla", t, y, gradient_filter_eps=1e-30)
+
+        return jax.vmap(grad, in_axes=(0, None, 0, 0))(
+            x2, jnp.asarray(w), jnp.asarray([0.8, 1.3]), y2
+        )
+
+    ungrouped = batched()
+    chosen = mesh_axes(*sizes)
+    want = hvp("reference")
+    for got, exact in zip(hvp("xla"), want, strict=True):
+        np.testing.assert_allclose(got, exact, rtol=1e-8, atol=1e-11)
+    for got, exact in zip(batched(), ungrouped, strict=True):
+        np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-13)
+    assert set(chosen) == {(n, 4), (v, 4), (n // 2, 2)}
 
 
 @pytest.mark.parametrize("engine", ["xla", "reference", "pallas:tpu", "pallas:gpu"])

@@ -62,25 +62,9 @@ def on_worker(half: int):
     return pytest.mark.xdist_group(f"sharded-{half}")
 
 
-# What issue 16 asks and is not done yet, each with the reason; strict, so that a fix shows.
-OPEN = {
-    name: "the fused loss's XLA loops slice a projection whose classes are sharded over "
-    "automatic mesh axes, which XLA's partitioner gathers (and the gradients come back "
-    "replicated): no partitioning rule for them yet (explicit axes are split per device)"
-    for name in ("fused_jit_xla", "fused_jit_xla_vd")
-}
-
-
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(
-            n,
-            marks=[on_worker(HALF[n])]
-            + ([pytest.mark.xfail(reason=OPEN[n], strict=True)] if n in OPEN else []),
-        )
-        for n in _sharded.CHECKS
-    ],
+    [pytest.param(n, marks=on_worker(HALF[n])) for n in _sharded.CHECKS],
 )
 def test_check(name):
     done, results = report(HALF[name])
@@ -91,8 +75,7 @@ def test_check(name):
 @pytest.mark.parametrize("half", [pytest.param(h, marks=on_worker(h)) for h in range(HALVES)])
 def test_the_process_exits_cleanly(half):
     done, results = report(half)
-    failed = [name for name, result in results.items() if not result["ok"] and name not in OPEN]
-    failed += [name for name in OPEN if HALF[name] == half and not results[name]["ok"]]
+    failed = [name for name, result in results.items() if not result["ok"]]
     assert "Fatal Python error" not in done.stderr, done.stderr[-4000:]
     assert done.returncode == (1 if failed else 0), (done.returncode, done.stderr[-4000:])
 
