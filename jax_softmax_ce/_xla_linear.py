@@ -285,27 +285,30 @@ class _Loops:
         if self.row_groups > 1:
             rows = {n: None if self.place[n][0] is None else 0 for n in blocks}
             one = jax.vmap(one, in_axes=(rows, 0, None, None, *more))
-        out = one(blocks, x_blk, w_blk, base, *carry)
-        return out, self.join(x_blk, 0, None), self.join(w_blk, None, self.w_axis)
+        return one(blocks, x_blk, w_blk, base, *carry), x_blk, w_blk
 
-    def side_by_side(self, x):
-        """``[rows, cols]`` blocks of every group, as `grouped` stacks them, side by side."""
+    def by_classes(self, x):
+        """A gradient tile from `grouped` as ``[groups, block_n, cols]``, each group's rows side by
+        side (``[block_n, block_v]`` for one group of classes)."""
+        if self.groups == self.row_groups == 1:
+            return x
+        if self.groups > 1 and self.row_groups > 1:
+            x = jnp.moveaxis(x, 1, 0)
+        return x.reshape(*x.shape[: int(self.groups > 1)], self.bn, -1)
+
+    def by_rows(self, x):
+        """A gradient tile from `grouped` as ``[row_groups, rows, block_v]``, each row group's
+        columns side by side (``[block_n, block_v]`` for one group of rows)."""
+        if self.groups == self.row_groups == 1:
+            return x
         if self.groups > 1:
             x = jnp.moveaxis(x, int(self.row_groups > 1), -2)
-        return x.reshape(self.bn, -1)
+        return x.reshape(*x.shape[: int(self.row_groups > 1)], -1, self.bv)
 
-    def whole(self, grad: _blocks.BlockGrad) -> _blocks.BlockGrad:
-        """The groups' `_blocks.BlockGrad` from `grouped` as that of one ``[block_n, block_v]``
-        tile, kept where any group's is."""
-        if self.row_groups == self.groups == 1:
-            return grad
-        d_labels, t_part, keep = grad.d_labels, grad.t_part, grad.keep
-        return _blocks.BlockGrad(
-            self.side_by_side(grad.d_logits),
-            None if d_labels is None else self.side_by_side(d_labels),
-            None if t_part is None else jnp.sum(self.side_by_side(t_part), 1, keepdims=True),
-            None if keep is None else jnp.any(keep),
-        )
+    def over(self, groups: int, fn, in_axes):
+        """``fn`` mapped over ``groups`` (on the operands' axes ``in_axes``), where there are
+        several."""
+        return fn if groups == 1 else jax.vmap(fn, in_axes=in_axes)
 
     def fold(self, state: _tile.RowState) -> _tile.RowState:
         """The state of a row block from its groups' states (`grouped`'s carry)."""
@@ -393,14 +396,23 @@ def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct,
     n, d, v, bn, bv = loops.n, loops.d, loops.v, loops.bn, loops.bv
     ng, bng, vg, bg = loops.ng, loops.bng, loops.vg, loops.bg
     dtype, vd, w_axis = loops.dtype, loops.vd, loops.w_axis
+    groups, row_groups = loops.groups, loops.row_groups
     has_bias = problem.logits.bias is not None
+    # Each group of classes (of rows) keeps its part of a d_inputs (d_weight) block apart until
+    # the block is done: with the groups split over devices, one sum across them per block.
+    input_grad = loops.over(groups, functools.partial(_linear.input_grad, vd=vd), (0, w_axis))
+    weight_grad = loops.over(row_groups, functools.partial(_linear.weight_grad, vd=vd), 0)
+    by_classes = (groups,) if groups > 1 else ()
+    by_rows = (row_groups,) if row_groups > 1 else ()
 
     def backward(tile, z):
         return tile.backward(z, filter_eps=options.filter_eps)
 
     def tile_grad(i, j):
         grad, x_blk, w_blk = loops.grouped(backward, i, j)
-        return loops.whole(grad), x_blk, w_blk
+        if grad.keep is not None and groups * row_groups > 1:
+            grad = grad._replace(keep=jnp.any(grad.keep))  # kept where any group's tile is
+        return grad, x_blk, w_blk
 
     def row_block(i, carry):
         dx, t_sum = carry
@@ -412,12 +424,14 @@ def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct,
                 t_sum = t_sum + jnp.sum(grad.t_part)
 
             def add(acc):
-                return acc + _linear.input_grad(grad.d_logits, w_blk, vd=vd)
+                return acc + input_grad(loops.by_classes(grad.d_logits), w_blk)
 
             return _linear.when_kept(grad.keep, add, acc), t_sum
 
-        init = (_varying(jnp.zeros((bn, d), dtype), loops.axes), t_sum)
+        init = (_varying(jnp.zeros((*by_classes, bn, d), dtype), loops.axes), t_sum)
         acc, t_sum = jax.lax.fori_loop(0, _cdiv(vg, bg), vocab_block, init)
+        if groups > 1:
+            acc = jnp.sum(acc, axis=0)
         r0 = _linear.block_start(i, bng, ng)
         fresh = _linear.rows_ok(r0, i * bng, bng, ng)
         axis = loops.within(0, None)[0]
@@ -428,21 +442,25 @@ def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct,
 
         def row_block(i, acc):
             grad, x_blk, _ = tile_grad(i, j)
+            d_logits = loops.by_rows(grad.d_logits)
 
             def add(acc):
                 dw_blk, db_blk = acc
-                dw_blk = dw_blk + _linear.weight_grad(x_blk, grad.d_logits, vd=vd)
+                dw_blk = dw_blk + weight_grad(x_blk, d_logits)
                 if db_blk is not None:
-                    db_blk = db_blk + jnp.sum(grad.d_logits, axis=0, keepdims=True)
+                    db_blk = db_blk + jnp.sum(d_logits, axis=-2, keepdims=True)
                 return dw_blk, db_blk
 
             return _linear.when_kept(grad.keep, add, acc)
 
         init = (
-            jnp.zeros((bv, d) if vd else (d, bv), dtype),
-            jnp.zeros((1, bv), dtype) if has_bias else None,
+            jnp.zeros((*by_rows, bv, d) if vd else (*by_rows, d, bv), dtype),
+            jnp.zeros((*by_rows, 1, bv), dtype) if has_bias else None,
         )
-        dw_blk, db_blk = jax.lax.fori_loop(0, _cdiv(ng, bng), row_block, _varying(init, loops.axes))
+        acc = jax.lax.fori_loop(0, _cdiv(ng, bng), row_block, _varying(init, loops.axes))
+        if row_groups > 1:
+            acc = jax.tree.map(lambda a: jnp.sum(a, axis=0), acc)
+        dw_blk, db_blk = acc
         c0 = _linear.block_start(j, bg, vg)
         ok = _linear.columns_ok(c0, j * bg, bg, vg)
         axis = loops.within(None, w_axis)[1]
