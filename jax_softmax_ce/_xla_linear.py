@@ -12,6 +12,22 @@ statistics. Temporary memory is therefore O(block_n·block_v + block_n·D + D·b
 gradients themselves, in their own dtypes, and never O(N·V): no float32 accumulator spans the
 inputs or the projection. A ragged last block is moved back to end at the array's edge and
 ignores the rows or columns an earlier block covered, so nothing is padded or copied.
+
+Sharded over automatic mesh axes under ``jit`` (plain `jax.sharding.NamedSharding` operands, or
+explicitly sharded rows under `jax.sharding.auto_axes`), the loops are left to XLA's
+partitioner, which cannot see into a dynamic slice along a sharded axis and would gather the
+whole operand. So the loops split the rows and the classes into groups (`_Loops`): every block
+takes the same rows (columns) from each group, a slice along an axis that no mesh axis shards,
+and the partitioner gives each device its groups. Neither the inputs, the projection nor
+anything logits-sized is gathered: the devices exchange a few floats per row for the forward
+state, one sum of each ``d_inputs`` block over the classes' shards and one of each
+``d_weight`` block over the rows', and the gradients come back sharded like their operands.
+The groups' count is the largest product of the automatic mesh axes' sizes, at most 16, that
+divides the extent and the block (`_groups`): where the size of the axis that shards the rows
+(classes) does not divide it (an axis over 16, or one that does not divide ``N`` and
+``block_n``, ``V`` and ``block_v``: a ragged vocabulary), the partitioner gathers that operand,
+in part or whole, as without groups. On one device, and inside ``shard_map``, there is one
+group: the loops are the plain ones, compiled to the same program.
 """
 
 from __future__ import annotations
@@ -32,10 +48,12 @@ from jax_softmax_ce.monitoring import CrossEntropyAux
 
 
 def losses(options: Options, config: Xla, problem: Problem) -> jax.Array:
-    """Per-example losses ``[N]``. Operands with an explicit sharding (data- or
-    vocabulary-parallel under ``jit``) are handed to XLA's partitioner: the loops run under
+    """Per-example losses ``[N]``. A projection whose classes are sharded over explicit mesh
+    axes runs per device inside ``shard_map`` (`_vocabulary_parallel`). Other operands with an
+    explicit sharding are handed to XLA's partitioner: the loops run under
     `jax.sharding.auto_axes`, since their dynamic slices have no explicit-sharding rule, and the
-    losses come back sharded like the inputs' rows."""
+    losses come back sharded like the inputs' rows. Under automatic axes the loops' groups
+    (module docstring) keep the partitioner from gathering the operands."""
     linear = problem.logits
     blocks = config.block_sizes or BlockSizes.get_default(
         "xla",
@@ -179,11 +197,16 @@ class _Loops:
     ``block_n / row_groups`` rows (``block_v / groups`` classes) of every group: a dynamic slice
     along an axis that no mesh axis shards where the groups' count is a multiple of the mesh
     axes' sizes, so that XLA's partitioner splits the loops over the groups instead of gathering
-    the operands. The tile of each group is formed apart (``vmap``); the forward states of a
-    row's groups of classes are folded with the cross-shard merge (`_fold`), and the backward's
-    matmuls take the groups' tiles side by side, as one ``[block_n, block_v]`` tile. One group
-    of each (one device) is the plain loop. ``return_aux`` keeps one group of classes: its
-    statistics have no cross-shard merge in `_tile.row_state_combine`."""
+    the operands. The tile of each group is formed apart (``vmap``), and the forward states of
+    a row's groups of classes are folded at the end of the row with the cross-shard merge
+    (`_fold`). In the backward, each group of classes keeps its part of a ``d_inputs`` block
+    (``[groups, block_n, D]``), each group of rows its part of a ``d_weight`` block
+    (``[row_groups, D, block_v]``), until the block is done: the groups on other devices are
+    then summed once per block, not once per tile. Those accumulators are split over the
+    devices that split the groups, so they take per device what one group's takes where every
+    mesh axis splits the rows or the classes; an axis that splits neither multiplies them by
+    its size. One group of each (one device) is the plain loop. ``return_aux`` keeps one group
+    of classes: its statistics have no cross-shard merge in `_tile.row_state_combine` yet."""
 
     def __init__(self, options: Options, blocks: BlockSizes, problem: Problem, **saved):
         linear = problem.logits

@@ -121,11 +121,17 @@ def linear_softmax_cross_entropy(
       parallelism) comes back summed over that axis, as JAX's autodiff gives. Under ``jit``,
       ``"pallas"``'s kernels have a partitioning rule: each device runs them on its rows and
       its slice of the projection, the shards combine a few floats per row, and the gradients
-      come back sharded like the inputs and the projection. ``"xla"`` does the same with a
-      projection whose classes are sharded over explicit mesh axes (its loops per device
-      inside ``shard_map``, as with ``vocab_axis_name``); otherwise XLA partitions its loops,
-      which gathers a projection sharded over automatic axes: use ``"pallas"`` there, explicit
-      axes, or ``vocab_axis_name`` inside ``shard_map``.
+      come back sharded like the inputs and the projection. So do ``"xla"``'s: with a
+      projection whose classes are sharded over explicit mesh axes, its loops run per device
+      inside ``shard_map``, as with ``vocab_axis_name``; otherwise XLA partitions its loops,
+      which split the rows and the classes into groups, one or more per device, so that
+      nothing of the inputs' or the projection's size is gathered. The groups' count is the
+      largest product of the automatic mesh axes' sizes up to 16 that divides ``N`` and
+      ``block_n`` (``V`` and ``block_v``); a mesh axis over 16, or a ragged ``N`` or ``V``
+      that its size does not divide, leaves that operand gathered, in part or whole (use
+      ``"pallas"``, explicit axes or ``vocab_axis_name`` there), and so does ``return_aux``
+      for the projection: its statistics are not merged across groups of classes yet. On one
+      device nothing changes.
 
     Args:
       inputs: Features, shape ``[..., D]`` (``[batch_size, hidden_size]`` or
