@@ -266,9 +266,10 @@ class _Loops:
         vocabulary block ``j`` of every group (each block moved back to end inside its group,
         and ignoring the rows and columns an earlier block covered) and its raw logits, mapped
         over the groups of rows, then of classes (``carry`` and the result have a leading axis
-        for each of them where there are several); the block of the inputs, ``[block_n, D]``,
-        and of the projection, ``[D, block_v]`` (``[block_v, D]`` when ``vd``), with the groups'
-        rows and columns side by side."""
+        for each of them where there are several); the blocks of the inputs and of the
+        projection as `split` sees them, ``[row_groups, rows, D]`` and ``[D, groups, cols]``
+        (``[groups, cols, D]`` when ``vd``), without the axis of one group: ``[block_n, D]``
+        and ``[D, block_v]`` on one device."""
         bng, bg = self.bng, self.bg
         r0 = _linear.block_start(i, bng, self.ng)
         c0 = _linear.block_start(j, bg, self.vg)
@@ -328,11 +329,6 @@ class _Loops:
             x = jnp.moveaxis(x, int(self.row_groups > 1), -2)
         return x.reshape(*x.shape[: int(self.row_groups > 1)], -1, self.bv)
 
-    def over(self, groups: int, fn, in_axes):
-        """``fn`` mapped over ``groups`` (on the operands' axes ``in_axes``), where there are
-        several."""
-        return fn if groups == 1 else jax.vmap(fn, in_axes=in_axes)
-
     def fold(self, state: _tile.RowState) -> _tile.RowState:
         """The state of a row block from its groups' states (`grouped`'s carry)."""
         if self.groups == 1:
@@ -340,6 +336,12 @@ class _Loops:
         if self.row_groups > 1:
             state = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), state)
         return jax.tree.map(lambda a: a[0], _fold(state, self.groups))
+
+
+def _over(groups: int, fn, in_axes):
+    """``fn`` mapped over ``groups`` (on the operands' axes ``in_axes``), where there are
+    several."""
+    return fn if groups == 1 else jax.vmap(fn, in_axes=in_axes)
 
 
 def _fold(state: _tile.RowState, k: int) -> _tile.RowState:
@@ -423,8 +425,8 @@ def _backward(options: Options, blocks: BlockSizes, problem: Problem, stats, ct,
     has_bias = problem.logits.bias is not None
     # Each group of classes (of rows) keeps its part of a d_inputs (d_weight) block apart until
     # the block is done: with the groups split over devices, one sum across them per block.
-    input_grad = loops.over(groups, functools.partial(_linear.input_grad, vd=vd), (0, w_axis))
-    weight_grad = loops.over(row_groups, functools.partial(_linear.weight_grad, vd=vd), 0)
+    input_grad = _over(groups, functools.partial(_linear.input_grad, vd=vd), (0, w_axis))
+    weight_grad = _over(row_groups, functools.partial(_linear.weight_grad, vd=vd), 0)
     by_classes = (groups,) if groups > 1 else ()
     by_rows = (row_groups,) if row_groups > 1 else ()
 
