@@ -205,8 +205,7 @@ class _Loops:
     then summed once per block, not once per tile. Those accumulators are split over the
     devices that split the groups, so they take per device what one group's takes where every
     mesh axis splits the rows or the classes; an axis that splits neither multiplies them by
-    its size. One group of each (one device) is the plain loop. ``return_aux`` keeps one group
-    of classes: its statistics have no cross-shard merge in `_tile.row_state_combine` yet."""
+    its size. One group of each (one device) is the plain loop."""
 
     def __init__(self, options: Options, blocks: BlockSizes, problem: Problem, **saved):
         linear = problem.logits
@@ -219,7 +218,7 @@ class _Loops:
         self.dtype = problem.accumulation_dtype
         self.axes = _manual_axes(problem)
         self.row_groups = _groups(self.x, self.n, self.bn)
-        self.groups = 1 if options.aux else _groups(self.w, self.v, self.bv)
+        self.groups = _groups(self.w, self.v, self.bv)
         # Rows and classes per group, and how many of them one block takes from each group.
         self.ng, self.bng = self.n // self.row_groups, self.bn // self.row_groups
         self.vg, self.bg = self.v // self.groups, self.bv // self.groups

@@ -129,9 +129,8 @@ def linear_softmax_cross_entropy(
       largest product of the automatic mesh axes' sizes up to 16 that divides ``N`` and
       ``block_n`` (``V`` and ``block_v``); a mesh axis over 16, or a ragged ``N`` or ``V``
       that its size does not divide, leaves that operand gathered, in part or whole (use
-      ``"pallas"``, explicit axes or ``vocab_axis_name`` there), and so does ``return_aux``
-      for the projection: its statistics are not merged across groups of classes yet. On one
-      device nothing changes.
+      ``"pallas"``, explicit axes or ``vocab_axis_name`` there). On one device nothing
+      changes.
 
     Args:
       inputs: Features, shape ``[..., D]`` (``[batch_size, hidden_size]`` or

@@ -903,6 +903,46 @@ def test_grouped_loops_grad_of_grad_and_vmap(layout, mesh_axes):
     assert set(chosen) == {(n, 4), (v, 4), (n // 2, 2)}
 
 
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_grouped_loops_return_aux(layout, mesh_axes):
+    """``return_aux`` with grouped loops (`test_grouped_loops_match_numpy`): the groups' monitors
+    fold into the ungrouped loops' values, the argmax the lowest class id also where the max
+    ties across groups of classes (classes 3 and 40 of groups 0 and 3 have the same weights),
+    and the gradient of the loss plus the entropy is the same."""
+    n, v, blocks, sizes, want_groups = GROUPED["ragged"]
+    x, w, b, y = _data(seed=34, n=n, v=v)
+    w[:, 40], b[40] = w[:, 3], b[3]
+    x[:5] = 4.0 * w[:, 3]  # rows whose max is the tie
+    w = w if layout == "dv" else w.T
+
+    def value_and_grads():
+        def loss(x, w, b):
+            losses, aux = linear_ce(
+                x,
+                w,
+                jnp.asarray(y),
+                bias=b,
+                block_sizes=blocks,
+                weight_layout=layout,
+                label_smoothing=0.1,
+                return_aux=True,
+            )
+            return jnp.sum(losses) + jnp.sum(aux.entropy), aux
+
+        args = (jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(*args)
+
+    want_grads, want = value_and_grads()
+    chosen = mesh_axes(*sizes)
+    grads, aux = value_and_grads()
+    assert set(chosen) == {(n, want_groups[0]), (v, want_groups[1])}
+    np.testing.assert_array_equal(aux.argmax[:5], 3)
+    np.testing.assert_array_equal(aux.argmax, want.argmax)
+    got, exact = (*jax.tree.leaves(aux), *grads), (*jax.tree.leaves(want), *want_grads)
+    for g, e in zip(got, exact, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("engine", ["xla", "reference", "pallas:tpu", "pallas:gpu"])
 def test_inside_shard_map_data_parallel(engine, mesh):
     """Data parallelism: each shard takes its tokens and the whole, replicated projection. The
