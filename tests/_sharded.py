@@ -683,7 +683,8 @@ for _impl in ("xla", "pallas", "reference"):
 
 def aux_fused_jit_case(implementation, explicit):
     """The fused loss's ``return_aux`` under jit, the projection's classes sharded over
-    "model" (explicit axes: ``"xla"``'s loops per device; automatic: ``"pallas"``'s rule)."""
+    "model" (explicit axes: ``"xla"``'s loops per device; automatic: ``"pallas"``'s rule, and
+    ``"xla"``'s loops in groups that XLA's partitioner splits)."""
     m = mesh(jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto)
     x, w, labels = aux_fused_data()
     c = aux_coefficients()
@@ -703,6 +704,7 @@ def aux_fused_jit_case(implementation, explicit):
 CHECKS["aux_fused_explicit_xla"] = functools.partial(aux_fused_jit_case, FUSED["xla"], True)
 CHECKS["aux_fused_explicit_pallas"] = functools.partial(aux_fused_jit_case, FUSED["pallas"], True)
 CHECKS["aux_fused_jit_pallas"] = functools.partial(aux_fused_jit_case, FUSED["pallas"], False)
+CHECKS["aux_fused_jit_xla"] = functools.partial(aux_fused_jit_case, FUSED["xla"], False)
 
 
 @check
