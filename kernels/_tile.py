@@ -275,16 +275,23 @@ def monitor_combine(
     is kept, as across blocks. The label's term merges like any `Term` (its ``found`` flags
     add up: one side at most holds the label's class)."""
     ref = reference_point(jnp.maximum(lse_a.m, lse_b.m))
-
-    def moved(monitor: Monitor, side: Lse, shift: jax.Array) -> jax.Array:
-        s = jnp.where(side.m != NEG_INF, 1.0 + side.r, jnp.zeros_like(side.r))
-        return exp_of_difference(side.m, ref) * (monitor.t - shift * s)
-
     a_top = lse_a.m >= lse_b.m
-    t = jnp.where(a_top, a.t + moved(b, lse_b, shift_b), moved(a, lse_a, shift_a) + b.t)
+    t = jnp.where(
+        a_top,
+        a.t + moved_entropy_term(b.t, lse_b, ref, shift_b),
+        moved_entropy_term(a.t, lse_a, ref, shift_a) + b.t,
+    )
     index = jnp.where(lse_b.m > lse_a.m, b.index, a.index)
     label = None if a.label is None else term_combine(a.label, shift_a, b.label, shift_b)
     return Monitor(t, index, label)
+
+
+def moved_entropy_term(t: jax.Array, lse: Lse, ref: jax.Array, shift: jax.Array) -> jax.Array:
+    """A `Monitor`'s ``t``, accumulated against the max of ``lse``, moved to the reference
+    ``ref`` that is ``shift`` above it: ``exp(-shift) (t - shift s)`` (0 without mass), as
+    across blocks (`monitor_merge`) and across shards (`monitor_combine`)."""
+    s = jnp.where(lse.m != NEG_INF, 1.0 + lse.r, jnp.zeros_like(lse.r))
+    return exp_of_difference(lse.m, ref) * (t - shift * s)
 
 
 def offset_argmax(monitor: Monitor, col0) -> Monitor:
@@ -623,9 +630,7 @@ def monitor_merge(
     ``exp(-shift) (t - shift s_old)``. The argmax moves only where this block's max is strictly
     greater than every earlier one, so among ties the lowest class id (blocks come in order of
     their columns) is kept."""
-    has_old = old.m != NEG_INF
-    s_old = jnp.where(has_old, 1.0 + old.r, jnp.zeros_like(old.r))
-    t = exp_of_difference(old.m, ref) * (monitor.t - shift * s_old) + entropy_term(z, ref)
+    t = moved_entropy_term(monitor.t, old, ref, shift) + entropy_term(z, ref)
     index = jnp.where(new.m > old.m, first_at_max(z, new.m, col0), monitor.index)
     label_term = monitor.label
     if label is not None:
