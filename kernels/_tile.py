@@ -168,6 +168,16 @@ def row_state_init(
     )
 
 
+def massless_to_zero(m: jax.Array, r: jax.Array) -> jax.Array:
+    """``r``, set to 0 where the max ``m`` is -inf (no finite valid logit), unless ``r`` is NaN.
+
+    A max can skip a NaN: Triton's maximum drops NaNs (a row of NaNs alone has max -inf on a
+    GPU), and so can XLA's vectorised max on CPU. ``r`` still holds the NaN (``exp(NaN)`` joins
+    its sum), and it must reach the loss, whatever the row's weights, not pass for an empty row.
+    """
+    return jnp.where((m == NEG_INF) & ~jnp.isnan(r), jnp.zeros_like(r), r)
+
+
 def reference_point(m: jax.Array) -> jax.Array:
     """The max, or 0 for a row with no finite valid logit, so that ``z' - ref`` is never NaN."""
     return jnp.where(m == NEG_INF, jnp.zeros_like(m), m)
@@ -209,7 +219,7 @@ def lse_merge(
         (1.0 + state.r) * exp_of_difference(state.m, ref) + besides + (count - 1.0),
         state.r + besides + count,
     )
-    r = jnp.where(m_new == NEG_INF, jnp.zeros_like(r), r)
+    r = massless_to_zero(m_new, r)
     shift = jnp.where(state.m == NEG_INF, jnp.zeros_like(m_new), m_new - state.m)
     return Lse(m_new, r), ref, shift
 
@@ -231,7 +241,7 @@ def lse_besides_label(z: jax.Array, z_max: jax.Array, labels: jax.Array) -> tupl
     one = ref * 0.0 + 1.0
     off_label = jnp.minimum(jnp.abs(cols - labels.astype(z.dtype)), one) - one  # -1 at the label
     r = jnp.sum(jnp.exp(z - ref) + off_label, axis=-1, keepdims=True)
-    r = jnp.where(z_max == NEG_INF, jnp.zeros_like(r), r)
+    r = massless_to_zero(z_max, r)
     return Lse(z_max, r), ref
 
 
@@ -248,7 +258,7 @@ def lse_combine(a: Lse, b: Lse) -> tuple[Lse, jax.Array, jax.Array]:
     a_top = a.m >= b.m
     r_a = jnp.where(a_top, a.r, (1.0 + a.r) * exp_of_difference(a.m, ref))
     r_b = jnp.where(a_top, (1.0 + b.r) * exp_of_difference(b.m, ref), b.r)
-    r = jnp.where(m == NEG_INF, jnp.zeros_like(a.r), r_a + r_b)
+    r = massless_to_zero(m, r_a + r_b)
 
     def shift(side):
         return jnp.where(side.m == NEG_INF, jnp.zeros_like(m), m - side.m)

@@ -330,22 +330,24 @@ def test_negative_infinite_logits(schedule):
 
 def test_non_finite_logits_are_never_hidden(schedule):
     """A NaN or +inf logit in a block gives a non-finite loss, even when its row puts no weight
-    on it (a zero class weight on the label, all-zero probability labels), and the other rows
+    on it (a zero class weight on the label, all-zero probability labels), also a row of NaNs
+    alone (whose max Triton's NaN-dropping max sees as -inf, on a GPU), and the other rows
     match the float64 reference; a -inf logit with a zero class weight gives a zero label
     gradient, not NaN."""
     logits, labels = make_case(LARGE_V, jnp.float32, integer=True)
     logits = logits.at[0, 3].set(jnp.nan).at[1, 100].set(jnp.inf).at[2, 64].set(jnp.nan)
-    labels = labels.at[2].set(7)
+    logits = logits.at[3].set(jnp.nan)
+    labels = labels.at[2:4].set(7)
     cw = jnp.ones((LARGE_V,), jnp.float32).at[7].set(0.0)
-    probs = jax.nn.one_hot(labels, LARGE_V).at[2].set(0.0)
+    probs = jax.nn.one_hot(labels, LARGE_V).at[2:4].set(0.0)
     impl = pallas(schedule, jnp.float32)
     integer = sce.softmax_cross_entropy_with_integer_labels(
         logits, labels, class_weights=cw, implementation=impl
     )
     soft = sce.softmax_cross_entropy(logits, probs, implementation=impl)
     for loss in (integer, soft):
-        assert not np.any(np.isfinite(loss[:3]))
-    clean = np.arange(3, N)
+        assert not np.any(np.isfinite(loss[:4]))
+    clean = np.arange(4, N)
     want = reference(np.asarray(logits)[clean], np.asarray(labels)[clean], integer=True)[0]
     np.testing.assert_allclose(soft[clean], want, rtol=2e-5)
     np.testing.assert_allclose(integer[clean], np.asarray(cw)[labels[clean]] * want, rtol=2e-5)
@@ -354,14 +356,39 @@ def test_non_finite_logits_are_never_hidden(schedule):
     cw = cw.at[5].set(0.0)
     soft_labels = make_case(LARGE_V, jnp.float32, integer=False)[1]
     impl = pallas(schedule, jnp.float32, jnp.float32)
-    _, _, d_labels, _ = run(impl, neg[3:], soft_labels[3:], integer=False, class_weights=cw)
+    _, _, d_labels, _ = run(impl, neg[4:], soft_labels[4:], integer=False, class_weights=cw)
     want = reference(
-        np.asarray(neg[3:]), np.asarray(soft_labels[3:]), integer=False, class_weights=cw
+        np.asarray(neg[4:]), np.asarray(soft_labels[4:]), integer=False, class_weights=cw
     )[2]
     want[:, 5] = 0.0  # the float64 formula's 0 * inf at the zero-weight -inf class
     assert not np.any(np.isnan(d_labels))
     np.testing.assert_array_equal(d_labels[:, 5], 0.0)
     np.testing.assert_allclose(d_labels, want, rtol=2e-5, atol=2e-5)
+
+
+def test_a_nan_that_the_row_max_skips_still_reaches_the_loss():
+    """Triton's maximum drops NaNs, so on a GPU a block of NaN logits alone has the max -inf.
+    Given that max, the running log-sum-exp (`_tile.lse_merge`, `lse_besides_label`, and
+    `lse_combine` across shards) keeps the NaN, and the row's loss is NaN with a zero weight on
+    its label; a row of -inf logits has no mass and a zero loss."""
+    from jax_softmax_ce.kernels import _tile
+
+    z = jnp.array([[jnp.nan] * 4, [-jnp.inf] * 4], jnp.float32)
+    skipped = jnp.full((2, 1), -jnp.inf, jnp.float32)  # the max that dropped the NaNs
+    empty = _tile.lse_init(2, jnp.float32)
+    merged = _tile.lse_merge(empty, z, skipped)[0]
+    whole = _tile.lse_besides_label(z, skipped, jnp.array([[1], [1]], jnp.int32))[0]
+    for lse in (
+        merged,
+        whole,
+        _tile.lse_combine(empty, merged)[0],
+        _tile.lse_combine(whole, empty)[0],
+    ):
+        zero = jnp.zeros((2, 1), jnp.float32)
+        loss, _ = _tile.row_loss(
+            lse, _tile.Term(zero, zero), None, zero + 4, label_smoothing=0.0, z_loss=0.0
+        )
+        assert np.isnan(loss[0, 0]) and loss[1, 0] == 0.0
 
 
 @pytest.mark.parametrize("magnitude", [1e4, 1e6])
