@@ -187,29 +187,37 @@ class BlockSizes:
     ) -> BlockSizes:
         """The default blocks of ``schedule`` (``"tpu"``, ``"gpu"``, or ``"xla"`` for the fused
         loss's loops) for ``[num_rows, num_classes]`` logits of ``dtype``; ``hidden`` is the
-        fused loss's ``D`` (None for the logits losses). Reasoned, not yet tuned on a device.
+        fused loss's ``D`` (None for the logits losses). The GPU blocks are the fastest that
+        `benchmarks.gpu_tune` timed on an H200 (`benchmarks/results/gpu_tune_gpu.json`); the
+        TPU and XLA ones are reasoned, not yet tuned on a device.
 
         - Logits losses: on TPU, up to 128 rows (a multiple of 32, the sublanes of every
-          operand's dtype) by up to 2048 columns; on GPU, 4 rows of about 16 KiB of logits
-          (2048 16-bit or 1024 32-bit values).
+          operand's dtype) by up to 2048 columns; on GPU, one row of 8 KiB of logits (4096
+          16-bit or 2048 32-bit values): forward+backward at ``[8192, 128256]`` took 3.2 ms in
+          bfloat16 and 4.1 ms in float32 there, against 4.7 and 5.3 ms with the earlier 4 rows
+          of 16 KiB; more rows per program were slower still.
         - Fused loss: ``(1024, 2048)`` tiles for XLA; ``(256, 512)`` tiles in 512-wide hidden
-          chunks on TPU (multiples of the ``(8, 128)`` tiling and of the MXU's 128 or 256);
-          ``(64, 128)`` tiles in 64-wide hidden chunks on GPU (Triton matmul tiles).
+          chunks on TPU (multiples of the ``(8, 128)`` tiling and of the MXU's 128 or 256); on
+          GPU ``(128, 256)`` tiles in 32-wide hidden chunks for 16-bit operands (232-244 ms
+          against 338-589 ms for ``(64, 128, 64)`` at ``N=4096, D=4096, V=128256`` in
+          bfloat16, with either backward; wider chunks of that tile exceed the shared memory
+          of the one-kernel backward), and ``(64, 128)`` in 64-wide chunks for wider operands,
+          whose tiles take twice the shared memory.
         """
         if schedule not in (*SCHEDULES, "xla"):
             raise ValueError(f"schedule must be one of {(*SCHEDULES, 'xla')}, got {schedule!r}")
         if hidden is not None:
+            narrow = dtype is not None and np.dtype(dtype).itemsize <= 2
             return {
                 "xla": cls(1024, 2048),
                 "tpu": cls(256, 512, 512),
-                "gpu": cls(64, 128, 64),
+                "gpu": cls(128, 256, 32) if narrow else cls(64, 128, 64),
             }[schedule]
         if schedule == "tpu":
             rows = 32 * max(1, -(-min(num_rows, 128) // 32))
             return cls(rows, min(2048, 128 * max(1, -(-num_classes // 128))))
         if schedule == "gpu":
-            block_v = min(pow2_ceil(num_classes), 4096 // np.dtype(dtype).itemsize)
-            return cls(min(4, pow2_ceil(num_rows)), block_v)
+            return cls(1, min(pow2_ceil(num_classes), 8192 // np.dtype(dtype).itemsize))
         raise ValueError(
             "the logits losses' XLA implementation works on whole rows and has no blocks"
         )

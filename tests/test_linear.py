@@ -1151,7 +1151,9 @@ def test_gpu_kernels_hold_only_tiles_at_llm_shapes(layout, lowering_target):
     """At N=16384, D=4096, V=128256 (bf16) the GPU kernels must hold no block spanning D or V:
     Triton keeps a kernel's tensors in registers and shared memory, and refuses any over 2**20
     elements. Every tensor of the lowered Triton modules stays within one logits tile."""
-    blocks = BlockSizes.get_default("gpu", num_rows=16384, num_classes=128256, dtype=None, hidden=1)
+    blocks = BlockSizes.get_default(
+        "gpu", num_rows=16384, num_classes=128256, dtype=jnp.bfloat16, hidden=1
+    )
     lowered = _lower_fused(
         "gpu", lowering_target, n=16384, d=4096, v=128256, blocks=blocks, vd=layout == "vd"
     )
