@@ -22,18 +22,6 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's ``-n`` with its default distribution keeps the tests of one
-    ``xdist_group`` on one worker (``--dist loadgroup``): tests/test_sharding.py pins each of
-    its subprocesses' checks to one worker, so that no subprocess runs twice."""
-    if config.getvalue("dist") != "load":
-        return None
-    from xdist.scheduler import LoadGroupScheduling
-
-    return LoadGroupScheduling(config, log)
-
-
 @pytest.fixture(autouse=True)
 def _warnings_are_errors():
     with warnings.catch_warnings():

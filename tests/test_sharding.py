@@ -14,8 +14,10 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import _sharded
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,16 +30,16 @@ SCRIPT = pathlib.Path(__file__).with_name("_sharded.py")
 ROOT = SCRIPT.parents[1]
 
 
-# The checks in two halves, each run by one subprocess and pinned to one pytest-xdist worker
-# (tests/conftest.py makes ``-n`` distribute by group), so that two workers run the halves side
-# by side and no check runs twice.
+# The checks in two halves, each run by one subprocess, once per test run: pytest-xdist's
+# workers share its result through a file (the first to need a half runs it, under a lock, and
+# the others read it), so that two workers run the two halves side by side and no check runs
+# twice, whichever worker gets which test. (xdist's own `--dist loadgroup` no longer groups
+# tests on pytest 9.2, whose node ids it can no longer rename.)
 HALVES = 2
 HALF = {name: i % HALVES for i, name in enumerate(_sharded.CHECKS)}
 
 
-@functools.cache
-def report(half: int):
-    """``(process, results)`` of the subprocess that runs the checks of ``half``."""
+def _run_half(half: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     names = [name for name, h in HALF.items() if h == half]
@@ -50,34 +52,60 @@ def report(half: int):
         cwd=ROOT,
         check=False,
     )
+    return {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
+
+
+def _claim(path: pathlib.Path, half: int) -> None:
+    """Run ``half`` into ``path`` unless another worker runs it now or has run it."""
+    lock = filelock.FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return
+    try:
+        if not path.exists():
+            path.write_text(json.dumps(_run_half(half)))
+    finally:
+        lock.release()
+
+
+@functools.cache
+def report(half: int) -> tuple[dict, dict]:
+    """``(process, results)`` of the subprocess that runs the checks of ``half``: its return
+    code, stdout and stderr, and each check's result by name."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None:  # one process: functools.cache runs each half once
+        done = _run_half(half)
+    else:
+        shared = pathlib.Path(tempfile.gettempdir()) / f"jax_softmax_ce-sharded-{run}"
+        shared.mkdir(exist_ok=True)
+        # This half first, then any other that no worker has taken, so that the workers run
+        # different halves side by side; then this half's result, once whoever runs it is done.
+        for h in (half, *(h for h in range(HALVES) if h != half)):
+            _claim(shared / f"half-{h}.json", h)
+        with filelock.FileLock(str(shared / f"half-{half}.json") + ".lock"):
+            done = json.loads((shared / f"half-{half}.json").read_text())
     results = {}
-    for line in done.stdout.splitlines():
+    for line in done["stdout"].splitlines():
         if line.startswith("{"):
             result = json.loads(line)
             results[result["check"]] = result
     return done, results
 
 
-def on_worker(half: int):
-    return pytest.mark.xdist_group(f"sharded-{half}")
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=on_worker(HALF[n])) for n in _sharded.CHECKS],
-)
+@pytest.mark.parametrize("name", list(_sharded.CHECKS))
 def test_check(name):
     done, results = report(HALF[name])
-    assert name in results, f"the check did not report:\n{done.stderr[-4000:]}"
+    assert name in results, f"the check did not report:\n{done['stderr'][-4000:]}"
     assert results[name]["ok"], results[name]["error"]
 
 
-@pytest.mark.parametrize("half", [pytest.param(h, marks=on_worker(h)) for h in range(HALVES)])
+@pytest.mark.parametrize("half", range(HALVES))
 def test_the_process_exits_cleanly(half):
     done, results = report(half)
     failed = [name for name, result in results.items() if not result["ok"]]
-    assert "Fatal Python error" not in done.stderr, done.stderr[-4000:]
-    assert done.returncode == (1 if failed else 0), (done.returncode, done.stderr[-4000:])
+    assert "Fatal Python error" not in done["stderr"], done["stderr"][-4000:]
+    assert done["returncode"] == (1 if failed else 0), (done["returncode"], done["stderr"][-4000:])
 
 
 @pytest.mark.parametrize("confident", [False, True])
