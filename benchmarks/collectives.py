@@ -5,9 +5,11 @@
 ``jax.jit(f).lower(...).compile().as_text()`` with the bytes of its result per device and the
 size of its device groups; `bytes_crossing` sums what each device sends (an estimate: a ring
 all-gather or reduce-scatter sends ``(k - 1) / k`` of the gathered result, a ring all-reduce
-twice that, an all-to-all ``(k - 1) / k`` of its operand and a permute all of it). The sharding
-tests use them to prove that no logits-sized array is gathered; `benchmarks.sharded_bytes`
-reports them as the goal's number.
+twice that, an all-to-all ``(k - 1) / k`` of its operand and a permute all of it), each times
+the runs of the computation that holds it: a collective in a ``while`` body runs once per trip
+(the loop's ``known_trip_count``, as XLA writes it; nested loops multiply). The sharding tests use
+them to prove that no logits-sized array is gathered; `benchmarks.sharded_bytes` reports them as
+the goal's number.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ _IOTA_GROUPS = re.compile(r"replica_groups=\[(?P<dims>[0-9,]+)\]<=")
 _LIST_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[0-9,]*)\}")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\][^{]*\{(?P<over>[^}]*)\}")
 _PAIRS = re.compile(r"source_target_pairs=\{")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[^\s(]+)\s*\(.*\{\s*$")
+_WHILE = re.compile(r"\swhile\(")
+_LOOP_PARTS = re.compile(r"(?:body|condition)=%(?P<name>[^\s,]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>[0-9]+)"\}')
+_NAME = re.compile(r"%(?P<name>[^\s,(){}]+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +48,15 @@ class Collective:
       result_bytes: the bytes of its result on one device (for an asynchronous ``-start``,
         of the arrays it produces, not of its operands).
       group_size: how many devices each of its groups spans (2 for a permute).
+      runs: how many times it runs per run of the program (the trip counts of the loops that
+        hold it; a loop whose trip count XLA does not know counts once).
     """
 
     kind: str
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
     result_bytes: int
     group_size: int
+    runs: int = 1
 
     @property
     def bytes_sent(self) -> float:
@@ -87,11 +97,42 @@ def _group_size(line: str, kind: str, num_devices: int) -> int:
     return num_devices
 
 
+def _runs(lines: list[str]) -> list[int]:
+    """How many times each line's computation runs per run of the program.
+
+    HLO text writes every computation before those that call it, the entry last: walked
+    backwards, each computation's runs are known before it passes them on to its callees,
+    times the trip count for a ``while`` loop's body and condition."""
+    owner, order, calls = [], [], {}
+    for line in lines:
+        header = _COMPUTATION.match(line)
+        if header:
+            order.append(header["name"])
+            calls[header["name"]] = []
+        elif order and line[:1].isspace():
+            loop = _WHILE.search(line)
+            trips = _TRIP_COUNT.search(line) if loop else None
+            loop_parts = set(_LOOP_PARTS.findall(line)) if loop else set()
+            for name in _NAME.findall(line):
+                factor = int(trips["n"]) if trips and name in loop_parts else 1
+                calls[order[-1]].append((name, factor))
+        owner.append(order[-1] if order else None)
+    runs = dict.fromkeys(order, 0)
+    if order:
+        runs[order[-1]] = 1
+    for name in reversed(order):
+        for callee, factor in calls[name]:
+            if callee in runs and callee != name:
+                runs[callee] += runs[name] * factor
+    return [max(runs.get(name, 1), 1) if name else 1 for name in owner]
+
+
 def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
     """The collectives of a compiled program's HLO text (``compiled.as_text()``) for
     ``num_devices`` devices (the group size of a collective whose groups are not written out)."""
     found = []
-    for line in hlo_text.splitlines():
+    lines = hlo_text.splitlines()
+    for line, runs in zip(lines, _runs(lines), strict=True):
         match = _OP.search(line)
         if match is None:
             continue
@@ -101,7 +142,8 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
             # An asynchronous start returns (operands, results, ...): keep the results.
             arrays = arrays[len(arrays) // 2 :]
         size = sum(_BYTES[d] * math.prod(dims) for d, dims in arrays)
-        found.append(Collective(kind, tuple(arrays), size, _group_size(line, kind, num_devices)))
+        group = _group_size(line, kind, num_devices)
+        found.append(Collective(kind, tuple(arrays), size, group, runs))
     return found
 
 
@@ -118,5 +160,6 @@ def largest_gather(hlo_text: str, num_devices: int) -> int:
 
 
 def bytes_crossing(hlo_text: str, num_devices: int) -> float:
-    """The bytes that one device sends per run of the program, summed over its collectives."""
-    return sum(c.bytes_sent for c in collectives(hlo_text, num_devices))
+    """The bytes that one device sends per run of the program, summed over its collectives
+    and their runs."""
+    return sum(c.bytes_sent * c.runs for c in collectives(hlo_text, num_devices))

@@ -116,7 +116,12 @@ def _row(case, impl, sharding, n, v, d, text, devices) -> dict:
         "largest_all_gather_elements": collectives.largest_gather(text, devices),
         "logits_shard_bytes": 4 * n * v // 8 if sharding == "both" else 4 * n * v // 4,
         "collectives": [
-            {"kind": c.kind, "result_bytes": c.result_bytes, "group_size": c.group_size}
+            {
+                "kind": c.kind,
+                "result_bytes": c.result_bytes,
+                "group_size": c.group_size,
+                "runs": c.runs,
+            }
             for c in found
         ],
     }

@@ -334,3 +334,58 @@ def test_compiled_memory_table_and_plot(tmp_path):
     assert "- ours: NotImplementedError: x" in table
     report.compiled_memory_plot(record, tmp_path / "memory.png")
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+_LOOPS_HLO = """HloModule loops
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%inner_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %inner_sum = f32[8]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+}
+
+%inner_cond (q: (s32[], f32[8])) -> pred[] {
+  %q = (s32[], f32[8]{0}) parameter(0)
+}
+
+%outer_body (r: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %r = (s32[], f32[8]{0}) parameter(0)
+  %inner = (s32[], f32[8]{0}) while(%r), condition=%inner_cond, body=%inner_body, \
+backend_config={"known_trip_count":{"n":"3"}}
+  %y = f32[8]{0} get-tuple-element(%inner), index=1
+  %gathered = f32[16]{0} all-gather(%y), replica_groups={{0,1}}, dimensions={0}
+}
+
+%outer_cond (s: (s32[], f32[8])) -> pred[] {
+  %s = (s32[], f32[8]{0}) parameter(0)
+}
+
+ENTRY %main (t: (s32[], f32[8])) -> f32[4] {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %outer = (s32[], f32[8]{0}) while(%t), condition=%outer_cond, body=%outer_body, \
+backend_config={"known_trip_count":{"n":"5"}}
+  %z = f32[4]{0} constant({1, 2, 3, 4})
+  ROOT %last = f32[4]{0} all-reduce(%z), replica_groups={{0,1}}, to_apply=%add
+}
+"""
+
+
+def test_collectives_count_every_run_of_a_loop():
+    """A collective in a loop's body is counted once per trip, nested loops multiplying: the
+    inner all-reduce 3 x 5 times, the all-gather 5 times, the entry's all-reduce once."""
+    from benchmarks import collectives
+
+    found = collectives.collectives(_LOOPS_HLO, 2)
+    assert [(c.kind, c.result_bytes, c.group_size, c.runs) for c in found] == [
+        ("all-reduce", 32, 2, 15),
+        ("all-gather", 64, 2, 5),
+        ("all-reduce", 16, 2, 1),
+    ]
+    # A ring all-reduce sends twice (k - 1) / k of its result, an all-gather (k - 1) / k.
+    assert collectives.bytes_crossing(_LOOPS_HLO, 2) == 32 * 15 + 32 * 5 + 16
