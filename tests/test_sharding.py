@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,40 @@ def test_the_process_exits_cleanly(half):
     failed = [name for name, result in results.items() if not result["ok"]]
     assert "Fatal Python error" not in done["stderr"], done["stderr"][-4000:]
     assert done["returncode"] == (1 if failed else 0), (done["returncode"], done["stderr"][-4000:])
+
+
+@pytest.mark.slow
+def test_two_processes_as_the_readme_says():
+    """The README's multi-host recipe on this host: two processes of 4 CPU devices each, joined
+    by `jax.distributed` into one ``(2, 4)`` mesh, each placing its own rows; the logits loss
+    under ``jit`` (every implementation) and the fused loss in ``shard_map`` with the classes
+    sharded match float64 (`tests/_multihost.py`)."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ)
+    paths = [str(ROOT), str(SCRIPT.parent), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    script = SCRIPT.with_name("_multihost.py")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
+    for i, process in enumerate(processes):
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-4000:]
+        reports = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert reports and reports[0]["process"] == i, (out[-2000:], err[-2000:])
+        failed = {name: error for name, error in reports[0]["errors"].items() if error}
+        assert not failed, failed
+        assert set(reports[0]["errors"]) == {"jit_xla", "jit_pallas", "jit_auto", "shard_map_fused"}
 
 
 @pytest.mark.parametrize("confident", [False, True])
