@@ -207,13 +207,16 @@ def check(loss, aux, grads, ce, mon, *, integer, dtype=jnp.float32, array_t=Fals
         np.testing.assert_allclose(float(grads[1]), want_t, rtol=1e-4, atol=1e-4)
 
 
-# The strict TPU interpreter is the slowest: it runs the cases that combine the options.
+# The strict TPU interpreter is the slowest: it runs the cases that combine the options. The
+# GPU schedule's interpreter runs the cases of one option each too, in the slow set (CI).
 TPU_CASES = ("everything", "full_mask", "ignore_index", "plain")
 
 
 def cases(names, tpu_names=TPU_CASES):
     return [
-        (impl, name)
+        pytest.param(
+            impl, name, marks=[pytest.mark.slow] if impl == "gpu" and name not in tpu_names else []
+        )
         for impl in IMPLEMENTATIONS
         for name in sorted(names)
         if impl != "tpu" or name in tpu_names

@@ -223,7 +223,23 @@ def build(v, spec, labels, seed=3):
     return labels, where, cw, opts
 
 
-@pytest.mark.parametrize("name", sorted(INTEGER_CASES))
+# The README's test command runs the cases that combine options, and those with ignore_index;
+# the ones that repeat options of those run in the slow set (CI).
+INTEGER_SLOW = {
+    "smoothing_weights",
+    "zloss_softcap_temperature",
+    "array_temperature_smoothing_zloss",
+    "vocab_mask_smoothing",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=[pytest.mark.slow] if n in INTEGER_SLOW else [])
+        for n in sorted(INTEGER_CASES)
+    ],
+)
 def test_integer_labels_f32(schedule, name):
     v, spec = INTEGER_CASES[name]
     logits, labels = make_case(v, jnp.float32, integer=True)

@@ -1,9 +1,9 @@
 """Sharded training on 8 host devices, mesh ``(2, 4)`` named ``("data", "model")``.
 
 The checks live in `tests/_sharded.py`, which runs in subprocesses (this pytest process's CPU
-backend has 4 devices, fixed when it started), two of them with half the checks each; each test
-here asserts one check's result, and `test_the_process_exits_cleanly` that each subprocess ended
-without an abort. The cross-shard merge itself is checked here, on one device.
+backend has 4 devices, fixed when it started), each with half of the core checks or half of the
+rest (the slow set); each test here asserts one check's result, and
+`test_the_process_exits_cleanly` that each subprocess ended without an abort. The cross-shard merge itself is checked here, on one device.
 """
 
 from __future__ import annotations
@@ -31,19 +31,50 @@ SCRIPT = pathlib.Path(__file__).with_name("_sharded.py")
 ROOT = SCRIPT.parents[1]
 
 
-# The checks in two halves, each run by one subprocess, once per test run: pytest-xdist's
-# workers share its result through a file (the first to need a half runs it, under a lock, and
-# the others read it), so that two workers run the two halves side by side and no check runs
-# twice, whichever worker gets which test. (xdist's own `--dist loadgroup` no longer groups
-# tests on pytest 9.2, whose node ids it can no longer rename.)
+# The README's test command runs a core of the checks, each feature with each implementation
+# once; the slow set (CI) runs the rest. Each set runs in two halves, each half by one
+# subprocess, once per test run: pytest-xdist's workers share its result through a file (the
+# first to need a half runs it, under a lock, having first taken any half of its set that no
+# worker has, and the others read it), so that two workers run the two halves side by side and
+# no check runs twice, whichever worker gets which test. (xdist's own `--dist loadgroup` no
+# longer groups tests on pytest 9.2, whose node ids it can no longer rename.)
+CORE = {
+    "jit_xla_both",
+    "jit_auto_both",
+    "jit_pallas_both",
+    "jit_pallas_vocab_probabilities",
+    "vocab_parallel_xla_options",
+    "vocab_parallel_pallas_masked",
+    "vocab_parallel_reference_probabilities",
+    "fused_vocab_parallel_xla",
+    "fused_vocab_parallel_pallas",
+    "explicit_xla_both",
+    "explicit_pallas_both",
+    "fused_jit_xla",
+    "fused_jit_pallas_vd",
+    "fused_explicit_pallas",
+    "aux_vocab_parallel_pallas",
+    "aux_jit_pallas_both",
+    "aux_fused_jit_xla",
+    "aux_fused_vocab_parallel_pallas",
+    "readme_sharded_training",
+}
 HALVES = 2
-HALF = {name: i % HALVES for i, name in enumerate(_sharded.CHECKS)}
+GROUP = {}
+for _set in ("core", "rest"):
+    _names = [n for n in _sharded.CHECKS if (n in CORE) == (_set == "core")]
+    GROUP.update({n: f"{_set}-{i % HALVES}" for i, n in enumerate(_names)})
+GROUPS = sorted(set(GROUP.values()))
 
 
-def _run_half(half: int) -> dict:
+def slow_unless_core(group: str):
+    return [pytest.mark.slow] if group.startswith("rest") else []
+
+
+def _run_half(group: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    names = [name for name, h in HALF.items() if h == half]
+    names = [name for name, g in GROUP.items() if g == group]
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *names],
         capture_output=True,
@@ -56,8 +87,8 @@ def _run_half(half: int) -> dict:
     return {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
 
 
-def _claim(path: pathlib.Path, half: int) -> None:
-    """Run ``half`` into ``path`` unless another worker runs it now or has run it."""
+def _claim(path: pathlib.Path, group: str) -> None:
+    """Run ``group`` into ``path`` unless another worker runs it now or has run it."""
     lock = filelock.FileLock(str(path) + ".lock")
     try:
         lock.acquire(timeout=0)
@@ -65,27 +96,28 @@ def _claim(path: pathlib.Path, half: int) -> None:
         return
     try:
         if not path.exists():
-            path.write_text(json.dumps(_run_half(half)))
+            path.write_text(json.dumps(_run_half(group)))
     finally:
         lock.release()
 
 
 @functools.cache
-def report(half: int) -> tuple[dict, dict]:
-    """``(process, results)`` of the subprocess that runs the checks of ``half``: its return
+def report(group: str) -> tuple[dict, dict]:
+    """``(process, results)`` of the subprocess that runs the checks of ``group``: its return
     code, stdout and stderr, and each check's result by name."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run is None:  # one process: functools.cache runs each half once
-        done = _run_half(half)
+        done = _run_half(group)
     else:
         shared = pathlib.Path(tempfile.gettempdir()) / f"jax_softmax_ce-sharded-{run}"
         shared.mkdir(exist_ok=True)
-        # This half first, then any other that no worker has taken, so that the workers run
-        # different halves side by side; then this half's result, once whoever runs it is done.
-        for h in (half, *(h for h in range(HALVES) if h != half)):
-            _claim(shared / f"half-{h}.json", h)
-        with filelock.FileLock(str(shared / f"half-{half}.json") + ".lock"):
-            done = json.loads((shared / f"half-{half}.json").read_text())
+        # This half first, then the other half of its set if no worker has taken it, so that the
+        # workers run the halves side by side; then this half's result, once it is done.
+        siblings = [g for g in GROUPS if g != group and g.split("-")[0] == group.split("-")[0]]
+        for g in (group, *siblings):
+            _claim(shared / f"{g}.json", g)
+        with filelock.FileLock(str(shared / f"{group}.json") + ".lock"):
+            done = json.loads((shared / f"{group}.json").read_text())
     results = {}
     for line in done["stdout"].splitlines():
         if line.startswith("{"):
@@ -94,16 +126,18 @@ def report(half: int) -> tuple[dict, dict]:
     return done, results
 
 
-@pytest.mark.parametrize("name", list(_sharded.CHECKS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=slow_unless_core(GROUP[n])) for n in _sharded.CHECKS]
+)
 def test_check(name):
-    done, results = report(HALF[name])
+    done, results = report(GROUP[name])
     assert name in results, f"the check did not report:\n{done['stderr'][-4000:]}"
     assert results[name]["ok"], results[name]["error"]
 
 
-@pytest.mark.parametrize("half", range(HALVES))
-def test_the_process_exits_cleanly(half):
-    done, results = report(half)
+@pytest.mark.parametrize("group", [pytest.param(g, marks=slow_unless_core(g)) for g in GROUPS])
+def test_the_process_exits_cleanly(group):
+    done, results = report(group)
     failed = [name for name, result in results.items() if not result["ok"]]
     assert "Fatal Python error" not in done["stderr"], done["stderr"][-4000:]
     assert done["returncode"] == (1 if failed else 0), (done["returncode"], done["stderr"][-4000:])
