@@ -389,3 +389,26 @@ def test_collectives_count_every_run_of_a_loop():
     ]
     # A ring all-reduce sends twice (k - 1) / k of its result, an all-gather (k - 1) / k.
     assert collectives.bytes_crossing(_LOOPS_HLO, 2) == 32 * 15 + 32 * 5 + 16
+
+
+def test_gpu_tune_quick(tmp_path):
+    """`benchmarks.gpu_tune --quick`, interpreted on the CPU: every configuration of its plan
+    (optax, the logits kernel's blocks and a warp count, the fused loss's tiles with both
+    backward schedules) is timed, none failed, and the record says where it ran."""
+    out = tmp_path / "tune.json"
+    _run("-m", "benchmarks.gpu_tune", "--quick", "--out", str(out), "--deadline-s", "250")
+    record = json.loads(out.read_text())
+    assert record["interpret"] is True and record["platform"] == "cpu"
+    results = record["results"]
+    assert not [r for r in results if "median_s" not in r], results
+    assert all(r["median_s"] > 0 and len(r["repeats_s"]) == 5 for r in results)
+    kinds = {(r["suite"], r["blocks"] is None, r.get("num_warps"), r.get("accumulator_bytes"))
+             for r in results}  # fmt: skip
+    assert kinds == {
+        ("ce", True, None, None),
+        ("ce", False, None, None),
+        ("ce", False, 2, None),
+        ("linear", True, None, None),
+        ("linear", False, None, None),
+        ("linear", False, None, 1),
+    }

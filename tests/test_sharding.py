@@ -3,7 +3,8 @@
 The checks live in `tests/_sharded.py`, which runs in subprocesses (this pytest process's CPU
 backend has 4 devices, fixed when it started), each with half of the core checks or half of the
 rest (the slow set); each test here asserts one check's result, and
-`test_the_process_exits_cleanly` that each subprocess ended without an abort. The cross-shard merge itself is checked here, on one device.
+`test_the_process_exits_cleanly` that each subprocess ended without an abort. The cross-shard
+merge itself is checked here, on one device.
 """
 
 from __future__ import annotations
