@@ -23,34 +23,31 @@ import sys
 import traceback
 
 import jax
+import numpy as np
+import numpy_reference
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-PROCESS, PORT = int(sys.argv[1]), sys.argv[2]
-jax.config.update("jax_num_cpu_devices", 4)
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"localhost:{PORT}", num_processes=2, process_id=PROCESS)
+import jax_softmax_ce as sce
 
-import numpy as np  # noqa: E402
-import numpy_reference  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jax_softmax_ce as sce  # noqa: E402
-
-MESH = jax.make_mesh((jax.process_count(), jax.local_device_count()), ("data", "model"))
 N, V, D = 16, 64, 32
 RNG = np.random.default_rng(0)
 LOGITS = (3.0 * RNG.normal(size=(N, V))).astype(np.float32)
 LABELS = RNG.integers(0, V, N).astype(np.int32)
 HIDDEN = RNG.normal(size=(N, D)).astype(np.float32)
 WEIGHT = (RNG.normal(size=(D, V)) / 4).astype(np.float32)
-MINE = slice(PROCESS * N // 2, (PROCESS + 1) * N // 2)  # this process's rows
+
+
+def mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.process_count(), jax.local_device_count()), ("data", "model"))
 
 
 def local(array: np.ndarray, spec: P) -> jax.Array:
     """The global array from this process's rows (all of it where ``spec`` splits no rows)."""
-    rows = array[MINE] if spec[0] == "data" else array
-    return jax.make_array_from_process_local_data(NamedSharding(MESH, spec), rows, array.shape)
+    process = jax.process_index()
+    rows = array[process * N // 2 : (process + 1) * N // 2] if spec[0] == "data" else array
+    return jax.make_array_from_process_local_data(NamedSharding(mesh(), spec), rows, array.shape)
 
 
 def gathered(x: jax.Array) -> np.ndarray:
@@ -87,7 +84,7 @@ def fused_loss_in_shard_map():
     fused = jax.jit(
         jax.shard_map(
             per_device,
-            mesh=MESH,
+            mesh=mesh(),
             in_specs=(P("data", None), P(None, "model"), P("data")),
             out_specs=(P(), (P("data", None), P(None, "model"))),
         )
@@ -109,13 +106,22 @@ CHECKS = {
     "shard_map_fused": fused_loss_in_shard_map,
 }
 
-errors = {}
-with jax.default_matmul_precision("float32"):
-    for name, run in CHECKS.items():
-        try:
-            run()
-            errors[name] = None
-        except Exception:
-            errors[name] = traceback.format_exc()[-3000:]
-print(json.dumps({"process": PROCESS, "errors": errors}), flush=True)
-jax.distributed.shutdown()
+
+def main(process: int, port: str) -> None:
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
+    errors = {}
+    with jax.default_matmul_precision("float32"):
+        for name, run in CHECKS.items():
+            try:
+                run()
+                errors[name] = None
+            except Exception:
+                errors[name] = traceback.format_exc()[-3000:]
+    print(json.dumps({"process": process, "errors": errors}), flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])

@@ -269,12 +269,21 @@ PALLAS_CASES = {
 
 @pytest.mark.parametrize("layout", ["dv", pytest.param("vd", marks=SLOW)])
 @pytest.mark.parametrize(
-    ("schedule", "accumulator_bytes"),
+    ("name", "schedule", "accumulator_bytes"),
     # One byte of accumulators makes the GPU backward run its two passes of one-block chunks:
-    # three of rows (N = 37, the last one starting early) and four of columns (V = 53).
-    [("tpu", None), ("gpu", None), ("gpu", 1)],
+    # three of rows (N = 37, the last one starting early) and four of columns (V = 53). The
+    # strict TPU interpreter, the slowest, runs two of the option cases outside the slow set.
+    [
+        pytest.param(
+            name,
+            schedule,
+            accumulator_bytes,
+            marks=[SLOW] if schedule == "tpu" and name in ("options", "where_classes") else [],
+        )
+        for name in PALLAS_CASES
+        for schedule, accumulator_bytes in [("tpu", None), ("gpu", None), ("gpu", 1)]
+    ],
 )
-@pytest.mark.parametrize("name", list(PALLAS_CASES))
 def test_pallas_matches_numpy(name, schedule, accumulator_bytes, layout):
     d, pallas = _pallas_args(schedule)
     pallas["accumulator_bytes"] = accumulator_bytes
@@ -360,7 +369,7 @@ def test_three_dimensional_inputs_and_vmap():
     )
 
 
-@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("layout", ["dv", pytest.param("vd", marks=SLOW)])
 @pytest.mark.parametrize("engine", ["xla", "pallas:tpu", "pallas:gpu"])
 def test_bfloat16_inputs_accumulate_in_float32(engine, layout):
     implementation, _, schedule = engine.partition(":")
@@ -860,6 +869,7 @@ def test_grouped_loops_match_numpy(geometry, name, layout, mesh_axes):
     np.testing.assert_allclose(db, expected[4], rtol=1e-9, atol=1e-12)
 
 
+@SLOW
 @pytest.mark.parametrize("layout", ["dv"])  # "vd": test_grouped_loops_match_numpy
 def test_grouped_loops_grad_of_grad_and_vmap(layout, mesh_axes):
     """Grouped loops (`test_grouped_loops_match_numpy`) keep what the custom_vjp gives: grad of
