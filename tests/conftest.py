@@ -8,6 +8,7 @@ accelerator host."""
 
 import contextlib
 import os
+import threading
 import traceback
 import warnings
 
@@ -70,20 +71,39 @@ def lowering_target():
     return target
 
 
-_COMPILES: list[str] = []
+# Each program compiled, in order: (the thread that compiled it, its name). Kernels run in
+# Pallas' TPU interpreter call back into Python on other threads, which may compile helpers of
+# their own at any time (once seen counted in a later test); a test's own calls compile on its
+# thread.
+_COMPILES: list[tuple[int, str]] = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, _secs, **_kwargs: (
-        _COMPILES.append(event) if event.endswith("backend_compile_duration") else None
+    lambda event, _secs, **kwargs: (
+        _COMPILES.append((threading.get_ident(), str(kwargs.get("fun_name"))))
+        if event.endswith("backend_compile_duration")
+        else None
     )
 )
 
 
+class Compilations:
+    """``compilations()``: how many XLA compilations the test's thread ran since the test began
+    (a listener on jax.monitoring's compile events); ``compilations.names(since)``: the names of
+    the programs it compiled after the first ``since`` of them."""
+
+    def __init__(self):
+        self.start = len(_COMPILES)
+        self.thread = threading.get_ident()
+
+    def names(self, since: int = 0) -> list[str]:
+        return [name for thread, name in _COMPILES[self.start :] if thread == self.thread][since:]
+
+    def __call__(self) -> int:
+        return len(self.names())
+
+
 @pytest.fixture
 def compilations():
-    """``compilations()``: how many XLA compilations this process ran since the test began (a
-    listener on jax.monitoring's compile events)."""
-    start = len(_COMPILES)
-    return lambda: len(_COMPILES) - start
+    return Compilations()
 
 
 @pytest.fixture

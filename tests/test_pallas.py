@@ -645,7 +645,7 @@ def test_eager_calls_compile_once(schedule, compilations):
     first = sce.softmax_cross_entropy_with_integer_labels(logits[0], labels, implementation=impl)
     before = compilations()
     second = sce.softmax_cross_entropy_with_integer_labels(logits[1], labels, implementation=impl)
-    assert compilations() == before
+    assert compilations() == before, compilations.names(before)
     other = sce.Pallas(
         block_sizes=sce.BlockSizes(16, 256), schedule=schedule, interpret=interpret(schedule)
     )
