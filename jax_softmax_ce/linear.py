@@ -95,10 +95,11 @@ def linear_softmax_cross_entropy(
 
     - The matmuls follow JAX's matmul precision, as ``inputs @ weight`` does, in every
       implementation and in the Pallas kernels too: by default a GPU multiplies float32
-      operands in TF32 (about 1e-3 relative per product; Triton's ``tl.dot`` and XLA alike) and
-      a TPU in bfloat16 passes. ``with jax.default_matmul_precision("float32"):`` asks for full
-      float32 products (PyTorch's default), which the tests' float64 comparisons use. 16-bit
-      operands are unaffected. Everything after the matmul is float32 whatever the setting.
+      operands in TF32 (10-bit mantissas, 5e-4 relative per operand; Triton's ``tl.dot`` and
+      XLA alike) and a TPU in bfloat16 passes. ``with jax.default_matmul_precision("float32"):``
+      asks for full float32 products (PyTorch's default), which the tests' float64 comparisons
+      use. 16-bit operands are unaffected. Everything after the matmul is float32 whatever the
+      setting.
 
     - ``weight_layout="vd"`` takes the projection as ``[V, D]``, the embedding table of a model with
       tied embeddings, and contracts it on its last axis without a transposed copy.
