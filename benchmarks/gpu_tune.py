@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as pltriton
 from jax_softmax_ce.kernels import cross_entropy_gpu, linear_gpu
 
 import jax_softmax_ce as sce
+from benchmarks import run
 from jax_softmax_ce import _benchmark
 
 
@@ -82,21 +83,6 @@ def _linear_step(implementation):
         )
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-
-def _ce_inputs(n, v, dtype):
-    keys = jax.random.split(jax.random.key(0), 2)
-    return [_benchmark.random_problem(k, n, v, dtype) for k in keys]
-
-
-def _linear_inputs(n, d, v, dtype):
-    sets = []
-    for k in jax.random.split(jax.random.key(0), 2):
-        k_x, k_w, k_y = jax.random.split(k, 3)
-        x = jax.random.normal(k_x, (n, d), jnp.float32).astype(dtype)
-        w = (jax.random.normal(k_w, (d, v), jnp.float32) * (4.0 / d**0.5)).astype(dtype)
-        sets.append((x, w, jax.random.randint(k_y, (n,), 0, v, jnp.int32)))
-    return sets
 
 
 def _plan(quick: bool) -> list[dict[str, Any]]:
@@ -177,11 +163,7 @@ def main(argv=None) -> dict[str, Any]:
         key = (case["suite"], case["dtype"], case["n"], case.get("d"), case["v"])
         if key not in inputs:
             inputs.clear()  # one shape's copies on the device at a time
-            dtype = jnp.dtype(case["dtype"])
-            if case["suite"] == "ce":
-                inputs[key] = _ce_inputs(case["n"], case["v"], dtype)
-            else:
-                inputs[key] = _linear_inputs(case["n"], case["d"], case["v"], dtype)
+            inputs[key] = run._jax_inputs(case)  # the harness's inputs, copies to rotate among
         try:
             result = _run(case, inputs[key], interpret=interpret, repeats=args.repeats)
         except Exception as error:
