@@ -54,7 +54,9 @@ def _cell_throughput(row) -> str:
     return f"{t['flop_per_s'] / 1e9:.1f} GFLOP/s ({100 * t['fraction_of_matmul']:.0f}% of matmul)"
 
 
-def _section(record: dict[str, Any], dtype: str, pass_: str, skipped: dict[str, str]) -> list[str]:
+def _section(
+    record: dict[str, Any], dtype: str, pass_: str, skipped: dict[tuple[str, str], list[str]]
+) -> list[str]:
     """The table of one dtype and pass: rows are implementations, one line per V. Cases that did
     not run go into ``skipped`` with their reason."""
     rows = [r for r in record["results"] if r["dtype"] == dtype and r["pass"] == pass_]
@@ -70,7 +72,8 @@ def _section(record: dict[str, Any], dtype: str, pass_: str, skipped: dict[str, 
     }
     for r in rows:
         if r["status"] != "ok":
-            skipped.setdefault(r["implementation"], f"{r['status']}: {r['reason']}")
+            why = (r["implementation"], f"{r['status']}: {r['reason']}")
+            skipped.setdefault(why, []).append(f"{dtype} {PASS_NAMES[pass_]} V={r['v']}")
             continue
         ratio = (
             f"{r['time']['median_s'] / optax_time[r['v']]:.2f}x" if r["v"] in optax_time else "-"
@@ -87,7 +90,7 @@ def markdown(record: dict[str, Any]) -> str:
     """One table per dtype and pass, then what was not measured and why."""
     lines = _header(record)
     results = record["results"]
-    skipped: dict[str, str] = {}
+    skipped: dict[tuple[str, str], list[str]] = {}  # (implementation, why) -> its cases
     for dtype in dict.fromkeys(r["dtype"] for r in results):
         for pass_ in dict.fromkeys(r["pass"] for r in results):
             lines += [f"## {dtype}, {PASS_NAMES[pass_]}", ""]
@@ -95,7 +98,7 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append("")
     if skipped:
         lines += ["## Not measured", ""]
-        lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
+        lines += [f"- {name}: {why} ({', '.join(cases)})" for (name, why), cases in skipped.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -118,7 +121,7 @@ def readme_table(record: dict[str, Any], source: str) -> str:
         f"{PASS_NAMES[pass_]}, {shape}, mean loss. From `{source}`.",
         "",
     ]
-    skipped: dict[str, str] = {}
+    skipped: dict[tuple[str, str], list[str]] = {}
     lines += _section(record, dtype, pass_, skipped)
     return "\n".join(lines)
 
