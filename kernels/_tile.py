@@ -342,6 +342,17 @@ def exp_of_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.exp(d) * (1.0 + error)
 
 
+def below_max(z: jax.Array, ref: jax.Array) -> jax.Array:
+    """``ceil(ref - z')`` for ``z' <= ref``: exactly 0 where ``z' = ref``, at least 1 (up to
+    inf) below it, however close, and NaN for a NaN logit. (A device that flushes subnormals,
+    as XLA's CPU does, sees a subnormal difference as 0, a tie.)
+
+    Arithmetic that XLA on the CPU fuses into a reduction, as a select is not; and cheaper than
+    ``sign(z' - ref)**2``, which XLA's CPU reductions do not vectorise: `first_at_max` over
+    float32 ``[2048, 32768]`` took 69 ms with the sign and 23 ms with this on 2 cores."""
+    return jnp.ceil(ref - z)
+
+
 def at_max_count(z: jax.Array, ref: jax.Array) -> jax.Array:
     """How many of a row's ``z'`` equal ``ref`` (``[rows, 1]``), in arithmetic that XLA on the
     CPU fuses into one reduction: ``1 - sign(z' - ref)**2`` is 1 at the max and 0 below it, and
@@ -602,17 +613,16 @@ def first_at_max(z: jax.Array, z_max: jax.Array, col0, *, float_ids: bool = Fals
     (finite, or the reference point 0 of a row without a finite ``z'``), as a float in ``z``'s
     dtype; ``2**24`` or more where none does.
 
-    A min over ``id + 2**24 sign(z' - z_max)**2``, arithmetic rather than a select or an argmax:
-    XLA on the CPU fuses it into the reduction (a select there would be materialised as an
-    ``[N, V]`` temporary), and every schedule forms it alike. ``float_ids`` makes the ids a
+    A min over ``id + 2**24 below_max(z', z_max)``, arithmetic rather than a select or an
+    argmax: XLA on the CPU fuses it into the reduction (a select there would be materialised as
+    an ``[N, V]`` temporary), and every schedule forms it alike. ``float_ids`` makes the ids a
     float iota, which XLA on the CPU fuses (a converted int32 iota it materialises); the
     kernels' backends make only integer iotas."""
     if float_ids:
         ids = col0 + jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
     else:
         ids = (col0 + jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)).astype(z.dtype)
-    sign = jnp.sign(z - z_max)
-    return jnp.min(ids + NOT_AT_MAX * (sign * sign), axis=-1, keepdims=True)
+    return jnp.min(ids + NOT_AT_MAX * below_max(z, z_max), axis=-1, keepdims=True)
 
 
 # Added to the class id of a class below the max in `first_at_max`: above every class id that

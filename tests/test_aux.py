@@ -329,6 +329,25 @@ def test_ties_give_the_lowest_index(impl_name):
     np.testing.assert_allclose(aux.max_prob[0], np.exp(5) / (3 * np.exp(5) + V - 3), rtol=1e-6)
 
 
+@pytest.mark.parametrize("impl_name", IMPLEMENTATIONS)
+def test_one_ulp_below_the_max_is_not_a_tie(impl_name):
+    """A lower class one float32 ulp below the max, at magnitudes from 1e-30 (a difference near
+    the smallest normal number) to 1e30, does not share the argmax."""
+    tops = np.array([1e-30, 1.0, 3e4, 1e30, 7.0, 0.5], np.float32)
+    logits = np.zeros((N, V), np.float32)
+    logits[:, 10] = np.nextafter(tops, np.float32(-np.inf))
+    logits[:, 150] = tops
+    labels = jnp.zeros((N,), jnp.int32)
+    _, aux = sce.softmax_cross_entropy_with_integer_labels(
+        jnp.asarray(logits),
+        labels,
+        implementation=implementation(impl_name, jnp.float32),
+        return_aux=True,
+    )
+    np.testing.assert_array_equal(aux.argmax, np.argmax(logits, axis=1))
+    assert (np.argmax(logits, axis=1) == 150).all()
+
+
 def test_shapes_tuple_axis_batch_dims_and_reduction():
     """Per-example aux in the batch shape, whatever the reduction: a batch of two dims, and a
     tuple ``axis`` whose argmax is the flat index in the given axis order."""
