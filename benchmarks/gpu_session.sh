@@ -8,6 +8,8 @@
 #   here, once per clone:     bash benchmarks/gpu_session.sh fetch
 #                             (Liger, cut cross-entropy and setuptools wheels into .whl/)
 #   there, in one run call:   bash benchmarks/gpu_session.sh       (carry [".whl"], timeout_s 600)
+#   a second call, after a change to the kernels, if the session has 4 minutes left:
+#                             SESSION_S=200 bash benchmarks/gpu_session.sh tests
 #   back here:                bash benchmarks/gpu_session.sh unpack FILES_AT
 #                             (FILES_AT: the folder the call's files came back to; the results
 #                             go to benchmarks/results/, and README.md's tables are regenerated)
@@ -15,9 +17,9 @@
 # The call, within SESSION_S seconds (default 540):
 #   1. setup: the carried wheels and the project (no network there); nvidia-smi and the package
 #      versions -> device.txt.
-#   2. tests: the GPU schedules' tests (test_pallas.py, test_linear.py), compiled for the GPU, not
-#      interpreted; at most TESTS_S seconds (default 150), and only as much as leaves the bench
-#      240 s (so none with SESSION_S <= 240) -> tests.txt.
+#   2. tests: the GPU schedules' tests (test_pallas, test_linear, test_aux, test_numerics),
+#      compiled for the GPU, not interpreted; at most TESTS_S seconds (default 150), and only as
+#      much as leaves the bench 240 s (so none with SESSION_S <= 240) -> tests.txt.
 #   3. bench: the ce and linear suites, the goal cases first (V=128256, bfloat16 before float32),
 #      then the rest of the grids: it starts no measurement later than 75 s before the session's
 #      end, and is killed 30 s before it. The harness rewrites its JSON after every measurement,
@@ -111,7 +113,18 @@ tests() {
   # The GPU schedules compiled for the GPU; the TPU ones would only run in their interpreter.
   # SIGINT at the limit makes pytest stop and still print its summary of failures.
   timeout -s INT -k 20 "$1" "$PY" -m pytest -q -n 4 -p no:cacheprovider -k "gpu or filter" \
-    --tb=short -rfE tests/test_pallas.py tests/test_linear.py
+    --tb=short -rfE tests/test_pallas.py tests/test_linear.py tests/test_aux.py \
+    tests/test_numerics.py
+}
+
+tests_only() {
+  # A second call of a session, after a change to the kernels: setup and the GPU tests alone,
+  # within SESSION_S seconds -> $OUT/device.txt, $OUT/tests.txt.
+  : "${OUT:?run this on the device machine, where the tool sets OUT}"
+  setup >"$OUT/device.txt" 2>&1 || { tail -5 "$OUT/device.txt"; return 1; }
+  tests $(($(left) - 10)) >"$OUT/tests.txt" 2>&1
+  echo "tests rc=$? (124: cut by the time limit)"
+  tail -25 "$OUT/tests.txt"
 }
 
 bench() {
@@ -163,5 +176,6 @@ case "${1:-session}" in
   fetch) fetch ;;
   unpack) unpack "${2:?unpack needs the folder where the files of the call came back}" "${@:3}" ;;
   session) session ;;
-  *) echo "usage: $0 [fetch | session | unpack FILES_AT]" >&2 && exit 2 ;;
+  tests) tests_only ;;
+  *) echo "usage: $0 [fetch | session | tests | unpack FILES_AT]" >&2 && exit 2 ;;
 esac
