@@ -207,15 +207,20 @@ def check(loss, aux, grads, ce, mon, *, integer, dtype=jnp.float32, array_t=Fals
         np.testing.assert_allclose(float(grads[1]), want_t, rtol=1e-4, atol=1e-4)
 
 
-# The strict TPU interpreter is the slowest: it runs the cases that combine the options. The
-# GPU schedule's interpreter runs the cases of one option each too, in the slow set (CI).
+# The strict TPU interpreter is the slowest: it runs the cases that combine the options. "xla"
+# runs every case; the GPU schedule's interpreter and the reference run the cases of one option
+# each too, in the slow set (CI).
 TPU_CASES = ("everything", "full_mask", "ignore_index", "plain")
 
 
 def cases(names, tpu_names=TPU_CASES):
     return [
         pytest.param(
-            impl, name, marks=[pytest.mark.slow] if impl == "gpu" and name not in tpu_names else []
+            impl,
+            name,
+            marks=[pytest.mark.slow]
+            if impl in ("gpu", "reference") and name not in tpu_names
+            else [],
         )
         for impl in IMPLEMENTATIONS
         for name in sorted(names)

@@ -398,10 +398,25 @@ def anticorrelated(n=200, v=5, seed=11):
     return logits, np.argmin(logits, axis=-1)
 
 
-@pytest.mark.parametrize("data", ["informative", "anticorrelated"])
 @pytest.mark.parametrize(
-    "bad_label",
-    [-100, 6, *(pytest.param(label, marks=pytest.mark.slow) for label in (-1, 2**40))],
+    ("bad_label", "data"),
+    # A negative label (informative logits) and one past V (anticorrelated ones) outside the
+    # slow set; the other pairs in it.
+    [
+        (-100, "informative"),
+        (6, "anticorrelated"),
+        *(
+            pytest.param(label, data, marks=pytest.mark.slow)
+            for label, data in [
+                (-100, "anticorrelated"),
+                (6, "informative"),
+                (-1, "informative"),
+                (-1, "anticorrelated"),
+                (2**40, "informative"),
+                (2**40, "anticorrelated"),
+            ]
+        ),
+    ],
 )
 def test_fit_temperature_out_of_range_label_is_nan(data, bad_label):
     """A label outside ``[0, V)`` that is not ``ignore_index`` makes the NLL NaN at every

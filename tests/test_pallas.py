@@ -488,7 +488,16 @@ def test_vmap_over_class_weights_and_temperature(schedule):
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4)
 
 
-@pytest.mark.parametrize("integer", [True, False])
+@pytest.mark.parametrize(
+    ("schedule", "integer"),
+    # Each schedule and each label kind once outside the slow set.
+    [
+        ("tpu", True),
+        pytest.param("tpu", False, marks=pytest.mark.slow),
+        pytest.param("gpu", True, marks=pytest.mark.slow),
+        ("gpu", False),
+    ],
+)
 def test_grad_of_grad(schedule, integer):
     logits, labels = make_case(SMALL_V, jnp.float32, integer=integer, scale=1.0)
     direction = jnp.asarray(np.random.default_rng(7).normal(size=logits.shape), jnp.float32)
