@@ -135,10 +135,13 @@ def _forward(options: Options, problem: Problem):
             label_weight = jnp.where(owned[:, None], label_weight, 0)
         target = _tile.picked_term(label_weight, z_label, ref)
     else:
+        # On copies of its own (the lse's sum would share z' and z' - ref with this one).
+        z_t, ref_t, labels, where_t = _copy(options, problem, ref, 2, problem.labels)
+        valid_t = True if where_t is None else where_t
         a = _blocks.target_block(
-            options, 0, True, valid, problem.labels, None, _class_row(problem), dtype
+            options, 0, True, valid_t, labels, None, _class_row(problem), dtype
         )
-        target = _tile.dense_term(a, z, ref)
+        target = _tile.dense_term(a, z_t, ref_t)
     smoothing = None
     if options.label_smoothing:
         weights = _tile.smoothing_weights(valid, _class_row(problem), dtype)
@@ -157,26 +160,30 @@ def _forward(options: Options, problem: Problem):
     return _canonical.finish_rows(options, problem, state)
 
 
+def _copy(options: Options, problem: Problem, ref, tag: int, labels=None):
+    """``(z', ref, labels, where)`` formed from copies of the logits, the mask, ``ref`` (and
+    ``labels``) behind a barrier, for one reduction of the forward: XLA on the CPU fuses each
+    reduction with its own elementwise math only where they share no ``[N, V]`` value (an
+    upcast, a transform, ``z' - ref``); a shared one is materialised. The ``tag`` keeps XLA from
+    merging two barriers (and so two copies) into one."""
+    logits, where, ref, _, labels = jax.lax.optimization_barrier(
+        (problem.logits, problem.where, ref, np.int32(tag), labels)
+    )
+    z = _tile.masked_transform(
+        logits.astype(ref.dtype),
+        True if where is None else where,
+        softcap=options.logit_softcap,
+        temperature=_canonical.temperature(options, problem),
+    )
+    return z, ref, labels, where
+
+
 def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
     """The `_tile.Monitor` of the one block that spans the vocabulary (this shard's classes,
     their argmax a class id of the shard's own, with ``vocab_axis``): its two reductions each
-    on their own copy of the logits, as `_ties` (no [N, V] value shared between fusions)."""
-
-    def fresh_z(tag: int):
-        # The tag keeps XLA from merging the two barriers (and so the two copies) into one.
-        logits, where, row_ref, _ = jax.lax.optimization_barrier(
-            (problem.logits, problem.where, ref, np.int32(tag))
-        )
-        z = _tile.masked_transform(
-            logits.astype(ref.dtype),
-            True if where is None else where,
-            softcap=options.logit_softcap,
-            temperature=_canonical.temperature(options, problem),
-        )
-        return z, row_ref
-
-    t = _tile.entropy_term(*fresh_z(0))
-    index = _tile.first_at_max(*fresh_z(1), 0, float_ids=True)
+    on their own `_copy` of the logits."""
+    t = _tile.entropy_term(*_copy(options, problem, ref, 0)[:2])
+    index = _tile.first_at_max(*_copy(options, problem, ref, 1)[:2], 0, float_ids=True)
     label = None
     if options.integer:
         labels = problem.labels  # the label's class is this block's (this shard's) or not
@@ -191,18 +198,8 @@ _EXACT_IDS = 2**24
 
 
 def _ties(options: Options, problem: Problem, ref):
-    """`_tile.at_max_count` of the row max ``ref``, on a copy of the logits and of ``ref``
-    behind barriers: XLA on the CPU fuses each of the forward's reductions with its own
-    elementwise math only where they share no ``[N, V]`` value (an upcast, a broadcast ``ref``);
-    a shared one is materialised."""
-    logits, where, ref = jax.lax.optimization_barrier((problem.logits, problem.where, ref))
-    z = _tile.masked_transform(
-        logits.astype(ref.dtype),
-        True if where is None else where,
-        softcap=options.logit_softcap,
-        temperature=_canonical.temperature(options, problem),
-    )
-    return _tile.at_max_count(z, ref)
+    """`_tile.at_max_count` of the row max ``ref``, on a `_copy` of the logits."""
+    return _tile.at_max_count(*_copy(options, problem, ref, 3)[:2])
 
 
 def _class_row(problem: Problem):
