@@ -119,7 +119,9 @@ def _forward(options: Options, problem: Problem):
         # Labels behind a barrier: constant labels would have XLA fold the label's column
         # test into a logits-sized constant.
         labels = jax.lax.optimization_barrier(problem.labels[:, None])
-        lse, ref = _tile.lse_besides_label(z, z_max, labels)
+        # With a softcap, z_label's tanh need not round as the block's does (`_target_logit`).
+        exact_label = None if options.logit_softcap else z_label
+        lse, ref = _tile.lse_besides_label(z, z_max, labels, exact_label)
     else:
         # The empty state built like z_max, so that it carries z_max's sharding (rows sharded
         # under an explicit mesh would not mix with a replicated constant).
@@ -149,11 +151,6 @@ def _forward(options: Options, problem: Problem):
     monitor = None
     if options.aux:
         monitor = _monitor(options, problem, ref, z_label)
-        if besides_label:
-            # `_tile.lse_besides_label` left out no instance of the max where the label is
-            # outside [0, V) (its loss is NaN), but the auxiliary values need the mass.
-            outside = (problem.labels < 0)[:, None] & (lse.m != _tile.NEG_INF)
-            lse = lse._replace(r=jnp.where(outside, lse.r - 1.0, lse.r))
     state = _tile.RowState(lse, _tile.Term(*target), smoothing, monitor)
     if vocab_parallel:
         state = _sharding.combine(state, options.vocab_axis, logits.shape[1])

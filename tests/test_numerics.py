@@ -229,3 +229,38 @@ def test_probability_labels_cost_no_logits_sized_temporary(dtype):
 
     compiled = jax.jit(jax.value_and_grad(mean_loss)).lower(logits, labels).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < n * v * 4 / 64
+
+
+@pytest.mark.parametrize("exact_label", [True, False], ids=["z_label", "in_the_sum"])
+def test_mass_besides_the_label_at_the_max(exact_label):
+    """`_tile.lse_besides_label`, in both of its forms (the label's term added per row from
+    ``z_label``, or kept in the sum): ``r = sum_k exp(z_k - max) - 1`` against float64, to
+    float32's relative accuracy where the label is the max of a confident row (``r`` near 1e-26
+    there), and for labels below the max, outside ``[0, V)`` (-1 and V) and at a masked
+    (-inf) class."""
+    from jax_softmax_ce.kernels import _tile
+
+    rng = np.random.default_rng(5)
+    v = 300
+    z = rng.normal(size=(6, v)) * 2
+    labels = np.array([7, 7, 7, -1, v, 9])
+    z[0, 7] = z[0].max() + 60.0  # confident, the label at the max
+    z[1, 7] = z[1].max() + 3.0
+    z[2, 7] = z[2].min() - 1.0  # the label far below the max
+    z[5, 9] = -np.inf  # a masked class
+    z32 = z.astype(np.float32)
+    z64 = z32.astype(np.float64)
+    m = z64.max(1, keepdims=True)
+    e = np.exp(z64 - m)
+    want = e.sum(1) - 1.0  # cancels only where the label is at the max; formed apart there
+    want[:2] = np.delete(e[:2], 7, axis=1).sum(1)
+    picked = z32[np.arange(6), np.clip(labels, 0, v - 1)][:, None]
+    lse, ref = _tile.lse_besides_label(
+        jnp.asarray(z32),
+        jnp.asarray(z32.max(1, keepdims=True)),
+        jnp.asarray(labels[:, None], jnp.int32),
+        jnp.asarray(picked) if exact_label else None,
+    )
+    np.testing.assert_array_equal(ref, z32.max(1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(lse.r)[:, 0], want, rtol=2e-6)
+    assert 0 < want[0] < 1e-25
