@@ -236,25 +236,26 @@ def test_mass_besides_the_label_at_the_max(exact_label):
     """`_tile.lse_besides_label`, in both of its forms (the label's term added per row from
     ``z_label``, or kept in the sum): ``r = sum_k exp(z_k - max) - 1`` against float64, to
     float32's relative accuracy where the label is the max of a confident row (``r`` near 1e-26
-    there), and for labels below the max, outside ``[0, V)`` (-1 and V) and at a masked
-    (-inf) class."""
+    there), and for labels below the max, tied at the max with another class, outside
+    ``[0, V)`` (-1 and V) and at a masked (-inf) class."""
     from jax_softmax_ce.kernels import _tile
 
     rng = np.random.default_rng(5)
     v = 300
-    z = rng.normal(size=(6, v)) * 2
-    labels = np.array([7, 7, 7, -1, v, 9])
+    z = rng.normal(size=(7, v)) * 2
+    labels = np.array([7, 7, 7, -1, v, 9, 7])
     z[0, 7] = z[0].max() + 60.0  # confident, the label at the max
     z[1, 7] = z[1].max() + 3.0
     z[2, 7] = z[2].min() - 1.0  # the label far below the max
     z[5, 9] = -np.inf  # a masked class
+    z[6, 7] = z[6, 20] = z[6].max() + 1.0  # the label tied at the max: r holds the other's 1
     z32 = z.astype(np.float32)
     z64 = z32.astype(np.float64)
     m = z64.max(1, keepdims=True)
     e = np.exp(z64 - m)
     want = e.sum(1) - 1.0  # cancels only where the label is at the max; formed apart there
     want[:2] = np.delete(e[:2], 7, axis=1).sum(1)
-    picked = z32[np.arange(6), np.clip(labels, 0, v - 1)][:, None]
+    picked = z32[np.arange(7), np.clip(labels, 0, v - 1)][:, None]
     lse, ref = _tile.lse_besides_label(
         jnp.asarray(z32),
         jnp.asarray(z32.max(1, keepdims=True)),
