@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_softmax_ce import _canonical, _sharding, _xla_linear
 from jax_softmax_ce._canonical import Linear, Problem
@@ -137,17 +136,28 @@ def _forward(options: Options, problem: Problem):
             label_weight = jnp.where(owned[:, None], label_weight, 0)
         target = _tile.picked_term(label_weight, z_label, ref)
     else:
-        # On copies of its own (the lse's sum would share z' and z' - ref with this one).
-        z_t, ref_t, labels, where_t = _copy(options, problem, ref, 2, problem.labels)
-        valid_t = True if where_t is None else where_t
-        a = _blocks.target_block(
-            options, 0, True, valid_t, labels, None, _class_row(problem), dtype
+        # Each sum on copies of its own: the lse's sum would share z' and z' - ref with the
+        # target's, and the total weight's sum would share the upcast of 16-bit labels and the
+        # class weights' broadcast with it (a shared [N, V] value is materialised).
+        class_row = _class_row(problem)
+        z_t, ref_t, (labels, class_row_t), where_t = _copy(
+            options, problem, ref, 2, (problem.labels, class_row)
         )
-        target = _tile.dense_term(a, z_t, ref_t)
+        valid_t = True if where_t is None else where_t
+        a = _blocks.target_block(options, 0, True, valid_t, labels, None, class_row_t, dtype)
+        _, _, (labels_w, class_row_w), where_w = _copy(
+            options, problem, ref, 5, (problem.labels, class_row)
+        )
+        valid_w = True if where_w is None else where_w
+        a_total = _blocks.target_block(
+            options, 0, True, valid_w, labels_w, None, class_row_w, dtype
+        )
+        target = jnp.sum(a_total, axis=-1, keepdims=True), _tile.weighted_sum(a, z_t - ref_t)
     smoothing = None
     if options.label_smoothing:
-        weights = _tile.smoothing_weights(valid, _class_row(problem), dtype)
-        smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z.shape), z, ref))
+        z_s, ref_s, class_row_s, where_s = _copy(options, problem, ref, 4, _class_row(problem))
+        weights = _tile.smoothing_weights(True if where_s is None else where_s, class_row_s, dtype)
+        smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z.shape), z_s, ref_s))
     monitor = None
     if options.aux:
         monitor = _monitor(options, problem, ref, z_label)
@@ -159,12 +169,14 @@ def _forward(options: Options, problem: Problem):
 
 def _copy(options: Options, problem: Problem, ref, tag: int, labels=None):
     """``(z', ref, labels, where)`` formed from copies of the logits, the mask, ``ref`` (and
-    ``labels``) behind a barrier, for one reduction of the forward: XLA on the CPU fuses each
-    reduction with its own elementwise math only where they share no ``[N, V]`` value (an
-    upcast, a transform, ``z' - ref``); a shared one is materialised. The ``tag`` keeps XLA from
-    merging two barriers (and so two copies) into one."""
-    logits, where, ref, _, labels = jax.lax.optimization_barrier(
-        (problem.logits, problem.where, ref, np.int32(tag), labels)
+    ``labels``, any pytree: the labels, the class weights) behind a barrier, for one reduction
+    of the forward: XLA on the CPU fuses each reduction with its own elementwise math only where
+    they share no ``[N, V]`` value (an upcast, a transform, ``z' - ref``, a broadcast of the
+    class weights); a shared one is materialised. The ``tag``, added to ``ref`` as 0, keeps XLA
+    from merging two barriers (and so two copies) into one: a tag that nothing read would be
+    dropped first."""
+    logits, where, ref, tag, labels = jax.lax.optimization_barrier(
+        (problem.logits, problem.where, ref, jnp.full_like(ref, tag), labels)
     )
     z = _tile.masked_transform(
         logits.astype(ref.dtype),
@@ -172,7 +184,7 @@ def _copy(options: Options, problem: Problem, ref, tag: int, labels=None):
         softcap=options.logit_softcap,
         temperature=_canonical.temperature(options, problem),
     )
-    return z, ref, labels, where
+    return z, ref + tag * 0, labels, where
 
 
 def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
@@ -219,6 +231,9 @@ def _bwd(options: Options, residuals, cotangent):
     if logits.dtype != dtype:
         # Keeps XLA from merging this upcast with the forward's into one [N, V] float32 buffer.
         logits = jax.lax.optimization_barrier(logits)
+    if not options.integer and problem.labels.dtype != dtype:
+        # The same for 16-bit probability labels.
+        problem = problem._replace(labels=jax.lax.optimization_barrier(problem.labels))
     ct = jnp.where(rows.counted, cotangent.astype(dtype)[:, None], 0)
     entry = None
     if options.integer:

@@ -420,12 +420,27 @@ def weighted(weight: jax.Array, value: jax.Array) -> jax.Array:
     return weight * jnp.where(weight != 0, value, 0)
 
 
+def weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
+    """``sum_k a_k x_k`` over the last axis, ``[rows, 1]``, for ``x <= 0`` (``z' - ref``) or
+    -inf: a zero weight contributes 0, even at ``x = -inf``, and a nonzero one times -inf is
+    -inf.
+
+    The same as a sum of `weighted`, in arithmetic rather than a select, which XLA on the CPU
+    does not fuse into a reduction (it materialised an ``[N, V]`` float32 temporary): ``x`` is
+    raised to a floor, ``-M`` where ``a_k = 0`` (``M = 2**127`` in float32, half the largest
+    power of two), and ``-M - M = -inf`` (it overflows) where ``a_k`` is at least the smallest
+    normal number in size. Its constants are of its own: XLA shares a broadcast constant (a 1,
+    the lowest finite value of `entropy_term`) with other fusions, and then materialises it."""
+    info = jnp.finfo(x.dtype)
+    big = 2.0 ** (info.maxexp - 1)
+    floor = jnp.maximum(jnp.abs(weights) * -(1.0 / info.tiny), -big) * big - big
+    return jnp.sum(weights * jnp.maximum(x, floor), axis=-1, keepdims=True)
+
+
 def dense_term(weights: jax.Array, z: jax.Array, ref: jax.Array) -> tuple[jax.Array, jax.Array]:
     """This block's ``(sum_k a_k, sum_k a_k (z'_k - ref))``; a zero weight contributes 0, even at
-    ``z' = -inf``."""
-    w = jnp.sum(weights, axis=-1, keepdims=True)
-    a = jnp.sum(weighted(weights, z - ref), axis=-1, keepdims=True)
-    return w, a
+    ``z' = -inf`` (`weighted_sum`)."""
+    return jnp.sum(weights, axis=-1, keepdims=True), weighted_sum(weights, z - ref)
 
 
 def picked_term(
