@@ -21,6 +21,11 @@ import pytest
 
 import jax_softmax_ce as sce
 
+# What is measured is XLA's CPU compiler; an accelerator's fuses otherwise.
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the temporaries of XLA's CPU compiler"
+)
+
 N, V = 256, 4096
 LIMIT = N * V * 4 / 64
 
@@ -69,6 +74,11 @@ KNOWN = {
     ("probability", "bfloat16", "where_full"): MASK,
     ("probability", "bfloat16", "logit_softcap"): SOFTCAP,
 }
+if jax.__version_info__ >= (0, 11):
+    # The same temporary as with bfloat16; jax 0.10.2's XLA puts it in the gradient's output
+    # buffer, which float32 logits make as large.
+    KNOWN[("probability", "float32", "temperature")] = TEMPERATURE
+    KNOWN[("probability", "float32", "array_temperature")] = TEMPERATURE
 
 
 def cases():
