@@ -145,6 +145,29 @@ def test_numerics_quick(tmp_path):
     assert bf16 and all(len(c["ulps"]) == len(record["margins"]) for c in bf16)
 
 
+def test_options_cpu_quick(tmp_path):
+    """`python -m benchmarks.options_cpu --quick`: every case measured for both sides, with
+    their memory, and in float32 ours and optax's agree (so the comparison is of one loss)."""
+    _run("-m", "benchmarks.options_cpu", "--quick", "--rounds", "1", "--repeats", "2",
+         "--out", str(tmp_path))  # fmt: skip
+    record = json.loads((tmp_path / "options_cpu_quick.json").read_text())
+    for field in ("date", "versions", "problem", "loadavg_1min_before", "measured"):
+        assert field in record
+    cases = {"integer", "label_smoothing", "probability", "where", "temperature", "logit_softcap"}
+    assert set(record["measured"]) == {"bfloat16", "float32"}
+    for dtype, by_case in record["measured"].items():
+        assert set(by_case) == cases
+        for case in by_case.values():
+            for who in ("ours", "optax"):
+                assert len(case[who]["time"]["repeats_s"]) == 2
+                assert case[who]["memory"]["temp_bytes"] >= 0
+            if dtype == "float32":
+                assert case["agreement"]["loss_rel_diff"] < 1e-6, case
+                assert case["agreement"]["grad_max_abs_diff"] < 1e-6, case
+    table = (tmp_path / "options_cpu_quick.md").read_text()
+    assert table.startswith("# Options against optax") and "| float32 | where |" in table
+
+
 def test_linear_cpu_script_and_filter_count(tmp_path):
     """The fused-linear CPU benchmark runs and records the filter; its NumPy tile count is
     checked on logits whose softmax is known: ``x = I`` and ``W = 60 I`` make ``p`` one-hot at
