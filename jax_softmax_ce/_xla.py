@@ -102,9 +102,17 @@ def _forward(options: Options, problem: Problem):
     t = _canonical.temperature(options, problem)
     raw = _masked_raw(logits, where)
     valid = True if where is None else where
-    z = _tile.masked_transform(
-        logits.astype(dtype), valid, softcap=options.logit_softcap, temperature=t
-    )
+    premasked = None
+    if where is not None and logits.dtype != dtype:
+        # 16-bit logits masked once, in their own dtype, and every sum reads that copy: a mask's
+        # select, which XLA's CPU does not fuse into a reduction, would otherwise be
+        # materialised in float32 after the upcast (twice the bytes), once per reduction.
+        premasked = raw = jax.lax.optimization_barrier(raw)
+        z = _tile.transform(raw.astype(dtype), softcap=options.logit_softcap, temperature=t)
+    else:
+        z = _tile.masked_transform(
+            logits.astype(dtype), valid, softcap=options.logit_softcap, temperature=t
+        )
     if options.logit_softcap is None:
         z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), t)
     else:
@@ -127,7 +135,9 @@ def _forward(options: Options, problem: Problem):
         empty = _tile.Lse(jnp.full_like(z_max, _tile.NEG_INF), jnp.zeros_like(z_max))
         # The ties counted on a copy (XLA's CPU fuses that reduction), except with a softcap,
         # whose tanh in another fusion might not round as this one's.
-        ties = None if options.logit_softcap else functools.partial(_ties, options, problem)
+        ties = (
+            None if options.logit_softcap else functools.partial(_ties, options, problem, premasked)
+        )
         lse, ref, _ = _tile.lse_merge(empty, z, z_max, ties=ties)
     if options.integer:
         label_weight = rows.label_weight
@@ -140,59 +150,68 @@ def _forward(options: Options, problem: Problem):
         # target's, and the total weight's sum would share the upcast of 16-bit labels and the
         # class weights' broadcast with it (a shared [N, V] value is materialised).
         class_row = _class_row(problem)
-        z_t, ref_t, (labels, class_row_t), where_t = _copy(
-            options, problem, ref, 2, (problem.labels, class_row)
+        labels = problem.labels
+        if premasked is not None:  # the labels masked once too, in their own dtype
+            labels = jax.lax.optimization_barrier(jnp.where(where, labels, 0))
+        z_t, ref_t, (labels_t, class_row_t), where_t = _copy(
+            options, problem, ref, 2, (labels, class_row), premasked
         )
-        valid_t = True if where_t is None else where_t
-        a = _blocks.target_block(options, 0, True, valid_t, labels, None, class_row_t, dtype)
+        valid_t = True if where_t is None or premasked is not None else where_t
+        a = _blocks.target_block(options, 0, True, valid_t, labels_t, None, class_row_t, dtype)
         _, _, (labels_w, class_row_w), where_w = _copy(
-            options, problem, ref, 5, (problem.labels, class_row)
+            options, problem, ref, 5, (labels, class_row)
         )
-        valid_w = True if where_w is None else where_w
+        valid_w = True if where_w is None or premasked is not None else where_w
         a_total = _blocks.target_block(
             options, 0, True, valid_w, labels_w, None, class_row_w, dtype
         )
         target = jnp.sum(a_total, axis=-1, keepdims=True), _tile.weighted_sum(a, z_t - ref_t)
     smoothing = None
     if options.label_smoothing:
-        z_s, ref_s, class_row_s, where_s = _copy(options, problem, ref, 4, _class_row(problem))
+        z_s, ref_s, class_row_s, where_s = _copy(
+            options, problem, ref, 4, _class_row(problem), premasked
+        )
         weights = _tile.smoothing_weights(True if where_s is None else where_s, class_row_s, dtype)
         smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z.shape), z_s, ref_s))
     monitor = None
     if options.aux:
-        monitor = _monitor(options, problem, ref, z_label)
+        monitor = _monitor(options, problem, ref, z_label, premasked)
     state = _tile.RowState(lse, _tile.Term(*target), smoothing, monitor)
     if vocab_parallel:
         state = _sharding.combine(state, options.vocab_axis, logits.shape[1])
     return _canonical.finish_rows(options, problem, state)
 
 
-def _copy(options: Options, problem: Problem, ref, tag: int, labels=None):
+def _copy(options: Options, problem: Problem, ref, tag: int, labels=None, premasked=None):
     """``(z', ref, labels, where)`` formed from copies of the logits, the mask, ``ref`` (and
     ``labels``, any pytree: the labels, the class weights) behind a barrier, for one reduction
     of the forward: XLA on the CPU fuses each reduction with its own elementwise math only where
     they share no ``[N, V]`` value (an upcast, a transform, ``z' - ref``, a broadcast of the
     class weights); a shared one is materialised. The ``tag``, added to ``ref`` as 0, keeps XLA
     from merging two barriers (and so two copies) into one: a tag that nothing read would be
-    dropped first."""
+    dropped first. ``premasked``: 16-bit logits already masked (`_forward`), read instead of
+    the logits, and no mask applied to them (``where`` is still returned, for the labels)."""
+    source = problem.logits if premasked is None else premasked
     logits, where, ref, tag, labels = jax.lax.optimization_barrier(
-        (problem.logits, problem.where, ref, jnp.full_like(ref, tag), labels)
+        (source, problem.where, ref, jnp.full_like(ref, tag), labels)
     )
     z = _tile.masked_transform(
         logits.astype(ref.dtype),
-        True if where is None else where,
+        True if where is None or premasked is not None else where,
         softcap=options.logit_softcap,
         temperature=_canonical.temperature(options, problem),
     )
     return z, ref + tag * 0, labels, where
 
 
-def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
+def _monitor(options: Options, problem: Problem, ref, z_label, premasked) -> _tile.Monitor:
     """The `_tile.Monitor` of the one block that spans the vocabulary (this shard's classes,
     their argmax a class id of the shard's own, with ``vocab_axis``): its two reductions each
     on their own `_copy` of the logits."""
-    t = _tile.entropy_term(*_copy(options, problem, ref, 0)[:2])
-    index = _tile.first_at_max(*_copy(options, problem, ref, 1)[:2], 0, float_ids=True)
+    t = _tile.entropy_term(*_copy(options, problem, ref, 0, premasked=premasked)[:2])
+    index = _tile.first_at_max(
+        *_copy(options, problem, ref, 1, premasked=premasked)[:2], 0, float_ids=True
+    )
     label = None
     if options.integer:
         labels = problem.labels  # the label's class is this block's (this shard's) or not
@@ -206,9 +225,9 @@ def _monitor(options: Options, problem: Problem, ref, z_label) -> _tile.Monitor:
 _EXACT_IDS = 2**24
 
 
-def _ties(options: Options, problem: Problem, ref):
+def _ties(options: Options, problem: Problem, premasked, ref):
     """`_tile.at_max_count` of the row max ``ref``, on a `_copy` of the logits."""
-    return _tile.at_max_count(*_copy(options, problem, ref, 3)[:2])
+    return _tile.at_max_count(*_copy(options, problem, ref, 3, premasked=premasked)[:2])
 
 
 def _class_row(problem: Problem):

@@ -46,8 +46,9 @@ OPTIONS = {
 INTEGER_ONLY = {"ignore_index": ({"ignore_index": 0}, {})}
 
 MASK = (
-    "a mask is applied with a select, which keeps a masked NaN hidden as optax does; XLA's CPU "
-    "fuses no select into a reduction"
+    "a mask is a select (it keeps a masked NaN hidden, as optax's does), which XLA's CPU fuses "
+    "into no reduction: the masked values are materialised once (16-bit logits and labels in "
+    "their own dtype, where the logits' copy shares the gradient's buffer)"
 )
 SOFTCAP = (
     "the softcap's max and sums read one z' (its tanh in another fusion need not round alike), "
@@ -62,8 +63,6 @@ TEMPERATURE = (
 KNOWN = {
     ("integer", "bfloat16", "temperature"): TEMPERATURE,
     ("integer", "bfloat16", "array_temperature"): TEMPERATURE,
-    ("integer", "bfloat16", "where_col"): MASK,
-    ("integer", "bfloat16", "where_full"): MASK,
     ("integer", "bfloat16", "logit_softcap"): SOFTCAP,
     ("probability", "float32", "where_col"): MASK,
     ("probability", "float32", "where_full"): MASK,
