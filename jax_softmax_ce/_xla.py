@@ -101,7 +101,6 @@ def _forward(options: Options, problem: Problem):
     dtype = problem.accumulation_dtype
     t = _canonical.temperature(options, problem)
     raw = _masked_raw(logits, where)
-    valid = True if where is None else where
     premasked = None
     if where is not None and logits.dtype != dtype:
         # 16-bit logits masked once, in their own dtype, and every sum reads that copy: a mask's
@@ -111,7 +110,10 @@ def _forward(options: Options, problem: Problem):
         z = _tile.transform(raw.astype(dtype), softcap=options.logit_softcap, temperature=t)
     else:
         z = _tile.masked_transform(
-            logits.astype(dtype), valid, softcap=options.logit_softcap, temperature=t
+            logits.astype(dtype),
+            True if where is None else where,
+            softcap=options.logit_softcap,
+            temperature=t,
         )
     if options.logit_softcap is None:
         z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), t)

@@ -423,7 +423,8 @@ def weighted(weight: jax.Array, value: jax.Array) -> jax.Array:
 def weighted_sum(weights: jax.Array, x: jax.Array) -> jax.Array:
     """``sum_k a_k x_k`` over the last axis, ``[rows, 1]``, for ``x <= 0`` (``z' - ref``) or
     -inf: a zero weight contributes 0, even at ``x = -inf``, and a nonzero one times -inf is
-    -inf.
+    -inf. Unlike `weighted`, a NaN ``x`` gives NaN even at a zero weight: a NaN ``z'`` makes
+    its row's log-sum-exp NaN anyway.
 
     The same as a sum of `weighted`, in arithmetic rather than a select, which XLA on the CPU
     does not fuse into a reduction (it materialised an ``[N, V]`` float32 temporary): ``x`` is
