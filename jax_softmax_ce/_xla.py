@@ -48,7 +48,7 @@ def _masked_raw(logits, where):
 
 
 def _transform_rows(options: Options, rows, temperature):
-    """`_tile.transform` of a ``[N, 1]`` value picked from the raw logits."""
+    """`_tile.transform` of ``[N, k]`` values picked from the raw logits."""
     return _tile.transform(
         rows.astype(accumulation_dtype(rows.dtype)),
         softcap=options.logit_softcap,
@@ -56,32 +56,46 @@ def _transform_rows(options: Options, rows, temperature):
     )
 
 
+def _spec(x):
+    """The partition spec that ``x``'s type carries (explicit sharding), or None."""
+    return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+
+
 def _vocabulary_is_sharded(x) -> bool:
     """Whether ``x``'s type carries an explicit sharding of its class axis."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    spec = _spec(x)
     return spec is not None and len(spec) > 1 and spec[1] is not None
 
 
-def _pick(x, labels, lowest):
-    """``x[i, labels[i]]`` as ``[N, 1]``.
+def _explicitly_sharded(x) -> bool:
+    """Whether ``x``'s type carries an explicit sharding of any axis: its rows' gathers,
+    scatters and reshapes would need shardings spelled out for every per-row value."""
+    spec = _spec(x)
+    return spec is not None and any(axis is not None for axis in spec)
+
+
+def _pick(x, columns, lowest):
+    """``x[i, columns[i, j]]`` as ``[N, k]``, for ``columns`` ``[N, k]`` clipped into ``[0, V)``.
 
     A gather, except on an explicitly vocabulary-sharded type, where a gather cannot partition
-    and a max over the label's column (``lowest`` elsewhere) picks the same value.
+    and a max over the one column (``lowest`` elsewhere) picks the same value.
     """
     v = x.shape[1]
     if _vocabulary_is_sharded(x):
-        onehot = _tile.onehot_block(labels[:, None], 0, v)
+        onehot = _tile.onehot_block(columns, 0, v)  # k = 1: the labels
         return jnp.max(jnp.where(onehot, x, jnp.array(lowest, x.dtype)), 1, keepdims=True)
-    return jnp.take_along_axis(x, jnp.clip(labels, 0, v - 1)[:, None], axis=1)
+    return jnp.take_along_axis(x, jnp.clip(columns, 0, v - 1), axis=1)
 
 
 def _target_logit(options: Options, problem: Problem, temperature):
-    """``z'_t`` per row, ``[N, 1]``: -inf where the target class is invalid.
+    """``z'_t`` per row, ``[N, 1]``: -inf where the target class is invalid; a label outside
+    ``[0, V)`` picks the class it is clipped to.
 
     Picked from the raw logits behind a barrier (so that XLA does not share an upcast copy), then
     transformed, then masked: an invalid class is at -inf.
     """
-    logits, labels, where = problem.logits, problem.labels, problem.where
+    logits, where = problem.logits, problem.where
+    labels = problem.labels[:, None]
     raw = jax.lax.optimization_barrier(logits)
     z_pick = _transform_rows(options, _pick(raw, labels, -jnp.inf), temperature)
     if options.mask in ("col", "full"):
@@ -94,44 +108,33 @@ def _forward(options: Options, problem: Problem):
     """``(losses [N], stats)``: what the backward needs is `_tile.Stats`. With ``options.aux``,
     ``((losses, aux), (stats, aux_rows))``: the `CrossEntropyAux` values and their
     `_tile.AuxRows`."""
-    # The row max and the target logit are read from the raw logits (the transform is monotone
-    # and exact on one value per row), so that no float32 copy of 16-bit logits is shared by
-    # several reductions: XLA would materialise it as an [N, V] temporary.
     logits, where, rows = problem.logits, problem.where, problem.rows
     dtype = problem.accumulation_dtype
     t = _canonical.temperature(options, problem)
-    raw = _masked_raw(logits, where)
-    premasked = None
-    if where is not None and logits.dtype != dtype:
-        # 16-bit logits masked once, in their own dtype, and every sum reads that copy: a mask's
-        # select, which XLA's CPU does not fuse into a reduction, would otherwise be
-        # materialised in float32 after the upcast (twice the bytes), once per reduction.
-        premasked = raw = jax.lax.optimization_barrier(raw)
-        z = _tile.transform(raw.astype(dtype), softcap=options.logit_softcap, temperature=t)
-    else:
-        z = _tile.masked_transform(
-            logits.astype(dtype),
-            True if where is None else where,
-            softcap=options.logit_softcap,
-            temperature=t,
-        )
-    if options.logit_softcap is None:
-        z_max = _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), t)
-    else:
-        # tanh on one value per row need not round as XLA's vectorised tanh over the block
-        # does, and the max must be one of the block's z' exactly.
-        z_max = jnp.max(z, axis=1, keepdims=True)
+    premasked = _premasked(problem)
+
+    def raw_and_z():
+        # Formed where each is used: a value closed over by a branch of `_lse_at_label`'s
+        # cond is an operand of it, materialised.
+        raw = _masked_raw(logits, where) if premasked is None else premasked
+        return raw, _transformed(options, problem, t, premasked)
+
     z_label = _target_logit(options, problem, t) if options.integer else None
     vocab_parallel = options.vocab_axis is not None
     besides_label = options.integer and logits.shape[1] <= _EXACT_IDS and not vocab_parallel
     if besides_label:
-        # Labels behind a barrier: constant labels would have XLA fold the label's column
-        # test into a logits-sized constant.
-        labels = jax.lax.optimization_barrier(problem.labels[:, None])
-        # With a softcap, z_label's tanh need not round as the block's does (`_target_logit`).
-        exact_label = None if options.logit_softcap else z_label
-        lse, ref = _tile.lse_besides_label(z, z_max, labels, exact_label)
+
+        def at_max():
+            return _lse_besides_label(options, problem, *raw_and_z(), z_label, t)
+
+        if _label_reference(options, logits):
+            lse = _lse_at_label(options, problem, z_label, t, fallback=at_max)
+        else:
+            lse = at_max()
+        ref = _tile.reference_point(lse.m)
     else:
+        raw, z = raw_and_z()
+        z_max = _row_max(options, raw, z, t)
         # The empty state built like z_max, so that it carries z_max's sharding (rows sharded
         # under an explicit mesh would not mix with a replicated constant).
         empty = _tile.Lse(jnp.full_like(z_max, _tile.NEG_INF), jnp.zeros_like(z_max))
@@ -174,7 +177,7 @@ def _forward(options: Options, problem: Problem):
             options, problem, ref, 4, _class_row(problem), premasked
         )
         weights = _tile.smoothing_weights(True if where_s is None else where_s, class_row_s, dtype)
-        smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z.shape), z_s, ref_s))
+        smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z_s.shape), z_s, ref_s))
     monitor = None
     if options.aux:
         monitor = _monitor(options, problem, ref, z_label, premasked)
@@ -182,6 +185,155 @@ def _forward(options: Options, problem: Problem):
     if vocab_parallel:
         state = _sharding.combine(state, options.vocab_axis, logits.shape[1])
     return _canonical.finish_rows(options, problem, state)
+
+
+def _premasked(problem: Problem):
+    """16-bit logits with a mask, masked once in their own dtype behind a barrier (every sum
+    then reads that copy: a mask's select, which XLA's CPU does not fuse into a reduction, would
+    otherwise be materialised in float32 after the upcast, twice the bytes, once per
+    reduction); None for other logits."""
+    logits, where = problem.logits, problem.where
+    if where is None or logits.dtype == problem.accumulation_dtype:
+        return None
+    return jax.lax.optimization_barrier(_masked_raw(logits, where))
+
+
+def _transformed(options: Options, problem: Problem, temperature, premasked):
+    """``z'``, transformed and masked, in the accumulation dtype: of ``premasked`` where
+    `_premasked` gave it."""
+    dtype = problem.accumulation_dtype
+    softcap = options.logit_softcap
+    if premasked is not None:
+        return _tile.transform(premasked.astype(dtype), softcap=softcap, temperature=temperature)
+    where = problem.where
+    return _tile.masked_transform(
+        problem.logits.astype(dtype),
+        True if where is None else where,
+        softcap=softcap,
+        temperature=temperature,
+    )
+
+
+def _scaled_differences(x, x_label, temperature):
+    """``(x - x_t) / T``: ``z'_k - z'_t`` without a softcap, from raw logits ``x`` (in the
+    accumulation dtype) and the label's ``x_label`` broadcast to them, for a sum only. The
+    difference is taken before the scaling, so that it is exact to its own size rather than to
+    that of ``z'`` (``z / T`` rounded, then differenced, is off by ``|z'|`` ulps: 3e-6 of the
+    loss of a confident row). No select (`_tile.transform`'s, which XLA's CPU does not fuse into
+    a reduction: it would materialise the logits' size); an infinite logit stays infinite
+    under the product alone, and no derivative is taken here. ``1 / T`` is formed from
+    ``x_label`` (finite where it matters): a broadcast constant is materialised at the logits'
+    size."""
+    d = x - x_label
+    if not (isinstance(temperature, float) and temperature == 1.0):
+        d = d * (x_label * 0.0 + 1.0 / temperature)
+    return d
+
+
+def _row_max(options: Options, raw, z, temperature):
+    """The row max of ``z'``, ``[N, 1]``: read from the raw logits (the transform is monotone and
+    exact on one value per row), so that no float32 copy of 16-bit logits is shared by several
+    reductions (XLA would materialise it as an ``[N, V]`` temporary)."""
+    if options.logit_softcap is None:
+        return _transform_rows(options, jnp.max(raw, axis=1, keepdims=True), temperature)
+    # tanh on one value per row need not round as XLA's vectorised tanh over the block does,
+    # and the max must be one of the block's z' exactly.
+    return jnp.max(z, axis=1, keepdims=True)
+
+
+def _lse_besides_label(options: Options, problem: Problem, raw, z, z_label, temperature):
+    """`_tile.lse_besides_label` of the whole row, against its max."""
+    z_max = _row_max(options, raw, z, temperature)
+    # Labels behind a barrier: constant labels would have XLA fold the label's column test into
+    # a logits-sized constant.
+    labels = jax.lax.optimization_barrier(problem.labels[:, None])
+    # With a softcap, z_label's tanh need not round as the block's does (`_target_logit`).
+    exact_label = None if options.logit_softcap else z_label
+    return _tile.lse_besides_label(z, z_max, labels, exact_label)[0]
+
+
+def _chunk(v: int) -> int | None:
+    """`_lse_at_label`'s chunk width for ``V`` classes: the largest divisor of ``V`` from 32 to
+    ``min(1024, V / 128)``, or None where there is none.
+
+    A divisor, so that ``[N, V] -> [N V / width, width]`` is a bitcast (a slice before it made
+    XLA's CPU reduction several times slower); at most ``V / 128``, so that the label's chunk,
+    gathered (and materialised where the transform has a select), is under 1% of the logits;
+    at least 32, below which XLA's CPU reduces the short rows slowly."""
+    best = None
+    for width in range(32, min(1024, v // 128) + 1):
+        if v % width == 0:
+            best = width
+    return best
+
+
+def _label_reference(options: Options, logits) -> bool:
+    """Whether `_lse_at_label` serves: integer labels, whole rows whose ``V`` has a chunk width
+    (`_chunk`) on this device (no type with an explicit sharding: `_explicitly_sharded`), no
+    softcap and no mask of classes (`_chunked`: their selects would be materialised there), and
+    no ``return_aux``, whose argmax and entropy are formed against the row max."""
+    return (
+        _chunk(logits.shape[1]) is not None
+        and options.logit_softcap is None
+        and options.mask in (None, "row")
+        and not options.aux
+        and not _explicitly_sharded(logits)
+    )
+
+
+def _lse_at_label(options: Options, problem: Problem, z_label, temperature, fallback):
+    """`_tile.Lse` of whole rows of integer labels with the label's ``z'`` as the reference
+    point ``m`` in place of the row max: ``r = sum_{k != t} exp(z'_k - z'_t)``, one pass over
+    the logits instead of two (the max, then the sum).
+
+    Everything downstream holds for any reference point whose own term is exactly 1 (``lse = m
+    + log1p(r)``, ``z' - m`` and the terms): ``r < 1`` only where the label is the row's
+    strict max (any other class at or above it adds at least 1), which is where `grad_block`
+    and `_tile.label_entry` form ``1 - p_t = r / s``. A row that does not count is given no
+    mass (its loss and gradient are 0 either way). Where a row that counts has a non-finite
+    reference or ``r`` (a class more than about 80 above the label, a label at -inf, a NaN or
+    +inf logit), every row is formed by ``fallback`` instead, against the row max (a
+    `jax.lax.cond`: under `jax.vmap`, where it becomes a select, both are formed).
+
+    The terms are `_scaled_differences`. The sum is taken over chunks of `_chunk` columns,
+    each a row of ``logits.reshape(-1, chunk)`` (a bitcast), which XLA's CPU reduces as fast as
+    whole rows; the chunk that holds the label is summed again from a gathered window of the
+    logits with the label's column left out (`_tile.sum_besides`), in place of its first sum.
+    So the label's term never enters the sum, and the reduction over the vocabulary has no
+    per-class test (`_tile.lse_besides_label`'s costs about 40% more). Short rows also keep
+    XLA's CPU reduction fast where whole rows of more than about 32k classes make it three to
+    nine times slower per class (measured on 2 cores, jax 0.10.2 and 0.11.2)."""
+    n, v = problem.logits.shape
+    dtype = problem.accumulation_dtype
+    width = _chunk(v)
+    chunks = v // width
+    column = jnp.clip(problem.labels, 0, v - 1)[:, None]
+    # The raw logits (picked behind a barrier: no shared upcast), with no softcap and no mask
+    # of classes here: z' is x / T, and the row mask leaves out rows that do not count.
+    x_label = _pick(jax.lax.optimization_barrier(problem.logits), column, -jnp.inf).astype(dtype)
+    head = problem.logits.reshape(-1, width).astype(dtype)  # a bitcast, and the upcast fused
+    d = _scaled_differences(head, jnp.repeat(x_label, chunks, axis=0), temperature)
+    sums = jnp.sum(jnp.exp(d), axis=1).reshape(n, chunks)
+    label_chunk = column // width
+    start = label_chunk * width
+    window = _pick(
+        jax.lax.optimization_barrier(problem.logits), start + _iota(column, width), -jnp.inf
+    )
+    d = _scaled_differences(window.astype(dtype), x_label, temperature)
+    others = jnp.where(_iota(column, chunks) == label_chunk, jnp.zeros((), dtype), sums)
+    r = jnp.sum(others, axis=1, keepdims=True) + _tile.sum_besides(d, x_label * 0.0, start, column)
+    ref = z_label
+    counted = problem.rows.counted
+    fits = jnp.all(~counted | (jnp.isfinite(ref) & jnp.isfinite(r)))
+    lse = _tile.Lse(
+        jnp.where(counted, ref, _tile.NEG_INF), jnp.where(counted, r, jnp.zeros((), r.dtype))
+    )
+    return jax.lax.cond(fits, lambda: lse, fallback)
+
+
+def _iota(like, size: int):
+    """``[[0, 1, ..., size - 1]]``, typed like ``like``."""
+    return jax.lax.broadcasted_iota(like.dtype, (1, size), 1)
 
 
 def _copy(options: Options, problem: Problem, ref, tag: int, labels=None, premasked=None):
@@ -256,28 +408,87 @@ def _bwd(options: Options, residuals, cotangent):
         # The same for 16-bit probability labels.
         problem = problem._replace(labels=jax.lax.optimization_barrier(problem.labels))
     ct = jnp.where(rows.counted, cotangent.astype(dtype)[:, None], 0)
+    operands = _canonical.operands(
+        options, problem, **stats._asdict(), ct=ct, **_canonical.aux_operands(aux_grad)
+    )
+    valid = True if problem.where is None else problem.where
     entry = None
     if options.integer:
         z_label = _target_logit(options, problem, _canonical.temperature(options, problem))
         entry = _tile.label_entry(
             z_label, stats.m, stats.r, stats.w_total, stats.w_rest, z_loss=options.z_loss
         )
+    apart = _label_apart(options, problem)
     grad = _blocks.backward_block(
         options,
         logits.astype(dtype),
         0,
         jnp.ones((1, logits.shape[1]), jnp.bool_),
-        True if problem.where is None else problem.where,
-        _canonical.operands(
-            options, problem, **stats._asdict(), ct=ct, **_canonical.aux_operands(aux_grad)
-        ),
+        valid,
+        operands,
         label_entry=entry,
+        label_column=not apart,
     )
+    d_logits = grad.d_logits.astype(problem.logits.dtype)
+    if apart:
+        d_logits = _with_label_column(options, problem, operands, entry, d_logits)
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     terms = _sharding.psum(grad.t_part, options.vocab_axis)
     d_temperature = _canonical.temperature_cotangent(terms, stats, ct, problem, options, aux_grad)
-    d_logits = grad.d_logits.astype(problem.logits.dtype)
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)
+
+
+def _label_apart(options: Options, problem: Problem) -> bool:
+    """Whether the backward forms the label's column apart (`_with_label_column`): integer
+    labels whose column is this device's (no vocabulary axis, no type with an explicit
+    sharding: `_explicitly_sharded`), without an array temperature (whose term sums the whole
+    row's gradient), and logits in the accumulation dtype: XLA's CPU scatters into 16-bit
+    floats through a float32 copy of the whole gradient (and into their bits, not in place),
+    an [N, V] temporary."""
+    return (
+        options.integer
+        and problem.logits.dtype == problem.accumulation_dtype
+        and options.vocab_axis is None
+        and problem.temperature is None
+        and not _explicitly_sharded(problem.logits)
+    )
+
+
+def _with_label_column(options: Options, problem: Problem, operands, entry, d_logits):
+    """``d_logits`` (formed as if no column were a label's) with each row's label column set to
+    its gradient, formed by the same block step on a block of that one column (``col0`` the
+    label clipped into ``[0, V)``, its class weight and mask picked) and scattered in place: the
+    elementwise pass over the vocabulary then has no per-class test of the label (about 5% of
+    the float32 ``value_and_grad`` on the CPU). A label outside ``[0, V)`` hits no column, and
+    its clipped column gets the value it had."""
+    logits, labels = problem.logits, problem.labels
+    n, v = logits.shape
+    column = jnp.clip(labels, 0, v - 1)[:, None]
+    in_range = (labels >= 0) & (labels < v)
+    # int32 like the block's class ids: a label outside [0, V) as -1, which no column is.
+    labels32 = jnp.where(in_range, labels, -1).astype(jnp.int32)[:, None]
+    column32 = column.astype(jnp.int32)
+    raw = _pick(jax.lax.optimization_barrier(logits), column, -jnp.inf)
+    valid = True
+    if problem.where is not None:
+        valid = _pick(jnp.broadcast_to(problem.where, logits.shape), column, False)
+    class_weights = operands.class_weights
+    if class_weights is not None:
+        class_weights = _pick(jnp.broadcast_to(class_weights, (n, v)), column, 0)
+    picked = operands._replace(labels=labels32, class_weights=class_weights, where=None)
+    at_label = _blocks.backward_block(
+        options,
+        raw.astype(problem.accumulation_dtype),
+        column32,
+        jnp.ones((1, 1), jnp.bool_),
+        valid,
+        picked,
+        label_entry=entry,
+    )
+    values = at_label.d_logits.astype(d_logits.dtype)[:, 0]
+    return d_logits.at[jax.lax.iota(column.dtype, n), column[:, 0]].set(
+        values, indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds"
+    )
 
 
 _cross_entropy.defvjp(_fwd, _bwd)

@@ -262,6 +262,7 @@ def backward_block(
     *,
     filter_eps: float = 0.0,
     label_entry=None,
+    label_column: bool = True,
 ) -> BlockGrad:
     """The gradient of one block of raw logits ``z_raw``, recomputed from the saved
     `_tile.Stats` (``blocks`` holds this block's part of them and of the other operands besides
@@ -270,17 +271,25 @@ def backward_block(
     cotangent) reaches it, or any entry of the gradient of the ``return_aux`` values, which is
     added where ``blocks`` holds its coefficients (`_tile.AuxGrad`). ``label_entry``
     (`_tile.label_entry`) is the label column's ``dl/dz'`` at a confident max where the caller
-    formed it per row (a block that spans the vocabulary)."""
+    formed it per row (a block that spans the vocabulary). Without ``label_column`` (integer
+    labels), every column is formed as if it were not the label's, which the caller then forms
+    apart (the same function on a block of one column per row, ``col0`` the labels): the
+    elementwise pass has no per-class test of the label, nor its gradient at the label (its
+    temperature term with it, so an array temperature needs the label's column)."""
     dtype = z_raw.dtype
     b = blocks
     z = masked_logits(options, z_raw, valid, b.temperature)
-    a = target_block(options, col0, ok, valid, b.labels, b.label_weight, b.class_weights, dtype)
+    labelled = label_column or not options.integer
+    if labelled:
+        a = target_block(options, col0, ok, valid, b.labels, b.label_weight, b.class_weights, dtype)
+    else:
+        a = jnp.zeros((), dtype)
     if options.label_smoothing:
         smoothing = _tile.smoothing_weights(valid, b.class_weights, dtype)
         a = _tile.mix(options.label_smoothing, b.n_valid, a, smoothing)
     target = None
     hit = None
-    if options.integer:
+    if options.integer and labelled:
         hit = _tile.onehot_block(b.labels, col0, z.shape[1]) & ok
         target = (hit, b.w_rest) if label_entry is None else (hit, label_entry)
     g = _tile.grad_block(
@@ -291,7 +300,7 @@ def backward_block(
         a,
         z_loss=options.z_loss,
         target=target,
-        label_row=label_entry is not None,
+        label_row=label_entry is not None or not labelled,
     )
     counted = b.ct != 0
     zero = jnp.zeros((), dtype)

@@ -234,10 +234,8 @@ def lse_besides_label(
     row as ``exp(z'_label - ref) - 1`` (``expm1``; -1 for a label outside ``[0, V)``): where the
     label is at the max (the case where ``r`` must keep relative accuracy), that is exactly 0
     and ``r`` is the sum of the other classes' terms alone; elsewhere the sum holds the max's 1.
-    The label's column is left out by a factor ``min(|k - label|, 1)``: arithmetic, not a
-    select, so that XLA on the CPU fuses it into the one reduction (a select there took three
-    times as long), and ``r`` is that reduction's result, which XLA does not recompute in each
-    element of the backward.
+    The label's column is left out by `sum_besides`, and ``r`` is that reduction's result, which
+    XLA does not recompute in each element of the backward.
 
     ``z_label`` (``[rows, 1]``) must equal the block's ``z'`` at the label exactly wherever the
     label is at the max. Where the caller cannot promise that (a softcap's ``tanh`` on one value
@@ -245,20 +243,35 @@ def lse_besides_label(
     stays in the sum as ``exp(z'_label - ref) - 1``, which XLA's CPU fuses less well: the whole
     float32 forward at ``[2048, 32768]`` took about 42 ms that way against 39 ms on 2 cores."""
     ref = reference_point(z_max)
-    cols = jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
-    one = _one_per_row(ref)
-    off_label = jnp.minimum(jnp.abs(cols - labels.astype(z.dtype)), one)  # 0 at the label, else 1
     in_range = (labels >= 0) & (labels < z.shape[-1])
     if z_label is None:
-        r = jnp.sum(jnp.exp(z - ref) + (off_label - one), axis=-1, keepdims=True)
+        one = _one_per_row(ref)
+        r = jnp.sum(jnp.exp(z - ref) + (_off_column(z, 0, labels, one) - one), -1, keepdims=True)
         r = jnp.where(in_range, r, r - 1.0)
     else:
-        # A product, not min(exp(z' - ref), |k - label|): XLA's CPU reductions take a min that
-        # drops a NaN.
-        others = jnp.sum(jnp.exp(z - ref) * off_label, axis=-1, keepdims=True)
-        r = others + jnp.where(in_range, jnp.expm1(z_label - ref), -1.0)
+        r = sum_besides(z, ref, 0, labels) + jnp.where(in_range, jnp.expm1(z_label - ref), -1.0)
     r = massless_to_zero(z_max, r)
     return Lse(z_max, r), ref
+
+
+def _off_column(z: jax.Array, col0, column: jax.Array, one: jax.Array) -> jax.Array:
+    """``min(|k - column|, 1)`` over the block's class ids ``k = col0 + j``: 0 at ``column``
+    (``[rows, 1]``, ids below 2**24), else 1 (``one``, `_one_per_row`), in ``z``'s dtype."""
+    cols = jax.lax.broadcasted_iota(z.dtype, z.shape, z.ndim - 1)
+    # The block's first id folded into the column: one subtraction per row, not per class.
+    return jnp.minimum(jnp.abs(cols - (column - col0).astype(z.dtype)), one)
+
+
+def sum_besides(z: jax.Array, ref: jax.Array, col0, column: jax.Array) -> jax.Array:
+    """``sum_k exp(z'_k - ref)`` over the block's classes ``k = col0 + j`` but ``column``
+    (``[rows, 1]``, class ids below 2**24; one outside the block leaves none out), ``[rows, 1]``.
+
+    The column is left out by a factor `_off_column`: arithmetic, not a select, so that XLA on
+    the CPU fuses it into the one reduction (a select there took three times as long); a
+    product, not ``min(exp(z' - ref), |k - column|)``, because XLA's CPU reductions take a min
+    that drops a NaN."""
+    off = _off_column(z, col0, column, _one_per_row(ref))
+    return jnp.sum(jnp.exp(z - ref) * off, axis=-1, keepdims=True)
 
 
 def lse_combine(a: Lse, b: Lse) -> tuple[Lse, jax.Array, jax.Array]:
@@ -592,13 +605,16 @@ def grad_block(
     where the label is the max of a confident row (`label_entry`, formed once per row), and
     every other entry is ``c p - a``: for integer labels no other class can cancel beyond the
     size of its terms, and the elementwise pass (XLA's, over the whole vocabulary) has no
-    per-class test of the max.
+    per-class test of the max. With ``label_row`` and no ``target``, every entry is ``c p - a``
+    (the caller forms the label's column apart).
     """
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
     p = jnp.exp(z - ref) * (1.0 / s)  # one division per row, not per class
     coef, z_term = coefficient(total_weight, ref, log_s, z_loss=z_loss)
     if label_row:
+        if target is None:  # the label's column is formed elsewhere
+            return coef * p - weights
         hit, (confident, entry) = target
         return jnp.where(hit & confident, entry, coef * p - weights)
     c_minus_a = coef - weights
@@ -784,7 +800,8 @@ def aux_coefficients(aux: AuxRows, live, d_lse, d_max_prob, d_entropy, d_target_
 def aux_grad_block(z, m, r, col0, hit, aux_p, aux_x, aux_a, aux_t, argmax) -> jax.Array:
     """``[rows, cols]``: the gradient with respect to the block ``z`` of masked, transformed
     logits of ``return_aux``'s values, from the coefficients of `AuxGrad` (``aux_t`` None and
-    ``hit`` unused for probability labels; ``hit`` the label's column where valid). 0 in every row
+    ``hit`` unused for probability labels; ``hit`` the label's column where valid, or None where
+    the caller forms that column apart). 0 in every row
     whose coefficients are all 0, whatever its logits."""
     _, s, _ = mass(m, r)
     x = z - reference_point(m)
@@ -795,6 +812,7 @@ def aux_grad_block(z, m, r, col0, hit, aux_p, aux_x, aux_a, aux_t, argmax) -> ja
     g = g + jnp.where(ids.astype(z.dtype) == argmax, aux_a, zero)
     live = (aux_p != 0) | (aux_x != 0) | (aux_a != 0)
     if aux_t is not None:
-        g = g + jnp.where(hit, aux_t, zero)
+        if hit is not None:  # else the label's column is formed apart
+            g = g + jnp.where(hit, aux_t, zero)
         live = live | (aux_t != 0)
     return jnp.where(live, g, zero)
