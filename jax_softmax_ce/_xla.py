@@ -128,7 +128,11 @@ def _forward(options: Options, problem: Problem):
             return _lse_besides_label(options, problem, *raw_and_z(), z_label, t)
 
         if _label_reference(options, logits):
-            lse = _lse_at_label(options, problem, z_label, t, fallback=at_max)
+            # Measured on the CPU only: other platforms keep the row-max path.
+            lse = jax.lax.platform_dependent(
+                cpu=lambda: _lse_at_label(options, problem, z_label, t, fallback=at_max),
+                default=at_max,
+            )
         else:
             lse = at_max()
         ref = _tile.reference_point(lse.m)
@@ -418,20 +422,29 @@ def _bwd(options: Options, residuals, cotangent):
         entry = _tile.label_entry(
             z_label, stats.m, stats.r, stats.w_total, stats.w_rest, z_loss=options.z_loss
         )
-    apart = _label_apart(options, problem)
-    grad = _blocks.backward_block(
-        options,
-        logits.astype(dtype),
-        0,
-        jnp.ones((1, logits.shape[1]), jnp.bool_),
-        valid,
-        operands,
-        label_entry=entry,
-        label_column=not apart,
-    )
+
+    def backward(label_column: bool = True):
+        return _blocks.backward_block(
+            options,
+            logits.astype(dtype),
+            0,
+            jnp.ones((1, logits.shape[1]), jnp.bool_),
+            valid,
+            operands,
+            label_entry=entry,
+            label_column=label_column,
+        )
+
+    grad = backward()
     d_logits = grad.d_logits.astype(problem.logits.dtype)
-    if apart:
-        d_logits = _with_label_column(options, problem, operands, entry, d_logits)
+    if _label_apart(options, problem):
+
+        def apart():
+            d_apart = backward(label_column=False).d_logits.astype(d_logits.dtype)
+            return _with_label_column(options, problem, operands, entry, d_apart)
+
+        # Measured on the CPU only: other platforms keep the label's test in the one pass.
+        d_logits = jax.lax.platform_dependent(cpu=apart, default=lambda: d_logits)
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     terms = _sharding.psum(grad.t_part, options.vocab_axis)
     d_temperature = _canonical.temperature_cotangent(terms, stats, ct, problem, options, aux_grad)

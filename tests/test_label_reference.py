@@ -1,6 +1,7 @@
 """The XLA path's one-pass forward and its label column formed apart, against float64.
 
-For integer labels (no softcap, no mask of classes, no ``return_aux``) and a vocabulary with a
+On the CPU (`jax.lax.platform_dependent`: other platforms keep the row-max path), for integer
+labels (no softcap, no mask of classes, no ``return_aux``) and a vocabulary with a
 chunk width (``V = 4096`` here: chunks of 32), the forward sums ``exp(z'_k - z'_t)`` against the
 label's own logit, in chunks, without a pass for the row max; a row that counts and overflows
 (a class more than about 80 above the label, a label at -inf, a NaN or +inf logit) sends every
@@ -58,13 +59,14 @@ def loss_and_grad(logits, labels, **opts):
 
 
 def takes_one_pass(logits, labels, **opts) -> bool:
-    """Whether the forward has the cond between the one-pass sum and the row-max path."""
-    jaxpr = jax.make_jaxpr(
+    """Whether the forward, lowered for the CPU, has the conditional between the one-pass sum
+    and the row-max path."""
+    lowered = jax.jit(
         lambda z: sce.softmax_cross_entropy_with_integer_labels(
             z, labels, implementation="xla", **opts
         )
-    )(logits)
-    return "cond[" in str(jaxpr)
+    ).lower(logits)
+    return "stablehlo.case" in lowered.as_text()
 
 
 def test_the_one_pass_forward_serves_where_it_should():
