@@ -280,6 +280,9 @@ def backward_block(
     b = blocks
     z = masked_logits(options, z_raw, valid, b.temperature)
     labelled = label_column or not options.integer
+    # Without the label's column, the cotangent joins the row's factors (`_tile.grad_block`'s
+    # scale): one product per entry fewer, where the filter need not see dl/dz' before it.
+    folded = not labelled and not filter_eps
     if labelled:
         a = target_block(options, col0, ok, valid, b.labels, b.label_weight, b.class_weights, dtype)
     else:
@@ -301,13 +304,14 @@ def backward_block(
         z_loss=options.z_loss,
         target=target,
         label_row=label_entry is not None or not labelled,
+        scale=b.ct if folded else None,
     )
     counted = b.ct != 0
     zero = jnp.zeros((), dtype)
     keep = None
     if filter_eps:
         keep = keep_block(jnp.where(counted, g, zero), filter_eps)
-    g = jnp.where(counted, g * b.ct, zero)
+    g = jnp.where(counted, g if folded else g * b.ct, zero)
     if b.aux_p is not None:
         aux_g = _tile.aux_grad_block(
             z, b.m, b.r, col0, None if hit is None else hit & valid, *_aux_coefficients(b)

@@ -588,9 +588,10 @@ def grad_block(
     z_loss: float,
     target=None,
     label_row: bool = False,
+    scale=None,
 ) -> jax.Array:
     """``dl/dz' = c p - a`` for one block, with ``c = W + 2 z_loss lse`` and
-    ``p = exp(z' - m) / s``, ``s = 1 + r`` (`Lse`).
+    ``p = exp(z' - m) / s``, ``s = 1 + r`` (`Lse`); times ``scale`` (per row) where given.
 
     At a class at the max of a confident row (``p_max > 1/2``, where ``p -> 1`` is possible), it
     is formed as ``(c - a) - c r / s``: ``1 - p = r / s`` keeps relative accuracy, and so does
@@ -606,15 +607,20 @@ def grad_block(
     every other entry is ``c p - a``: for integer labels no other class can cancel beyond the
     size of its terms, and the elementwise pass (XLA's, over the whole vocabulary) has no
     per-class test of the max. With ``label_row`` and no ``target``, every entry is ``c p - a``
-    (the caller forms the label's column apart).
+    (the caller forms the label's column apart), and a ``scale`` joins the row's factors, so
+    that each entry takes one product: ``exp(z' - m) (c scale / s) - a scale``. (``scale`` is
+    taken only there.)
     """
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
-    p = jnp.exp(z - ref) * (1.0 / s)  # one division per row, not per class
     coef, z_term = coefficient(total_weight, ref, log_s, z_loss=z_loss)
+    if label_row and target is None:  # the label's column is formed elsewhere
+        factor = coef * (1.0 / s)
+        if scale is None:
+            return jnp.exp(z - ref) * factor - weights
+        return jnp.exp(z - ref) * (factor * scale) - weights * scale
+    p = jnp.exp(z - ref) * (1.0 / s)  # one division per row, not per class
     if label_row:
-        if target is None:  # the label's column is formed elsewhere
-            return coef * p - weights
         hit, (confident, entry) = target
         return jnp.where(hit & confident, entry, coef * p - weights)
     c_minus_a = coef - weights
