@@ -111,6 +111,10 @@ class Lse(NamedTuple):
     m: jax.Array  # [rows, 1] max of z' seen so far; -inf when no finite valid class yet
     r: jax.Array  # [rows, 1] sum of exp(z' - m) besides one instance of the max
 
+    # Every use downstream holds for any reference point ``m`` that is one of the row's z'
+    # (its own term exactly 1) with ``r`` finite: `_xla._lse_at_label` uses the label's z'.
+    # There ``r < 1`` only where the label is the row's strict max.
+
 
 class Term(NamedTuple):
     """A running weighted sum: ``w = sum_k a_k`` and ``a = sum_k a_k (z'_k - m)``."""
