@@ -48,7 +48,7 @@ def _masked_raw(logits, where):
 
 
 def _transform_rows(options: Options, rows, temperature):
-    """`_tile.transform` of ``[N, k]`` values picked from the raw logits."""
+    """`_tile.transform` of a ``[N, 1]`` value picked from the raw logits."""
     return _tile.transform(
         rows.astype(accumulation_dtype(rows.dtype)),
         softcap=options.logit_softcap,

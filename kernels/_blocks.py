@@ -272,10 +272,10 @@ def backward_block(
     added where ``blocks`` holds its coefficients (`_tile.AuxGrad`). ``label_entry``
     (`_tile.label_entry`) is the label column's ``dl/dz'`` at a confident max where the caller
     formed it per row (a block that spans the vocabulary). Without ``label_column`` (integer
-    labels), every column is formed as if it were not the label's, which the caller then forms
-    apart (the same function on a block of one column per row, ``col0`` the labels): the
-    elementwise pass has no per-class test of the label, nor its gradient at the label (its
-    temperature term with it, so an array temperature needs the label's column)."""
+    labels), every column is formed as if it were not the label's, and the caller forms the
+    label's column apart (this function on a block of one column per row, ``col0`` the labels),
+    so that the elementwise pass has no per-class test of the label; ``t_part`` then lacks the
+    label's column, so an array temperature needs ``label_column``."""
     dtype = z_raw.dtype
     b = blocks
     z = masked_logits(options, z_raw, valid, b.temperature)

@@ -106,14 +106,14 @@ class Lse(NamedTuple):
     prediction has ``p_max -> 1``, ``1 - p_max = r / s`` keep float32 relative accuracy: formed
     as ``1 - exp(z' - lse)`` instead, the rounding of a float32 ``lse`` of magnitude 30 (an ulp
     is 2e-6) would be the whole error of a gradient entry of 1e-4.
+
+    Every use downstream holds for any reference point ``m`` that is one of the row's ``z'``
+    (its own term exactly 1) with ``r`` finite: `_xla._lse_at_label` uses the label's ``z'``,
+    and there ``r < 1`` only where the label is the row's strict max.
     """
 
     m: jax.Array  # [rows, 1] max of z' seen so far; -inf when no finite valid class yet
     r: jax.Array  # [rows, 1] sum of exp(z' - m) besides one instance of the max
-
-    # Every use downstream holds for any reference point ``m`` that is one of the row's z'
-    # (its own term exactly 1) with ``r`` finite: `_xla._lse_at_label` uses the label's z'.
-    # There ``r < 1`` only where the label is the row's strict max.
 
 
 class Term(NamedTuple):
