@@ -426,86 +426,24 @@ def _bwd(options: Options, residuals, cotangent):
         entry = _tile.label_entry(
             z_label, stats.m, stats.r, stats.w_total, stats.w_rest, z_loss=options.z_loss
         )
-
-    def backward(label_column: bool = True):
-        return _blocks.backward_block(
-            options,
-            logits.astype(dtype),
-            0,
-            jnp.ones((1, logits.shape[1]), jnp.bool_),
-            valid,
-            operands,
-            label_entry=entry,
-            label_column=label_column,
-        )
-
-    grad = backward()
+    grad = _blocks.backward_block(
+        options,
+        logits.astype(dtype),
+        0,
+        jnp.ones((1, logits.shape[1]), jnp.bool_),
+        valid,
+        operands,
+        label_entry=entry,
+    )
+    # The label's column stays in this one pass (a select per class). Forming it apart and
+    # scattering it in place saved about 5% of the float32 time on the CPU, but XLA's CPU then
+    # kept the gradient from taking the buffer of logits formed in the same computation (x @ w
+    # in a training step): one more logits-sized temporary.
     d_logits = grad.d_logits.astype(problem.logits.dtype)
-    if _label_apart(options, problem):
-
-        def apart():
-            d_apart = backward(label_column=False).d_logits.astype(d_logits.dtype)
-            return _with_label_column(options, problem, operands, entry, d_apart)
-
-        # Measured on the CPU only: other platforms keep the label's test in the one pass.
-        d_logits = jax.lax.platform_dependent(cpu=apart, default=lambda: d_logits)
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     terms = _sharding.psum(grad.t_part, options.vocab_axis)
     d_temperature = _canonical.temperature_cotangent(terms, stats, ct, problem, options, aux_grad)
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)
-
-
-def _label_apart(options: Options, problem: Problem) -> bool:
-    """Whether the backward forms the label's column apart (`_with_label_column`): integer
-    labels whose column is this device's (no vocabulary axis, no type with an explicit
-    sharding: `_explicitly_sharded`), without an array temperature (whose term sums the whole
-    row's gradient), and logits in the accumulation dtype: XLA's CPU scatters into 16-bit
-    floats through a float32 copy of the whole gradient (and into their bits, not in place),
-    an [N, V] temporary."""
-    return (
-        options.integer
-        and problem.logits.dtype == problem.accumulation_dtype
-        and options.vocab_axis is None
-        and problem.temperature is None
-        and not _explicitly_sharded(problem.logits)
-    )
-
-
-def _with_label_column(options: Options, problem: Problem, operands, entry, d_logits):
-    """``d_logits`` (formed as if no column were a label's) with each row's label column set to
-    its gradient, formed by the same block step on a block of that one column (``col0`` the
-    label clipped into ``[0, V)``, its class weight and mask picked) and scattered in place: the
-    elementwise pass over the vocabulary then has no per-class test of the label (about 5% of
-    the float32 ``value_and_grad`` on the CPU). A label outside ``[0, V)`` hits no column, and
-    its clipped column gets the value it had."""
-    logits, labels = problem.logits, problem.labels
-    n, v = logits.shape
-    column = jnp.clip(labels, 0, v - 1)[:, None]
-    in_range = (labels >= 0) & (labels < v)
-    # int32 like the block's class ids: a label outside [0, V) as -1, which no column is.
-    labels32 = jnp.where(in_range, labels, -1).astype(jnp.int32)[:, None]
-    column32 = column.astype(jnp.int32)
-    raw = _pick(jax.lax.optimization_barrier(logits), column, -jnp.inf)
-    valid = True
-    if problem.where is not None:
-        valid = _pick(jnp.broadcast_to(problem.where, logits.shape), column, False)
-    class_weights = operands.class_weights
-    if class_weights is not None:
-        class_weights = _pick(jnp.broadcast_to(class_weights, (n, v)), column, 0)
-    picked = operands._replace(labels=labels32, class_weights=class_weights, where=None)
-    at_label = _blocks.backward_block(
-        options,
-        raw.astype(problem.accumulation_dtype),
-        column32,
-        jnp.ones((1, 1), jnp.bool_),
-        valid,
-        picked,
-        label_entry=entry,
-    )
-    values = at_label.d_logits.astype(d_logits.dtype)[:, 0]
-    return d_logits.at[jax.lax.iota(column.dtype, n), column[:, 0]].set(
-        values, indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds"
-    )
 
 
 _cross_entropy.defvjp(_fwd, _bwd)

@@ -262,7 +262,6 @@ def backward_block(
     *,
     filter_eps: float = 0.0,
     label_entry=None,
-    label_column: bool = True,
 ) -> BlockGrad:
     """The gradient of one block of raw logits ``z_raw``, recomputed from the saved
     `_tile.Stats` (``blocks`` holds this block's part of them and of the other operands besides
@@ -271,28 +270,17 @@ def backward_block(
     cotangent) reaches it, or any entry of the gradient of the ``return_aux`` values, which is
     added where ``blocks`` holds its coefficients (`_tile.AuxGrad`). ``label_entry``
     (`_tile.label_entry`) is the label column's ``dl/dz'`` at a confident max where the caller
-    formed it per row (a block that spans the vocabulary). Without ``label_column`` (integer
-    labels), every column is formed as if it were not the label's, and the caller forms the
-    label's column apart (this function on a block of one column per row, ``col0`` the labels),
-    so that the elementwise pass has no per-class test of the label; ``t_part`` then lacks the
-    label's column, so an array temperature needs ``label_column``."""
+    formed it per row (a block that spans the vocabulary)."""
     dtype = z_raw.dtype
     b = blocks
     z = masked_logits(options, z_raw, valid, b.temperature)
-    labelled = label_column or not options.integer
-    # Without the label's column, the cotangent joins the row's factors (`_tile.grad_block`'s
-    # scale): one product per entry fewer, where the filter need not see dl/dz' before it.
-    folded = not labelled and not filter_eps
-    if labelled:
-        a = target_block(options, col0, ok, valid, b.labels, b.label_weight, b.class_weights, dtype)
-    else:
-        a = jnp.zeros((), dtype)
+    a = target_block(options, col0, ok, valid, b.labels, b.label_weight, b.class_weights, dtype)
     if options.label_smoothing:
         smoothing = _tile.smoothing_weights(valid, b.class_weights, dtype)
         a = _tile.mix(options.label_smoothing, b.n_valid, a, smoothing)
     target = None
     hit = None
-    if options.integer and labelled:
+    if options.integer:
         hit = _tile.onehot_block(b.labels, col0, z.shape[1]) & ok
         target = (hit, b.w_rest) if label_entry is None else (hit, label_entry)
     g = _tile.grad_block(
@@ -303,15 +291,14 @@ def backward_block(
         a,
         z_loss=options.z_loss,
         target=target,
-        label_row=label_entry is not None or not labelled,
-        scale=b.ct if folded else None,
+        label_row=label_entry is not None,
     )
     counted = b.ct != 0
     zero = jnp.zeros((), dtype)
     keep = None
     if filter_eps:
         keep = keep_block(jnp.where(counted, g, zero), filter_eps)
-    g = jnp.where(counted, g if folded else g * b.ct, zero)
+    g = jnp.where(counted, g * b.ct, zero)
     if b.aux_p is not None:
         aux_g = _tile.aux_grad_block(
             z, b.m, b.r, col0, None if hit is None else hit & valid, *_aux_coefficients(b)

@@ -592,10 +592,9 @@ def grad_block(
     z_loss: float,
     target=None,
     label_row: bool = False,
-    scale=None,
 ) -> jax.Array:
     """``dl/dz' = c p - a`` for one block, with ``c = W + 2 z_loss lse`` and
-    ``p = exp(z' - m) / s``, ``s = 1 + r`` (`Lse`); times ``scale`` (per row) where given.
+    ``p = exp(z' - m) / s``, ``s = 1 + r`` (`Lse`).
 
     At a class at the max of a confident row (``p_max > 1/2``, where ``p -> 1`` is possible), it
     is formed as ``(c - a) - c r / s``: ``1 - p = r / s`` keeps relative accuracy, and so does
@@ -610,20 +609,12 @@ def grad_block(
     where the label is the max of a confident row (`label_entry`, formed once per row), and
     every other entry is ``c p - a``: for integer labels no other class can cancel beyond the
     size of its terms, and the elementwise pass (XLA's, over the whole vocabulary) has no
-    per-class test of the max. With ``label_row`` and no ``target``, every entry is ``c p - a``
-    (the caller forms the label's column apart), and a ``scale`` joins the row's factors, so
-    that each entry takes one product: ``exp(z' - m) (c scale / s) - a scale``. (``scale`` is
-    taken only there.)
+    per-class test of the max.
     """
     has_mass, s, log_s = mass(m, r)
     ref = reference_point(m)
-    coef, z_term = coefficient(total_weight, ref, log_s, z_loss=z_loss)
-    if label_row and target is None:  # the label's column is formed elsewhere
-        factor = coef * (1.0 / s)
-        if scale is None:
-            return jnp.exp(z - ref) * factor - weights
-        return jnp.exp(z - ref) * (factor * scale) - weights * scale
     p = jnp.exp(z - ref) * (1.0 / s)  # one division per row, not per class
+    coef, z_term = coefficient(total_weight, ref, log_s, z_loss=z_loss)
     if label_row:
         hit, (confident, entry) = target
         return jnp.where(hit & confident, entry, coef * p - weights)
@@ -810,8 +801,7 @@ def aux_coefficients(aux: AuxRows, live, d_lse, d_max_prob, d_entropy, d_target_
 def aux_grad_block(z, m, r, col0, hit, aux_p, aux_x, aux_a, aux_t, argmax) -> jax.Array:
     """``[rows, cols]``: the gradient with respect to the block ``z`` of masked, transformed
     logits of ``return_aux``'s values, from the coefficients of `AuxGrad` (``aux_t`` None and
-    ``hit`` unused for probability labels; ``hit`` the label's column where valid, or None where
-    the caller forms that column apart). 0 in every row
+    ``hit`` unused for probability labels; ``hit`` the label's column where valid). 0 in every row
     whose coefficients are all 0, whatever its logits."""
     _, s, _ = mass(m, r)
     x = z - reference_point(m)
@@ -822,7 +812,6 @@ def aux_grad_block(z, m, r, col0, hit, aux_p, aux_x, aux_a, aux_t, argmax) -> ja
     g = g + jnp.where(ids.astype(z.dtype) == argmax, aux_a, zero)
     live = (aux_p != 0) | (aux_x != 0) | (aux_a != 0)
     if aux_t is not None:
-        if hit is not None:  # else the label's column is formed apart
-            g = g + jnp.where(hit, aux_t, zero)
+        g = g + jnp.where(hit, aux_t, zero)
         live = live | (aux_t != 0)
     return jnp.where(live, g, zero)

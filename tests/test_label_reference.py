@@ -1,14 +1,14 @@
-"""The XLA path's one-pass forward and its label column formed apart, against float64.
+"""The XLA path's one-pass forward, against float64.
 
 On the CPU (`jax.lax.platform_dependent`: other platforms keep the row-max path), for float32
 logits and integer labels (no softcap, no mask of classes, no ``return_aux``) and a vocabulary
 with a chunk width (``V = 4096`` here: chunks of 32), the forward sums ``exp(z'_k - z'_t)``
 against the label's own logit, in chunks, without a pass for the row max; a row that counts
 and overflows (a class more than about 80 above the label, a label at -inf, a NaN or +inf
-logit) sends every row to the row-max path instead. The backward forms the label's column
-apart and scatters it in place. Both keep issue 15's accuracy goals (`test_numerics.check`):
-this module asserts them on rows that take each branch, with each option, and asserts that the
-one-pass path is the one taken, so that none of it passes vacuously.
+logit) sends every row to the row-max path instead. Both keep issue 15's accuracy goals
+(`test_numerics.check`): this module asserts them on rows that take each branch, with each
+option, and asserts that the one-pass path is the one taken, so that none of it passes
+vacuously.
 """
 
 from __future__ import annotations

@@ -120,3 +120,23 @@ def test_the_check_sees_a_logits_sized_temporary():
 
     compiled = jax.jit(jax.value_and_grad(mean_loss)).lower(logits).compile()
     assert compiled.memory_analysis().temp_size_in_bytes >= N * V * 4
+
+
+def test_the_gradient_takes_the_buffer_of_logits_formed_in_the_same_computation():
+    """Logits formed inside the differentiated computation (``x @ w``, as in a training step)
+    are one temporary; their gradient, formed once they have been read, takes their buffer, so
+    that no second logits-sized temporary appears (a scatter into the gradient once kept it
+    from doing so on the CPU)."""
+    d = 64
+    inputs, weight = jnp.zeros((N, d), jnp.float32), jnp.zeros((d, V), jnp.float32)
+    labels = jnp.zeros((N,), jnp.int32)
+
+    def mean_loss(x, w, q):
+        return sce.softmax_cross_entropy_with_integer_labels(
+            x @ w, q, implementation="xla", reduction="mean"
+        )
+
+    step = jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))
+    compiled = step.lower(inputs, weight, labels)
+    temp = compiled.compile().memory_analysis().temp_size_in_bytes
+    assert N * V * 4 <= temp < N * V * 4 + LIMIT
