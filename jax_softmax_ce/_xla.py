@@ -319,23 +319,21 @@ def _lse_at_label(options: Options, problem: Problem, z_label, temperature, fall
     column = jnp.clip(problem.labels, 0, v - 1)[:, None]
     # The raw logits (picked behind a barrier: no shared upcast), with no softcap and no mask
     # of classes here: z' is x / T, and the row mask leaves out rows that do not count.
-    x_label = _pick(jax.lax.optimization_barrier(problem.logits), column, -jnp.inf).astype(dtype)
+    raw = jax.lax.optimization_barrier(problem.logits)
+    x_label = _pick(raw, column, -jnp.inf).astype(dtype)
     head = problem.logits.reshape(-1, width).astype(dtype)  # a bitcast, and the upcast fused
     d = _scaled_differences(head, jnp.repeat(x_label, chunks, axis=0), temperature)
     sums = jnp.sum(jnp.exp(d), axis=1).reshape(n, chunks)
     label_chunk = column // width
     start = label_chunk * width
-    window = _pick(
-        jax.lax.optimization_barrier(problem.logits), start + _iota(column, width), -jnp.inf
-    )
+    window = _pick(raw, start + _iota(column, width), -jnp.inf)
     d = _scaled_differences(window.astype(dtype), x_label, temperature)
     others = jnp.where(_iota(column, chunks) == label_chunk, jnp.zeros((), dtype), sums)
     r = jnp.sum(others, axis=1, keepdims=True) + _tile.sum_besides(d, x_label * 0.0, start, column)
-    ref = z_label
     counted = problem.rows.counted
-    fits = jnp.all(~counted | (jnp.isfinite(ref) & jnp.isfinite(r)))
+    fits = jnp.all(~counted | (jnp.isfinite(z_label) & jnp.isfinite(r)))
     lse = _tile.Lse(
-        jnp.where(counted, ref, _tile.NEG_INF), jnp.where(counted, r, jnp.zeros((), r.dtype))
+        jnp.where(counted, z_label, _tile.NEG_INF), jnp.where(counted, r, jnp.zeros((), r.dtype))
     )
     return jax.lax.cond(fits, lambda: lse, fallback)
 
@@ -417,10 +415,6 @@ def _bwd(options: Options, residuals, cotangent):
         # The same for 16-bit probability labels.
         problem = problem._replace(labels=jax.lax.optimization_barrier(problem.labels))
     ct = jnp.where(rows.counted, cotangent.astype(dtype)[:, None], 0)
-    operands = _canonical.operands(
-        options, problem, **stats._asdict(), ct=ct, **_canonical.aux_operands(aux_grad)
-    )
-    valid = True if problem.where is None else problem.where
     entry = None
     if options.integer:
         z_label = _target_logit(options, problem, _canonical.temperature(options, problem))
@@ -432,18 +426,16 @@ def _bwd(options: Options, residuals, cotangent):
         logits.astype(dtype),
         0,
         jnp.ones((1, logits.shape[1]), jnp.bool_),
-        valid,
-        operands,
+        True if problem.where is None else problem.where,
+        _canonical.operands(
+            options, problem, **stats._asdict(), ct=ct, **_canonical.aux_operands(aux_grad)
+        ),
         label_entry=entry,
     )
-    # The label's column stays in this one pass (a select per class). Forming it apart and
-    # scattering it in place saved about 5% of the float32 time on the CPU, but XLA's CPU then
-    # kept the gradient from taking the buffer of logits formed in the same computation (x @ w
-    # in a training step): one more logits-sized temporary.
-    d_logits = grad.d_logits.astype(problem.logits.dtype)
     d_labels = None if grad.d_labels is None else grad.d_labels.astype(problem.labels.dtype)
     terms = _sharding.psum(grad.t_part, options.vocab_axis)
     d_temperature = _canonical.temperature_cotangent(terms, stats, ct, problem, options, aux_grad)
+    d_logits = grad.d_logits.astype(problem.logits.dtype)
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)
 
 

@@ -86,13 +86,12 @@ def test_matches_float64(opts, overflow):
     raw, labels = problem()
     if overflow:  # the label 100 below the row's max: the sum against it overflows, in one row
         raw[-4, labels[-4]] = raw[-4].max() - 100.0
-    dtype = jnp.float32
-    logits = jnp.asarray(raw, dtype)
+    logits = jnp.asarray(raw, jnp.float32)
     loss, grad = loss_and_grad(logits, labels, **opts)
     if "ignore_index" in opts:  # the last row's label is the ignored one
         assert loss[-1] == 0 and not np.any(grad[-1])
         loss, grad, logits, labels, opts = loss[:-1], grad[:-1], logits[:-1], labels[:-1], {}
-    check(loss, grad, logits.astype(jnp.float32), labels, opts, dtype)
+    check(loss, grad, logits, labels, opts, jnp.float32)
 
 
 @pytest.mark.parametrize("overflow", [False, True], ids=["one_pass", "row_max"])
