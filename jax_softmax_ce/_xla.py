@@ -123,10 +123,11 @@ def _forward(options: Options, problem: Problem):
     z_label = _target_logit(options, problem, t) if options.integer else None
     vocab_parallel = options.vocab_axis is not None
     besides_label = options.integer and logits.shape[1] <= _EXACT_IDS and not vocab_parallel
+    index = None  # return_aux's argmax, where it is found apart from the monitor's reductions
     if besides_label:
 
-        def at_max():
-            return _lse_besides_label(options, problem, *raw_and_z(), z_label, t)
+        def at_max(z_max=None):
+            return _lse_besides_label(options, problem, *raw_and_z(), z_label, t, z_max)
 
         if _label_reference(options, problem):
             # Measured on the CPU only: other platforms keep the row-max path.
@@ -134,6 +135,11 @@ def _forward(options: Options, problem: Problem):
                 cpu=lambda: _lse_at_label(options, problem, z_label, t, fallback=at_max),
                 default=at_max,
             )
+        elif options.aux and _argmax_by_chunks(options, problem):
+            z_max, index = _max_and_argmax(options, problem, t)
+            lse = at_max(z_max)
+            # A NaN or +inf logit makes r NaN: no argmax, whatever the chunks' max saw.
+            index = jnp.where(jnp.isnan(lse.r), _tile.NOT_AT_MAX, index)
         else:
             lse = at_max()
         ref = _tile.reference_point(lse.m)
@@ -185,7 +191,7 @@ def _forward(options: Options, problem: Problem):
         smoothing = _tile.Term(*_tile.dense_term(jnp.broadcast_to(weights, z_s.shape), z_s, ref_s))
     monitor = None
     if options.aux:
-        monitor = _monitor(options, problem, ref, z_label, premasked)
+        monitor = _monitor(options, problem, ref, z_label, premasked, index)
     state = _tile.RowState(lse, _tile.Term(*target), smoothing, monitor)
     if vocab_parallel:
         state = _sharding.combine(state, options.vocab_axis, logits.shape[1])
@@ -246,15 +252,80 @@ def _row_max(options: Options, raw, z, temperature):
     return jnp.max(z, axis=1, keepdims=True)
 
 
-def _lse_besides_label(options: Options, problem: Problem, raw, z, z_label, temperature):
-    """`_tile.lse_besides_label` of the whole row, against its max."""
-    z_max = _row_max(options, raw, z, temperature)
+def _lse_besides_label(
+    options: Options, problem: Problem, raw, z, z_label, temperature, z_max=None
+):
+    """`_tile.lse_besides_label` of the whole row, against its max ``z_max`` (`_row_max` where
+    None)."""
+    if z_max is None:
+        z_max = _row_max(options, raw, z, temperature)
     # Labels behind a barrier: constant labels would have XLA fold the label's column test into
     # a logits-sized constant.
     labels = jax.lax.optimization_barrier(problem.labels[:, None])
     # With a softcap, z_label's tanh need not round as the block's does (`_target_logit`).
     exact_label = None if options.logit_softcap else z_label
     return _tile.lse_besides_label(z, z_max, labels, exact_label)[0]
+
+
+def _argmax_chunk(v: int) -> int | None:
+    """`_max_and_argmax`'s chunk width for ``V`` classes: the largest divisor of ``V`` from 32 to
+    ``min(1024, V / 8)``, or None where there is none. XLA's CPU takes the max of short rows
+    more slowly, and finds the argmax of the chunk it gathers again more slowly in wide ones
+    (float32 [2048, 32768] on 2 cores: the chunks' maxes 14, 11, 7 and 7 ms in chunks of 256,
+    512, 1024 and 2048 columns, the gathered chunk's argmax 3, 3, 5 and 10 ms); at most
+    ``V / 8``, so that the chunk read again is at most an eighth of the row."""
+    best = None
+    for width in range(32, min(1024, v // 8) + 1):
+        if v % width == 0:
+            best = width
+    return best
+
+
+def _argmax_by_chunks(options: Options, problem: Problem) -> bool:
+    """Whether `_max_and_argmax` serves: ``V`` has a width (`_argmax_chunk`), no softcap (the
+    max is then read from ``z'``, not from the raw logits: `_row_max`), no mask of classes (the
+    chunks read the raw logits), no type with an explicit sharding (`_explicitly_sharded`)."""
+    logits = problem.logits
+    return (
+        _argmax_chunk(logits.shape[1]) is not None
+        and options.logit_softcap is None
+        and options.mask in (None, "row")
+        and not _explicitly_sharded(logits)
+    )
+
+
+def _max_and_argmax(options: Options, problem: Problem, temperature):
+    """``(z_max, index)``, each ``[N, 1]``: the row max of ``z'`` (`_row_max`'s; -inf in a row
+    that the row mask leaves out) and the lowest class id at it (`_tile.first_at_max`'s), from
+    one reduction over the logits in place of two (the max, then the first class at it).
+
+    The max is taken over chunks of `_argmax_chunk` columns (``[N, V / width, width]``, a
+    bitcast); the row's max is the max of its chunks', and the lowest chunk whose max is the
+    row's holds the lowest class at it. That one chunk is gathered again and its argmax found
+    by `jnp.argmax` (the lowest index among ties), a variadic reduction into which XLA's CPU
+    fuses the gather: `_tile.first_at_max`'s reduction would materialise the gathered
+    ``[N, width]`` chunk. The chunks' maxes and the gathered chunk are transformed alike, value
+    by value, so both tests compare ``z'``, as `_tile.first_at_max` over the whole row would.
+    A row without a finite ``z'`` (no mass: its argmax is -1 downstream) gets a class of its
+    first chunk, and so may a row with a NaN or +inf logit (whose chunks' max need not see it),
+    which `_forward` sends to -1 by its NaN ``r``."""
+    logits = problem.logits
+    n, v = logits.shape
+    width = _argmax_chunk(v)
+    chunks = v // width
+    raw = jax.lax.optimization_barrier(logits)  # the chunk is gathered from its own copy
+    # Behind a barrier: XLA would fold the max of the chunks' maxes into a second reduction
+    # over the logits, and form the chunks' maxes again inside the first-chunk test.
+    chunk_max = jax.lax.optimization_barrier(jnp.max(logits.reshape(n, chunks, width), axis=2))
+    z_chunks = _transform_rows(options, chunk_max, temperature)
+    z_max = jnp.max(z_chunks, axis=1, keepdims=True)
+    if options.mask == "row":
+        z_max = jnp.where(problem.where, z_max, _tile.NEG_INF)
+    first = _tile.first_at_max(z_chunks, _tile.reference_point(z_max), 0, float_ids=True)
+    start = jnp.where(first < chunks, first, 0).astype(jnp.int32) * width
+    window = _pick(raw, start + _iota(start, width), -jnp.inf)
+    at = jnp.argmax(_transform_rows(options, window, temperature), axis=1, keepdims=True)
+    return z_max, (start + at.astype(jnp.int32)).astype(z_max.dtype)
 
 
 def _chunk(v: int) -> int | None:
@@ -365,14 +436,18 @@ def _copy(options: Options, problem: Problem, ref, tag: int, labels=None, premas
     return z, ref + tag * 0, labels, where
 
 
-def _monitor(options: Options, problem: Problem, ref, z_label, premasked) -> _tile.Monitor:
+def _monitor(
+    options: Options, problem: Problem, ref, z_label, premasked, index=None
+) -> _tile.Monitor:
     """The `_tile.Monitor` of the one block that spans the vocabulary (this shard's classes,
     their argmax a class id of the shard's own, with ``vocab_axis``): its two reductions each
-    on their own `_copy` of the logits."""
+    on their own `_copy` of the logits, the argmax's only where ``index`` (`_max_and_argmax`)
+    is None."""
     t = _tile.entropy_term(*_copy(options, problem, ref, 0, premasked=premasked)[:2])
-    index = _tile.first_at_max(
-        *_copy(options, problem, ref, 1, premasked=premasked)[:2], 0, float_ids=True
-    )
+    if index is None:
+        index = _tile.first_at_max(
+            *_copy(options, problem, ref, 1, premasked=premasked)[:2], 0, float_ids=True
+        )
     label = None
     if options.integer:
         labels = problem.labels  # the label's class is this block's (this shard's) or not
