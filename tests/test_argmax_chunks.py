@@ -213,7 +213,7 @@ def test_a_non_finite_logit_stays_in_its_row(bad):
 
 
 def test_under_vmap_each_problem_finds_its_own_argmax():
-    raws, labels = zip(*(problem(seed=s) for s in range(3)))
+    raws, labels = zip(*(problem(seed=s) for s in range(3)), strict=True)
     logits = jnp.asarray(np.stack(raws), jnp.float32)
     labels = jnp.asarray(np.stack(labels))
     _, aux = jax.jit(
