@@ -129,15 +129,21 @@ def _forward(options: Options, problem: Problem):
         def at_max(z_max=None):
             return _lse_besides_label(options, problem, *raw_and_z(), z_label, t, z_max)
 
-        if _label_reference(options, problem):
+        if not options.aux and _sums_by_chunks(options, problem):
             # Measured on the CPU only: other platforms keep the row-max path.
             lse = jax.lax.platform_dependent(
                 cpu=lambda: _lse_at_label(options, problem, z_label, t, fallback=at_max),
                 default=at_max,
             )
         elif options.aux and _argmax_by_chunks(options, problem):
-            z_max, index = _max_and_argmax(options, problem, t)
-            lse = at_max(z_max)
+            z_max, x_max, index = _max_and_argmax(options, problem, t)
+            if _sums_by_chunks(options, problem):
+                lse = jax.lax.platform_dependent(  # the same
+                    cpu=lambda: _lse_at_max(problem, z_label, z_max, x_max, t),
+                    default=lambda: at_max(z_max),
+                )
+            else:
+                lse = at_max(z_max)
             # A NaN or +inf logit makes r NaN: no argmax, whatever the chunks' max saw.
             index = jnp.where(jnp.isnan(lse.r), _tile.NOT_AT_MAX, index)
         else:
@@ -294,10 +300,12 @@ def _argmax_by_chunks(options: Options, problem: Problem) -> bool:
     )
 
 
+@jax.named_scope("max_and_argmax")  # a name in profiles, and for the tests
 def _max_and_argmax(options: Options, problem: Problem, temperature):
-    """``(z_max, index)``, each ``[N, 1]``: the row max of ``z'`` (`_row_max`'s; -inf in a row
-    that the row mask leaves out) and the lowest class id at it (`_tile.first_at_max`'s), from
-    one reduction over the logits in place of two (the max, then the first class at it).
+    """``(z_max, x_max, index)``, each ``[N, 1]``: the row max of ``z'`` (`_row_max`'s; -inf in
+    a row that the row mask leaves out), the raw logits' row max, and the lowest class id at
+    the max (`_tile.first_at_max`'s), from one reduction over the logits in place of two (the
+    max, then the first class at it).
 
     The max is taken over chunks of `_argmax_chunk` columns (``[N, V / width, width]``, a
     bitcast); the row's max is the max of its chunks', and the lowest chunk whose max is the
@@ -317,15 +325,20 @@ def _max_and_argmax(options: Options, problem: Problem, temperature):
     # Behind a barrier: XLA would fold the max of the chunks' maxes into a second reduction
     # over the logits, and form the chunks' maxes again inside the first-chunk test.
     chunk_max = jax.lax.optimization_barrier(jnp.max(logits.reshape(n, chunks, width), axis=2))
+    x_max = jnp.max(chunk_max, axis=1, keepdims=True)
     z_chunks = _transform_rows(options, chunk_max, temperature)
     z_max = jnp.max(z_chunks, axis=1, keepdims=True)
     if options.mask == "row":
         z_max = jnp.where(problem.where, z_max, _tile.NEG_INF)
     first = _tile.first_at_max(z_chunks, _tile.reference_point(z_max), 0, float_ids=True)
     start = jnp.where(first < chunks, first, 0).astype(jnp.int32) * width
+    # x_max made to depend on the first-chunk test, the chunks' maxes' last reader, so that
+    # the sums that read it (`_lse_at_max`) do not keep them alive: a temporary of V / width
+    # floats per row (a barrier does not order them: XLA's CPU drops it before scheduling).
+    x_max = x_max + start.astype(x_max.dtype) * 0.0
     window = _pick(raw, start + _iota(start, width), -jnp.inf)
     at = jnp.argmax(_transform_rows(options, window, temperature), axis=1, keepdims=True)
-    return z_max, (start + at.astype(jnp.int32)).astype(z_max.dtype)
+    return z_max, x_max, (start + at.astype(jnp.int32)).astype(z_max.dtype)
 
 
 def _chunk(v: int) -> int | None:
@@ -343,37 +356,28 @@ def _chunk(v: int) -> int | None:
     return best
 
 
-def _label_reference(options: Options, problem: Problem) -> bool:
-    """Whether `_lse_at_label` serves: integer labels, whole rows whose ``V`` has a chunk width
-    (`_chunk`) on this device (no type with an explicit sharding: `_explicitly_sharded`),
-    logits in the accumulation dtype (XLA's CPU reduces 16-bit logits reshaped into chunks
-    about five times slower than whole rows, measured at [2048, 32768] bfloat16), no softcap
-    and no mask of classes (`_scaled_differences`: their selects would be materialised), and
-    no ``return_aux``, whose argmax and entropy are formed against the row max."""
+def _sums_by_chunks(options: Options, problem: Problem) -> bool:
+    """Whether `_sum_besides_label` serves (`_lse_at_label`, `_lse_at_max`): integer labels,
+    whole rows whose ``V`` has a chunk width (`_chunk`) on this device (no type with an
+    explicit sharding: `_explicitly_sharded`), logits in the accumulation dtype (XLA's CPU
+    reduces 16-bit logits reshaped into chunks about five times slower than whole rows,
+    measured at [2048, 32768] bfloat16), no softcap and no mask of classes
+    (`_scaled_differences`: their selects would be materialised)."""
     logits = problem.logits
     return (
         _chunk(logits.shape[1]) is not None
         and options.logit_softcap is None
         and options.mask in (None, "row")
         and logits.dtype == problem.accumulation_dtype
-        and not options.aux
         and not _explicitly_sharded(logits)
     )
 
 
-def _lse_at_label(options: Options, problem: Problem, z_label, temperature, fallback):
-    """`_tile.Lse` of whole rows of integer labels with the label's ``z'`` as the reference
-    point ``m`` in place of the row max: ``r = sum_{k != t} exp(z'_k - z'_t)``, one pass over
-    the logits instead of two (the max, then the sum).
-
-    Everything downstream holds for any reference point whose own term is exactly 1 (``lse = m
-    + log1p(r)``, ``z' - m`` and the terms): ``r < 1`` only where the label is the row's
-    strict max (any other class at or above it adds at least 1), which is where `grad_block`
-    and `_tile.label_entry` form ``1 - p_t = r / s``. A row that does not count is given no
-    mass (its loss and gradient are 0 either way). Where a row that counts has a non-finite
-    reference or ``r`` (a class more than about 80 above the label, a label at -inf, a NaN or
-    +inf logit), every row is formed by ``fallback`` instead, against the row max (a
-    `jax.lax.cond`: under `jax.vmap`, where it becomes a select, both are formed).
+def _sum_besides_label(problem: Problem, raw, x_ref, temperature):
+    """``sum_{k != t} exp((x_k - x_ref) / T)`` per row, ``[N, 1]``, of the raw logits ``x``
+    against ``x_ref`` (``[N, 1]``, in the accumulation dtype), leaving out the column of the
+    label clipped into ``[0, V)``; ``raw`` is the logits behind a barrier, which the label's
+    chunk is gathered from.
 
     The terms are `_scaled_differences`. The sum is taken over chunks of `_chunk` columns,
     each a row of ``logits.reshape(-1, chunk)`` (a bitcast), which XLA's CPU reduces as fast as
@@ -388,25 +392,64 @@ def _lse_at_label(options: Options, problem: Problem, z_label, temperature, fall
     width = _chunk(v)
     chunks = v // width
     column = jnp.clip(problem.labels, 0, v - 1)[:, None]
-    # The raw logits (picked behind a barrier: no shared upcast), with no softcap and no mask
-    # of classes here: z' is x / T, and the row mask leaves out rows that do not count.
-    raw = jax.lax.optimization_barrier(problem.logits)
-    x_label = _pick(raw, column, -jnp.inf).astype(dtype)
     head = problem.logits.reshape(-1, width).astype(dtype)  # a bitcast, and the upcast fused
-    d = _scaled_differences(head, jnp.repeat(x_label, chunks, axis=0), temperature)
+    d = _scaled_differences(head, jnp.repeat(x_ref, chunks, axis=0), temperature)
     sums = jnp.sum(jnp.exp(d), axis=1).reshape(n, chunks)
     label_chunk = column // width
     start = label_chunk * width
     window = _pick(raw, start + _iota(column, width), -jnp.inf)
-    d = _scaled_differences(window.astype(dtype), x_label, temperature)
+    d = _scaled_differences(window.astype(dtype), x_ref, temperature)
     others = jnp.where(_iota(column, chunks) == label_chunk, jnp.zeros((), dtype), sums)
-    r = jnp.sum(others, axis=1, keepdims=True) + _tile.sum_besides(d, x_label * 0.0, start, column)
+    return jnp.sum(others, axis=1, keepdims=True) + _tile.sum_besides(d, x_ref * 0.0, start, column)
+
+
+@jax.named_scope("lse_at_label")  # a name in profiles, and for the tests
+def _lse_at_label(options: Options, problem: Problem, z_label, temperature, fallback):
+    """`_tile.Lse` of whole rows of integer labels with the label's ``z'`` as the reference
+    point ``m`` in place of the row max: ``r = sum_{k != t} exp(z'_k - z'_t)``
+    (`_sum_besides_label`), one pass over the logits instead of two (the max, then the sum).
+    Not with ``return_aux``, whose argmax and entropy are formed against the row max
+    (`_lse_at_max`).
+
+    Everything downstream holds for any reference point whose own term is exactly 1 (``lse = m
+    + log1p(r)``, ``z' - m`` and the terms): ``r < 1`` only where the label is the row's
+    strict max (any other class at or above it adds at least 1), which is where `grad_block`
+    and `_tile.label_entry` form ``1 - p_t = r / s``. A row that does not count is given no
+    mass (its loss and gradient are 0 either way). Where a row that counts has a non-finite
+    reference or ``r`` (a class more than about 80 above the label, a label at -inf, a NaN or
+    +inf logit), every row is formed by ``fallback`` instead, against the row max (a
+    `jax.lax.cond`: under `jax.vmap`, where it becomes a select, both are formed)."""
+    column = jnp.clip(problem.labels, 0, problem.logits.shape[1] - 1)[:, None]
+    # The raw logits (picked behind a barrier: no shared upcast), with no softcap and no mask
+    # of classes here: z' is x / T, and the row mask leaves out rows that do not count.
+    raw = jax.lax.optimization_barrier(problem.logits)
+    x_label = _pick(raw, column, -jnp.inf).astype(problem.accumulation_dtype)
+    r = _sum_besides_label(problem, raw, x_label, temperature)
     counted = problem.rows.counted
     fits = jnp.all(~counted | (jnp.isfinite(z_label) & jnp.isfinite(r)))
     lse = _tile.Lse(
         jnp.where(counted, z_label, _tile.NEG_INF), jnp.where(counted, r, jnp.zeros((), r.dtype))
     )
     return jax.lax.cond(fits, lambda: lse, fallback)
+
+
+@jax.named_scope("lse_at_max")  # a name in profiles, and for the tests
+def _lse_at_max(problem: Problem, z_label, z_max, x_max, temperature):
+    """`_tile.lse_besides_label`'s `_tile.Lse` (against the row max ``z_max``), its sum over
+    the classes besides the label formed by `_sum_besides_label` against the raw max ``x_max``
+    (both ``[N, 1]``, from `_max_and_argmax`): ``return_aux``'s one pass for the sum, without
+    `_tile.lse_besides_label`'s per-class test. The label's own term is added back as
+    ``exp(z'_t - m) - 1``, exactly 0 where the label is at the max; a label outside ``[0,
+    V)`` left out the class it is clipped to, whose ``z'`` is ``z_label`` (`_target_logit`).
+    A row that the row mask leaves out has ``z_max = -inf`` (`_max_and_argmax`), so no mass,
+    and a NaN in it (``r`` NaN) reaches neither its loss, aux values or gradient, which are
+    those of a row that does not count (tests/test_argmax_chunks.py)."""
+    dtype = problem.accumulation_dtype
+    raw = jax.lax.optimization_barrier(problem.logits)
+    x_ref = _tile.reference_point(x_max.astype(dtype))  # no -inf - -inf in a row without mass
+    r = _sum_besides_label(problem, raw, x_ref, temperature)
+    r = r + jnp.expm1(z_label - _tile.reference_point(z_max))
+    return _tile.Lse(z_max, _tile.massless_to_zero(z_max, r))
 
 
 def _iota(like, size: int):

@@ -1,12 +1,16 @@
-"""``return_aux``'s argmax on the XLA path, found from the maxes of chunks of the vocabulary.
+"""``return_aux`` on the XLA path: the argmax from the maxes of chunks of the vocabulary, and
+the sum against the max in chunks.
 
 With integer labels, no softcap and no mask of classes, and a vocabulary with a chunk width
-(``V = 512`` here: 8 chunks of 64), the XLA path takes the row max over chunks of the logits and
-finds the argmax in the lowest chunk at the max, gathered again, instead of a second reduction
-over the whole row (`_xla._max_and_argmax`). This module compares everything ``return_aux``
-returns (values and the gradient of the loss and every float field) with the float64 reference
-(`numpy_reference.monitoring`) on that path, with ties within, across and at the edges of
-chunks, and asserts that the path is the one taken, so that none of it passes vacuously.
+(``V = 512``: 8 chunks of 64; ``V = 4096``: 8 chunks of 512), the XLA path takes the row max
+over chunks of the logits and finds the argmax in the lowest chunk at the max, gathered again,
+instead of a second reduction over the whole row (`_xla._max_and_argmax`). With float32 logits
+and ``V = 4096`` (which has `_xla._chunk`'s width, 32; 512 has none), on the CPU, the sum
+against the max is also taken over chunks, with the label's chunk summed again without the
+label (`_xla._lse_at_max`). This module compares everything ``return_aux`` returns (values and
+the gradient of the loss and every float field) with the float64 reference
+(`numpy_reference.monitoring`) on both, with ties within, across and at the edges of chunks,
+and asserts that each path is the one taken, so that none of it passes vacuously.
 (`test_aux.py` covers the other path: its ``V = 200`` has no chunk width.)
 """
 
@@ -22,31 +26,46 @@ from test_aux import tolerance
 import jax_softmax_ce as sce
 
 N, V = 8, 512
-WIDTH = 64  # `_xla._argmax_chunk(512)`
+WIDTHS = {512: 64, 4096: 512}  # the argmax's chunks (`_xla._argmax_chunk`), to place ties
+WIDTH = WIDTHS[V]
 FIELDS = ("lse", "max_prob", "entropy", "target_logprob")
-OPTIONS = {
-    "plain": {},
-    "temperature": {"temperature": 1.7},
-    "array_temperature": {"temperature": "array"},
-    "row_mask": {"where": "row"},
-    "ignore_index": {"ignore_index": -100},
-    "weights_and_options": {
-        "label_smoothing": 0.1,
-        "z_loss": 1e-3,
-        "class_weights": np.linspace(0.5, 2.0, V),
-    },
-}
 
 
-def finds_argmax_by_chunks(logits, labels, **opts) -> bool:
-    """Whether the XLA forward has `_xla._max_and_argmax`'s argmax of the gathered chunk (the
-    other path forms its argmax with a min, `_tile.first_at_max`)."""
-    jaxpr = jax.make_jaxpr(
+def options_of(name: str, v: int) -> dict:
+    return {
+        "plain": {},
+        "temperature": {"temperature": 1.7},
+        "array_temperature": {"temperature": "array"},
+        "row_mask": {"where": "row"},
+        "ignore_index": {"ignore_index": -100},
+        "weights_and_options": {
+            "label_smoothing": 0.1,
+            "z_loss": 1e-3,
+            "class_weights": np.linspace(0.5, 2.0, v),
+        },
+    }[name]
+
+
+NAMES = ("plain", "temperature", "array_temperature", "row_mask", "ignore_index")
+
+
+def scopes(logits, labels, **opts) -> str:
+    """The lowered forward (for the CPU) with its locations, which name the scopes of
+    `_xla._max_and_argmax` and `_xla._lse_at_max` where they serve."""
+    lowered = jax.jit(
         lambda z: sce.softmax_cross_entropy_with_integer_labels(
             z, labels, implementation="xla", return_aux=True, **opts
         )
-    )(logits)
-    return "argmax" in str(jaxpr)
+    ).lower(logits)
+    return lowered.as_text(debug_info=True)
+
+
+def finds_argmax_by_chunks(logits, labels, **opts) -> bool:
+    return "max_and_argmax" in scopes(logits, labels, **opts)
+
+
+def sums_by_chunks(logits, labels, **opts) -> bool:
+    return "lse_at_max" in scopes(logits, labels, **opts)
 
 
 def test_the_chunks_serve_where_they_should():
@@ -58,20 +77,32 @@ def test_the_chunks_serve_where_they_should():
     assert not finds_argmax_by_chunks(jnp.zeros((4, 200)), labels)  # 200 has no chunk width
     assert not finds_argmax_by_chunks(jnp.zeros((4, V)), labels, logit_softcap=30.0)
     assert not finds_argmax_by_chunks(jnp.zeros((4, V)), labels, where=np.ones((1, V), bool))
-    plain = jax.make_jaxpr(
+    plain = jax.jit(
         lambda z: sce.softmax_cross_entropy_with_integer_labels(z, labels, implementation="xla")
-    )(jnp.zeros((4, V)))
-    assert "argmax" not in str(plain)
+    ).lower(jnp.zeros((4, V)))
+    assert "max_and_argmax" not in plain.as_text(debug_info=True)
+    wide = jnp.zeros((4, 4096), jnp.float32)
+    assert sums_by_chunks(wide, labels)
+    assert sums_by_chunks(wide, labels, temperature=2.0, where=np.ones((4, 1), bool))
+    assert not sums_by_chunks(jnp.zeros((4, V), jnp.float32), labels)  # no `_xla._chunk` width
+    assert not sums_by_chunks(wide.astype(jnp.bfloat16), labels)
+    assert not sums_by_chunks(wide, labels, logit_softcap=30.0)
 
 
-def problem(seed: int = 0):
+def problem(seed: int = 0, v: int = V):
     """Random rows, a row whose max is tied in three chunks, one whose max is tied within a
     chunk, and one whose max is in the last column."""
-    logits, labels = numpy_reference.random_case(N, V, integer=True, seed=seed)
-    logits[0, [3 * WIDTH + 5, WIDTH + 63, 6 * WIDTH]] = 20.0  # across chunks: WIDTH + 63 first
-    logits[1, [2 * WIDTH + 7, 2 * WIDTH + 3]] = 20.0  # within one chunk: 2 WIDTH + 3 first
-    logits[2, V - 1] = 20.0
+    logits, labels = numpy_reference.random_case(N, v, integer=True, seed=seed)
+    w = WIDTHS[v]
+    logits[0, [3 * w + 5, w + w - 1, 6 * w]] = 20.0  # across chunks: the second first
+    logits[1, [2 * w + 7, 2 * w + 3]] = 20.0  # within one chunk: 2 w + 3 first
+    logits[2, v - 1] = 20.0
     return logits, labels.astype(np.int32)
+
+
+def expected_argmax(v: int) -> list[int]:
+    w = WIDTHS[v]
+    return [2 * w - 1, 2 * w + 3, v - 1]
 
 
 def resolve(options: dict, labels):
@@ -101,15 +132,18 @@ def resolve(options: dict, labels):
 
 
 @pytest.mark.parametrize(
-    "name, dtype",
-    [(name, jnp.float32) for name in sorted(OPTIONS)]
-    + [("weights_and_options", jnp.bfloat16), ("weights_and_options", jnp.float64)],
+    "v, name, dtype",
+    [(v, name, jnp.float32) for v in WIDTHS for name in (*NAMES, "weights_and_options")]
+    + [(V, "weights_and_options", jnp.bfloat16), (V, "weights_and_options", jnp.float64)],
 )
-def test_matches_float64(name, dtype):
-    raw, labels = problem()
+def test_matches_float64(v, name, dtype):
+    raw, labels = problem(v=v)
     logits = jnp.asarray(raw, dtype)
-    options, numpy_options, monitoring_options, labels, array_t = resolve(OPTIONS[name], labels)
+    options, numpy_options, monitoring_options, labels, array_t = resolve(
+        options_of(name, v), labels
+    )
     assert finds_argmax_by_chunks(logits, labels, **options)
+    assert sums_by_chunks(logits, labels, **options) == (v == 4096)
     c = {k: np.random.default_rng(5 + i).normal(size=N) for i, k in enumerate(("loss", *FIELDS))}
 
     def objective(logits, temperature):
@@ -143,8 +177,7 @@ def test_matches_float64(name, dtype):
     tol = tolerance(dtype)
     assert aux.argmax.dtype == jnp.int32 and aux.argmax.shape == (N,)
     np.testing.assert_array_equal(aux.argmax, mon.argmax)
-    if name != "row_mask" and name != "ignore_index":
-        np.testing.assert_array_equal(aux.argmax[:3], [WIDTH + 63, 2 * WIDTH + 3, V - 1])
+    np.testing.assert_array_equal(aux.argmax[:3], expected_argmax(v))
     accumulation = jnp.float64 if dtype == jnp.float64 else jnp.float32
     for field in FIELDS:
         got = getattr(aux, field)
@@ -154,7 +187,7 @@ def test_matches_float64(name, dtype):
     want = ce.dlogits + mon.dlogits
     g_tol = {jnp.bfloat16: 1e-2, jnp.float32: 2e-5, jnp.float64: 1e-10}[dtype]
     scale = max(1.0, float(np.max(np.abs(want))))
-    assert grads[0].dtype == dtype and grads[0].shape == (N, V)
+    assert grads[0].dtype == dtype and grads[0].shape == (N, v)
     np.testing.assert_allclose(
         np.asarray(grads[0].astype(jnp.float64)), want, rtol=g_tol, atol=g_tol * scale
     )
@@ -249,3 +282,50 @@ def test_ties_are_those_of_the_tempered_logits():
     want = np.argmax(logits * np.float32(1 / t), axis=1)
     np.testing.assert_array_equal(want, [WIDTH + 2, 5])
     np.testing.assert_array_equal(aux.argmax, want)
+
+
+def test_the_sum_by_chunks_hides_a_masked_nan_and_keeps_an_infinite_loss():
+    """On the path that sums in chunks against the max (``V = 4096``, float32): a row that the
+    row mask leaves out, with a NaN in it, has loss 0, a zero gradient and no aux values; a
+    label at -inf gives an infinite loss; a row of -inf logits has lse -inf and argmax -1; a
+    label outside ``[0, V)`` gives a NaN loss and target_logprob and the row's other values;
+    and every other row is as in float64."""
+    v = 4096
+    raw, labels = problem(seed=1, v=v)
+    raw[3, 10] = np.nan
+    raw[4, labels[4]] = -np.inf
+    raw[5] = -np.inf
+    labels[6] = v + 3
+    raw[6, [0, v - 1]] = raw[6].max() + 1.0  # the max, at either end of the row
+    where = np.ones(N, bool)
+    where[3] = False
+    logits = jnp.asarray(raw, jnp.float32)
+    assert sums_by_chunks(logits, labels, where=where)
+
+    def total(z):
+        loss, aux = sce.softmax_cross_entropy_with_integer_labels(
+            z, labels, implementation="xla", where=where, return_aux=True
+        )
+        finite = jnp.isfinite(loss)
+        monitored = jnp.where(jnp.arange(N) != 6, aux.entropy + aux.max_prob, 0)
+        return jnp.sum(jnp.where(finite, loss, 0) + monitored), (loss, aux)
+
+    grad, (loss, aux) = jax.jit(jax.grad(total, has_aux=True))(logits)
+    assert loss[3] == 0 and aux.argmax[3] == -1 and aux.entropy[3] == 0
+    np.testing.assert_array_equal(grad[3], 0)
+    assert loss[4] == np.inf
+    assert aux.lse[5] == -np.inf and aux.argmax[5] == -1 and aux.max_prob[5] == 0
+    np.testing.assert_array_equal(grad[5], 0)
+    assert np.isnan(loss[6]) and np.isnan(aux.target_logprob[6])
+    row = numpy_reference.monitoring(raw[6:7], labels[6:7] % v, integer=True)
+    assert int(aux.argmax[6]) == row.argmax[0]
+    np.testing.assert_allclose(aux.lse[6], row.lse[0], rtol=2e-6)
+    np.testing.assert_allclose(aux.entropy[6], row.entropy[0], rtol=2e-5)
+    keep = np.array([i not in (3, 4, 5, 6) for i in range(N)])
+    clean = np.where(np.isnan(raw), 0.0, raw)
+    ce = numpy_reference.cross_entropy(clean[keep], labels[keep], integer=True)
+    mon = numpy_reference.monitoring(raw[keep], labels[keep], integer=True)
+    np.testing.assert_allclose(loss[keep], ce.loss, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(aux.argmax[keep], mon.argmax)
+    np.testing.assert_allclose(aux.entropy[keep], mon.entropy, rtol=2e-5, atol=2e-5)
+    assert np.all(np.isfinite(grad))
