@@ -13,10 +13,12 @@ passes. A `Linear` problem (the fused loss) runs the blockwise loops of `_xla_li
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_softmax_ce import _canonical, _sharding, _xla_linear
 from jax_softmax_ce._canonical import Linear, Problem
@@ -514,12 +516,38 @@ def _class_row(problem: Problem):
 
 
 def _fwd(options: Options, problem: Problem):
+    problem = jax.tree.map(lambda p: p.value, problem, is_leaf=_is_primal)
     out, saved = _forward(options, problem)
     return out, (problem, saved)
 
 
+def _is_primal(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, jax.custom_derivatives.SymbolicZero)
+
+
+def _instantiate(x):
+    """A cotangent as an array: zeros for a `jax.custom_derivatives.SymbolicZero`."""
+    if not _is_zero(x):
+        return x
+    if x.dtype == jax.dtypes.float0:  # the argmax's, which nothing reads
+        return np.zeros(x.shape, jax.dtypes.float0)
+    return jnp.zeros(x.shape, x.dtype)
+
+
 def _bwd(options: Options, residuals, cotangent):
+    """The backward rule, with JAX's symbolic zeros (`defvjp(..., symbolic_zeros=True)`): where
+    no ``return_aux`` value is differentiated (a loss whose aux values are only logged), their
+    terms are left out of the backward pass, as if they had not been asked for."""
     problem, saved = residuals
+    if options.aux:
+        loss_ct, aux_ct = cotangent
+        if all(_is_zero(c) for c in jax.tree.leaves(aux_ct, is_leaf=_is_zero)):
+            options, saved, cotangent = dataclasses.replace(options, aux=False), saved[0], loss_ct
+    cotangent = jax.tree.map(_instantiate, cotangent, is_leaf=_is_zero)
     # The saved statistics behind a barrier: the backward's exp(z' - m) is then not the same
     # value as the forward's, which XLA would otherwise share as one [N, V] temporary.
     saved = jax.lax.optimization_barrier(saved)
@@ -557,4 +585,4 @@ def _bwd(options: Options, residuals, cotangent):
     return (Problem(d_logits, d_labels, None, None, d_temperature, None),)
 
 
-_cross_entropy.defvjp(_fwd, _bwd)
+_cross_entropy.defvjp(_fwd, _bwd, symbolic_zeros=True)

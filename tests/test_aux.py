@@ -417,6 +417,54 @@ def test_without_return_aux_nothing_changes():
         np.testing.assert_allclose(plain[1], with_aux[1], rtol=1e-6, atol=1e-8)
 
 
+def test_aux_values_that_are_not_differentiated_cost_the_backward_nothing():
+    """On the XLA path, where no aux value is differentiated (they are logged), the backward
+    pass leaves their terms out (symbolic zeros): the gradient of the loss alone with
+    ``return_aux=True`` and the aux values dropped compiles to the program without
+    ``return_aux`` (XLA's cost analysis: the same flops and bytes; with their terms in the
+    backward, their forward would be kept for it), the aux values logged cost less than the
+    entropy differentiated too, and both gradients match float64."""
+    logits, labels = make_case(integer=True, seed=9)
+
+    def mean(x, aux, entropy=0.0):
+        out = sce.softmax_cross_entropy_with_integer_labels(
+            x, labels, implementation="xla", return_aux=aux, label_smoothing=0.1
+        )
+        if not aux:
+            return jnp.mean(out)
+        if not entropy:  # not even a zero times the entropy: its cotangent is then no symbolic 0
+            return jnp.mean(out[0]), out[1]
+        return jnp.mean(out[0]) + entropy * jnp.mean(out[1].entropy), out[1]
+
+    def cost(f):
+        analysis = jax.jit(jax.grad(f, has_aux=True)).lower(logits).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        return {k: analysis[k] for k in ("flops", "bytes accessed")}
+
+    plain = cost(lambda x: (mean(x, False), None))
+    assert cost(lambda x: (mean(x, True)[0], None)) == plain  # the aux values dropped
+    logged = cost(lambda x: mean(x, True))
+    assert cost(lambda x: mean(x, True, entropy=0.5))["flops"] > logged["flops"]
+    exact = np.asarray(logits, np.float64)
+    for weight in (0.0, 0.5):
+        grad, aux = jax.jit(jax.grad(lambda x, w=weight: mean(x, True, w), has_aux=True))(logits)
+        ce = numpy_reference.cross_entropy(
+            exact,
+            np.asarray(labels),
+            integer=True,
+            label_smoothing=0.1,
+            cotangent=np.full(N, 1 / N),
+        )
+        mon = numpy_reference.monitoring(
+            exact,
+            np.asarray(labels),
+            integer=True,
+            coefficients={"entropy": np.full(N, weight / N)},
+        )
+        np.testing.assert_allclose(grad, ce.dlogits + mon.dlogits, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(aux.entropy, mon.entropy, rtol=2e-5, atol=2e-6)
+
+
 # --------------------------------------------------------------------------------- fused loss
 
 D = 5
