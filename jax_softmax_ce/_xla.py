@@ -4,11 +4,15 @@ For ``[N, V]`` logits the forward pass is the tile math of `kernels._tile` appli
 that spans the whole vocabulary; it saves only per-example statistics (`_tile.Stats`: the max,
 the mass besides it and the total target weight ``W``, float32, float64 for float64 logits)
 beside its inputs. On the CPU, float32 integer labels take one pass against the label's logit
-instead of the max (`_lse_at_label`). The backward pass is the kernels' own block step
-(`_blocks.backward_block`) on that one block: it recomputes ``p = exp(z' - m) / s`` and forms
-``(W + 2 z_loss lse) p - w q`` in one fused elementwise pass, then applies the softcap and
-temperature chain rule. No ``[N, V]`` float32 copy of the logits is kept between the two
-passes. A `Linear` problem (the fused loss) runs the blockwise loops of `_xla_linear`.
+instead of the max (`_lse_at_label`). With ``return_aux``, the max and the argmax come from
+one reduction over chunks of the vocabulary (`_max_and_argmax`), and on the CPU the float32
+sum against the max is taken in chunks too (`_lse_at_max`); where no aux value is
+differentiated, the backward leaves their terms out (`_bwd`). The backward pass is the
+kernels' own block step (`_blocks.backward_block`) on that one block: it recomputes ``p =
+exp(z' - m) / s`` and forms ``(W + 2 z_loss lse) p - w q`` in one fused elementwise pass, then
+applies the softcap and temperature chain rule. No ``[N, V]`` float32 copy of the logits is
+kept between the two passes. A `Linear` problem (the fused loss) runs the blockwise loops of
+`_xla_linear`.
 """
 
 from __future__ import annotations

@@ -245,8 +245,11 @@ def softmax_cross_entropy_with_integer_labels(
       pass: with respect to ``z'``, ``d lse = p``, ``d max_prob = p_a (onehot_a - p)``,
       ``d entropy = p (E_p[z'] - z')`` and ``d target_logprob = onehot_t - p``, then the chain
       rule through the softcap and the temperature (an array temperature included). The
-      argmax has no gradient. Without ``return_aux`` nothing of this is computed. At most
-      ``2**24`` classes (the kernels carry the running argmax as a float32 class id).
+      argmax has no gradient. Without ``return_aux`` nothing of this is computed; with it,
+      aux values that are only logged, not differentiated, add nothing to the backward pass
+      of the ``"xla"`` implementation (their cotangents are JAX's symbolic zeros; a
+      ``0.0 * aux.entropy`` term in the loss is not one). At most ``2**24`` classes (the
+      kernels carry the running argmax as a float32 class id).
 
     Raises:
       TypeError: integer logits, labels that are not integers, or complex ``weights``.
