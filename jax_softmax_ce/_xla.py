@@ -4,10 +4,10 @@ For ``[N, V]`` logits the forward pass is the tile math of `kernels._tile` appli
 that spans the whole vocabulary; it saves only per-example statistics (`_tile.Stats`: the max,
 the mass besides it and the total target weight ``W``, float32, float64 for float64 logits)
 beside its inputs. On the CPU, float32 integer labels take one pass against the label's logit
-instead of the max (`_lse_at_label`). With ``return_aux``, the max and the argmax come from
-one reduction over chunks of the vocabulary (`_max_and_argmax`), and on the CPU the float32
-sum against the max is taken in chunks too (`_lse_at_max`); where no aux value is
-differentiated, the backward leaves their terms out (`_bwd`). The backward pass is the
+instead of the max (`_lse_at_label`). With ``return_aux`` on the CPU (and GPUs), the max and
+the argmax come from one reduction over chunks of the vocabulary (`_max_and_argmax`), and on
+the CPU the float32 sum against the max is taken in chunks too (`_lse_at_max`); where no aux
+value is differentiated, the backward leaves their terms out (`_bwd`). The backward pass is the
 kernels' own block step (`_blocks.backward_block`) on that one block: it recomputes ``p =
 exp(z' - m) / s`` and forms ``(W + 2 z_loss lse) p - w q`` in one fused elementwise pass, then
 applies the softcap and temperature chain rule. No ``[N, V]`` float32 copy of the logits is
@@ -142,16 +142,27 @@ def _forward(options: Options, problem: Problem):
                 default=at_max,
             )
         elif options.aux and _argmax_by_chunks(options, problem):
-            z_max, x_max, index = _max_and_argmax(options, problem, t)
-            if _sums_by_chunks(options, problem):
-                lse = jax.lax.platform_dependent(  # the same
-                    cpu=lambda: _lse_at_max(problem, z_label, z_max, x_max, t),
-                    default=lambda: at_max(z_max),
-                )
-            else:
-                lse = at_max(z_max)
-            # A NaN or +inf logit makes r NaN: no argmax, whatever the chunks' max saw.
-            index = jnp.where(jnp.isnan(lse.r), _tile.NOT_AT_MAX, index)
+
+            def by_chunks():
+                z_max, x_max, index = _max_and_argmax(options, problem, t)
+                if _sums_by_chunks(options, problem):
+                    lse = _lse_at_max(problem, z_label, z_max, x_max, t)
+                else:
+                    lse = at_max(z_max)
+                # A NaN or +inf logit makes r NaN: no argmax, whatever the chunks' max saw.
+                return lse, jnp.where(jnp.isnan(lse.r), _tile.NOT_AT_MAX, index)
+
+            def by_rows():  # the max, then the monitor's own first class at it
+                lse = at_max()
+                ref = _tile.reference_point(lse.m)
+                return lse, _first_at_max(options, problem, ref, premasked)
+
+            # Timed on the CPU only. Compiled for the targets (benchmarks.aux_goals targets),
+            # it takes less temporary memory than the two passes for an H100 or H200 and
+            # gigabytes for a TPU (bf16 [8192, 128256] on a v5e), which keeps the two passes.
+            lse, index = jax.lax.platform_dependent(
+                cpu=by_chunks, cuda=by_chunks, rocm=by_chunks, default=by_rows
+            )
         else:
             lse = at_max()
         ref = _tile.reference_point(lse.m)
@@ -294,9 +305,11 @@ def _argmax_chunk(v: int) -> int | None:
 
 
 def _argmax_by_chunks(options: Options, problem: Problem) -> bool:
-    """Whether `_max_and_argmax` serves: ``V`` has a width (`_argmax_chunk`), no softcap (the
-    max is then read from ``z'``, not from the raw logits: `_row_max`), no mask of classes (the
-    chunks read the raw logits), no type with an explicit sharding (`_explicitly_sharded`)."""
+    """Whether `_max_and_argmax` serves ``return_aux`` on the CPU and GPUs (a TPU keeps the max
+    and then `_tile.first_at_max`: `_forward`): ``V`` has a width (`_argmax_chunk`), no
+    softcap (the max is then read from ``z'``, not from the raw logits: `_row_max`), no mask
+    of classes (the chunks read the raw logits), no type with an explicit sharding
+    (`_explicitly_sharded`)."""
     logits = problem.logits
     return (
         _argmax_chunk(logits.shape[1]) is not None
@@ -494,15 +507,21 @@ def _monitor(
     is None."""
     t = _tile.entropy_term(*_copy(options, problem, ref, 0, premasked=premasked)[:2])
     if index is None:
-        index = _tile.first_at_max(
-            *_copy(options, problem, ref, 1, premasked=premasked)[:2], 0, float_ids=True
-        )
+        index = _first_at_max(options, problem, ref, premasked)
     label = None
     if options.integer:
         labels = problem.labels  # the label's class is this block's (this shard's) or not
         found = ((labels >= 0) & (labels < problem.num_classes)).astype(ref.dtype)[:, None]
         label = _tile.Term(found, _tile.weighted(found, z_label - ref))
     return _tile.Monitor(t, index, label)
+
+
+def _first_at_max(options: Options, problem: Problem, ref, premasked):
+    """`_tile.first_at_max` of the row max's reference point ``ref``, on a `_copy` of the
+    logits."""
+    return _tile.first_at_max(
+        *_copy(options, problem, ref, 1, premasked=premasked)[:2], 0, float_ids=True
+    )
 
 
 # Class ids that float32 holds exactly: `_tile.lse_besides_label` finds the label's column

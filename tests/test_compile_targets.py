@@ -176,6 +176,8 @@ CASES = [
         aux=True,
     ),
     Case("integer", "bfloat16", LLM, aux=True),
+    # The XLA path's return_aux: the max and argmax over chunks on a GPU, two passes on a TPU.
+    Case("integer", "bfloat16", LLM, implementation="xla", aux=True),
     Case("fused", "bfloat16", LLM_FUSED, aux=True),
 ]
 
