@@ -297,11 +297,7 @@ def _argmax_chunk(v: int) -> int | None:
     (float32 [2048, 32768] on 2 cores: the chunks' maxes 14, 11, 7 and 7 ms in chunks of 256,
     512, 1024 and 2048 columns, the gathered chunk's argmax 3, 3, 5 and 10 ms); at most
     ``V / 8``, so that the chunk read again is at most an eighth of the row."""
-    best = None
-    for width in range(32, min(1024, v // 8) + 1):
-        if v % width == 0:
-            best = width
-    return best
+    return _largest_divisor(v, 32, min(1024, v // 8))
 
 
 def _argmax_by_chunks(options: Options, problem: Problem) -> bool:
@@ -368,11 +364,12 @@ def _chunk(v: int) -> int | None:
     XLA's CPU reduction several times slower); at most ``V / 128``, so that the label's chunk,
     gathered (and materialised where the transform has a select), is under 1% of the logits;
     at least 32, below which XLA's CPU reduces the short rows slowly."""
-    best = None
-    for width in range(32, min(1024, v // 128) + 1):
-        if v % width == 0:
-            best = width
-    return best
+    return _largest_divisor(v, 32, min(1024, v // 128))
+
+
+def _largest_divisor(v: int, low: int, high: int) -> int | None:
+    """The largest divisor of ``v`` from ``low`` to ``high``, or None."""
+    return next((w for w in range(high, low - 1, -1) if v % w == 0), None)
 
 
 def _sums_by_chunks(options: Options, problem: Problem) -> bool:
