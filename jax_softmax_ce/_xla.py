@@ -143,9 +143,9 @@ def _forward(options: Options, problem: Problem):
             )
         elif options.aux and _argmax_by_chunks(options, problem):
 
-            def by_chunks():
+            def by_chunks(sums_by_chunks: bool):
                 z_max, x_max, index = _max_and_argmax(options, problem, t)
-                if _sums_by_chunks(options, problem):
+                if sums_by_chunks:
                     lse = _lse_at_max(problem, z_label, z_max, x_max, t)
                 else:
                     lse = at_max(z_max)
@@ -157,11 +157,16 @@ def _forward(options: Options, problem: Problem):
                 ref = _tile.reference_point(lse.m)
                 return lse, _first_at_max(options, problem, ref, premasked)
 
-            # Timed on the CPU only. Compiled for the targets (benchmarks.aux_goals targets),
-            # it takes less temporary memory than the two passes for an H100 or H200 and
-            # gigabytes for a TPU (bf16 [8192, 128256] on a v5e), which keeps the two passes.
+            # Timed on the CPU only; the sums in chunks serve there alone (as `_lse_at_label`).
+            # Compiled for the targets (benchmarks.aux_goals targets), the chunks' max takes
+            # less temporary memory than the two passes for an H100 or H200 and gigabytes for
+            # a TPU (bf16 [8192, 128256] on a v5e), which keeps the two passes.
+            sums = _sums_by_chunks(options, problem)
             lse, index = jax.lax.platform_dependent(
-                cpu=by_chunks, cuda=by_chunks, rocm=by_chunks, default=by_rows
+                cpu=lambda: by_chunks(sums),
+                cuda=lambda: by_chunks(False),
+                rocm=lambda: by_chunks(False),
+                default=by_rows,
             )
         else:
             lse = at_max()
