@@ -8,7 +8,8 @@ functions and nothing else.
 
 Operands (`Operands`) are all two-dimensional, so that one layout serves every schedule: per-row
 values are ``[N, 1]`` columns, per-class values ``[1, V]`` rows, and `axes` says which axis of
-each operand runs over rows and which over the vocabulary.
+each operand runs over rows and which over the vocabulary. The TPU schedules pass the per-row
+ones packed along lanes (`pack_rows`), since TPU memory pads an ``[N, 1]`` column to 128 lanes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 from jax_softmax_ce.kernels import _tile
 
 from jax_softmax_ce._util import varying_axes
@@ -26,7 +28,7 @@ from jax_softmax_ce._util import varying_axes
 FIELDS = (
     "logits", "x", "w", "bias", "labels", "label_weight", "where", "class_weights", "n_valid",
     "temperature", "m", "r", "w_total", "w_rest", "ct", "aux_p", "aux_x", "aux_a", "aux_t",
-    "argmax",
+    "argmax", "rows", "int_rows",
 )  # fmt: skip
 Operands = collections.namedtuple("Operands", FIELDS, defaults=(None,) * len(FIELDS))
 Operands.__doc__ = """The operands of a kernel call (arrays, or refs inside a kernel); absent
@@ -328,16 +330,74 @@ def _aux_coefficients(b: Operands):
 
 
 def store_packed(ref, state: _tile.RowState) -> None:
-    """The ``[rows, 1]`` leaves of ``state`` into the columns of a ``[rows, k]`` ref."""
+    """The ``[rows, 1]`` leaves of ``state`` into the rows of a ``[1, k, rows]`` output block,
+    each transposed, so that the output runs along lanes as `pack_rows`' operands do."""
     for c, leaf in enumerate(jax.tree.leaves(state)):
-        ref[:, c : c + 1] = leaf
+        ref[0, c : c + 1, :] = leaf.T
 
 
-def unpacked(packed: jax.Array, state_tree) -> _tile.RowState:
-    """The state whose leaves `store_packed` wrote into the columns of ``packed``."""
-    return jax.tree.unflatten(
-        state_tree, [packed[:, c : c + 1] for c in range(state_tree.num_leaves)]
+def unpacked(packed: jax.Array, state_tree, n: int) -> _tile.RowState:
+    """The state of ``n`` rows, each leaf ``[n, 1]``, whose leaves `store_packed` wrote into
+    ``packed`` (``[row blocks, k, block_n]``)."""
+    k = state_tree.num_leaves
+    flat = packed.transpose(1, 0, 2).reshape(k, -1)[:, :n]
+    return jax.tree.unflatten(state_tree, [flat[c][:, None] for c in range(k)])
+
+
+def pack_rows(ops: Operands, options, block_n: int):
+    """``(ops, packed)``: the per-row ``[N, 1]`` operands moved along lanes, the float ones
+    into ``rows`` and the int32 ones into ``int_rows``, each ``[row blocks, k, block_n]``,
+    whose row ``c`` of each block holds one operand for the block's rows (zero past ``N``).
+    ``packed`` pairs each packed field with the names of its operands, in order; `unpack_rows`
+    undoes it on a block, and `rows_spec` is the fields' BlockSpec.
+
+    The TPU schedules pass them so. TPU memory tiles a 32-bit array in ``(8, 128)`` tiles, so
+    an ``[N, 1]`` column takes 128 lanes per row in HBM and VMEM, as ``[N, 128]`` would (512
+    bytes per row): the backward's dozen of them (the saved `_tile.Stats`, the cotangent, and
+    ``return_aux``'s coefficients) took 2 KiB per row of v5p's HBM more with ``return_aux`` than
+    without (`benchmarks.aux_goals`). Packed, each 8 operands (rounded up) take 32 bytes per
+    row, where ``block_n`` is a multiple of 128. Float operands of another dtype than the
+    first one stay apart."""
+    groups = {"rows": [], "int_rows": []}
+    for name, x in zip(ops._fields, ops, strict=True):
+        if x is None or name in groups or axes(name, options) != (0, None) or x.shape[1] != 1:
+            continue
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            first = groups["rows"][:1]
+            if not first or getattr(ops, first[0]).dtype == x.dtype:
+                groups["rows"].append(name)
+        elif x.dtype == jnp.int32:
+            groups["int_rows"].append(name)
+    packed = tuple((field, tuple(names)) for field, names in groups.items() if names)
+    moved = {}
+    for field, names in packed:
+        n = getattr(ops, names[0]).shape[0]
+        blocks = -(-n // block_n)
+        stacked = jnp.stack([getattr(ops, name)[:, 0] for name in names])  # [k, N]
+        stacked = jnp.pad(stacked, ((0, 0), (0, blocks * block_n - n)))
+        moved[field] = stacked.reshape(len(names), blocks, block_n).transpose(1, 0, 2)
+        moved.update(dict.fromkeys(names))
+    return ops._replace(**moved), packed
+
+
+def rows_spec(k: int, block_n: int, row_block) -> pl.BlockSpec:
+    """The BlockSpec of a ``[row blocks, k, block_n]`` array (`pack_rows`, `store_packed`),
+    whose row block is ``row_block(*grid indices)``."""
+    return pl.BlockSpec(
+        (1, k, block_n), lambda *grid: (row_block(*grid), first_block(), first_block())
     )
+
+
+def unpack_rows(blocks: Operands, packed) -> Operands:
+    """`pack_rows` undone on a block of the operands (values, not refs): each packed operand
+    back as a ``[block_n, 1]`` column, from one transpose of its field's ``[1, k, block_n]``
+    block."""
+    columns = {}
+    for field, names in packed:
+        table = getattr(blocks, field)[0].T  # [block_n, k]
+        columns[field] = None
+        columns.update({name: table[:, c : c + 1] for c, name in enumerate(names)})
+    return blocks._replace(**columns)
 
 
 def present(ops: Operands) -> tuple[tuple[str, ...], list]:

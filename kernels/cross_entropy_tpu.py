@@ -5,9 +5,9 @@ step loads one ``[block_n, block_v]`` block of logits (and of probability labels
 ``where`` mask when they are dense) and merges it into the float32 accumulators of its rows: the
 running max and sum-exp, the target term and the smoothing term (`_blocks.forward_step`). They
 live in VMEM scratch while the vocabulary index moves, and the last step writes them packed
-into one ``[block_n, k]`` output block (`_blocks.store_packed`): in HBM a ``[N, 1]`` float32
-array takes 128 lanes per row, like ``[N, 128]``, so one packed array costs what each column
-would. The loss is finished from them outside the kernel (`_tile.finish`).
+along lanes into one ``[1, k, block_n]`` output block (`_blocks.store_packed`): in HBM a
+``[N, 1]`` float32 array takes 128 lanes per row, like ``[N, 128]``. The loss is finished
+from them outside the kernel (`_tile.finish`).
 
 Backward: grid ``(row blocks, vocab blocks)``, both parallel. Each step recomputes
 ``p = exp(z' - lse)`` for its block and writes the logits gradient in the logits' dtype (one read
@@ -18,7 +18,9 @@ Ragged edges (``N`` not a multiple of ``block_n``, ``V`` not a multiple of ``blo
 below one block) are masked with ``jnp.where`` from global row and column ids; what Pallas
 reads past the end of an array is never used, and what it would write there is dropped.
 
-Per-row values are ``[block_n, 1]`` columns; Mosaic pads them to full vregs. An array
+Per-row values are ``[block_n, 1]`` columns; Mosaic pads them to full vregs. TPU memory pads
+an ``[N, 1]`` array to 128 lanes per row, so the per-row operands come packed along lanes,
+``[N / block_n, k, block_n]`` (`_blocks.pack_rows`), each block transposed once. An array
 temperature is a scalar in SMEM. Every block index is int32, also under ``jax_enable_x64``,
 where a Python integer in an index map would become int64, which Mosaic does not take.
 """
@@ -67,18 +69,26 @@ def _masks(options, ins: _blocks.Operands, n: int, v: int):
     return col0, ok, valid
 
 
-def _loaded(ins: _blocks.Operands) -> _blocks.Operands:
-    """The current block of every operand but the logits (an SMEM temperature as a scalar)."""
+def _specs(names, packed, options, bn: int, bv: int) -> list[pl.BlockSpec]:
+    """The BlockSpecs of the operands ``names``, `_blocks.pack_rows`' ``packed`` among them."""
+    rows = {field: _blocks.rows_spec(len(cols), bn, lambda i, j: i) for field, cols in packed}
+    return [rows[name] if name in rows else spec(name, options, bn, bv) for name in names]
+
+
+def _loaded(ins: _blocks.Operands, packed) -> _blocks.Operands:
+    """The current block of every operand but the logits (an SMEM temperature as a scalar), the
+    packed per-row operands unpacked (`_blocks.pack_rows`)."""
 
     def load(name, ref):
         if ref is None or name == "logits":
             return None
         return ref[0, 0] if name == "temperature" else ref[...]
 
-    return _blocks.Operands(*(load(name, ref) for name, ref in zip(ins._fields, ins, strict=True)))
+    loaded = (load(name, ref) for name, ref in zip(ins._fields, ins, strict=True))
+    return _blocks.unpack_rows(_blocks.Operands(*loaded), packed)
 
 
-def _forward_kernel(*refs, options, names, state_tree, n, v):
+def _forward_kernel(*refs, options, names, packed, state_tree, n, v):
     ins, (out_ref, *state_refs) = _blocks.named(names, refs)
     dtype = out_ref.dtype
     j = pl.program_id(1)
@@ -90,7 +100,7 @@ def _forward_kernel(*refs, options, names, state_tree, n, v):
             ref[...] = x
 
     col0, ok, valid = _masks(options, ins, n, v)
-    blocks = _loaded(ins)
+    blocks = _loaded(ins, packed)
     z = _blocks.masked_logits(options, ins.logits[...].astype(dtype), valid, blocks.temperature)
     state = jax.tree.unflatten(state_tree, [ref[...] for ref in state_refs])
     state = _blocks.forward_step(options, state, z, col0, ok, valid, blocks)
@@ -108,34 +118,41 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     n, v = ops.logits.shape
     bn, bv = blocks.block_n, blocks.block_v
     dtype = accumulation_dtype(ops.logits.dtype)
+    ops, packed = _blocks.pack_rows(ops, options, bn)
     names, leaves = _blocks.present(ops)
     state = _blocks.state_init(options, bn, dtype)
     state_tree = jax.tree.structure(state)
     k = state_tree.num_leaves
     out = pl.pallas_call(
         functools.partial(
-            _forward_kernel, options=options, names=names, state_tree=state_tree, n=n, v=v
+            _forward_kernel,
+            options=options,
+            names=names,
+            packed=packed,
+            state_tree=state_tree,
+            n=n,
+            v=v,
         ),
         grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
-        in_specs=[spec(name, options, bn, bv) for name in names],
-        out_specs=pl.BlockSpec((bn, k), lambda i, j: (i, _blocks.first_block())),
-        out_shape=_blocks.out_struct((n, k), dtype, ops.logits),
+        in_specs=_specs(names, packed, options, bn, bv),
+        out_specs=_blocks.rows_spec(k, bn, lambda i, j: i),
+        out_shape=_blocks.out_struct((pl.cdiv(n, bn), k, bn), dtype, ops.logits),
         scratch_shapes=[pltpu.VMEM(x.shape, x.dtype) for x in jax.tree.leaves(state)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
         name="softmax_cross_entropy_fwd_tpu",
     )(*leaves)
-    return _blocks.unpacked(out, state_tree)
+    return _blocks.unpacked(out, state_tree, n)
 
 
-def _backward_kernel(*refs, options, names, n, v):
+def _backward_kernel(*refs, options, names, packed, n, v):
     ins, outs = _blocks.named(names, refs)
     d_logits_ref, *outs = outs
     d_labels_ref = None if options.integer else outs.pop(0)
     t_ref = outs.pop(0) if outs else None
     col0, ok, valid = _masks(options, ins, n, v)
     z_raw = ins.logits[...].astype(accumulation_dtype(ins.logits.dtype))
-    grad = _blocks.backward_block(options, z_raw, col0, ok, valid, _loaded(ins))
+    grad = _blocks.backward_block(options, z_raw, col0, ok, valid, _loaded(ins, packed))
     d_logits_ref[...] = grad.d_logits.astype(d_logits_ref.dtype)
     if d_labels_ref is not None:
         d_labels_ref[...] = grad.d_labels.astype(d_labels_ref.dtype)
@@ -150,6 +167,7 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False):
     bn, bv = blocks.block_n, blocks.block_v
     num_v = pl.cdiv(v, bv)
     dtype = accumulation_dtype(ops.logits.dtype)
+    ops, packed = _blocks.pack_rows(ops, options, bn)
     names, leaves = _blocks.present(ops)
     dense = spec("logits", options, bn, bv)
     out_specs = [dense]
@@ -162,9 +180,9 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False):
         out_specs.append(t_block)
         out_shape.append(_blocks.out_struct((num_v, n, 1), dtype, ops.logits))
     outs = pl.pallas_call(
-        functools.partial(_backward_kernel, options=options, names=names, n=n, v=v),
+        functools.partial(_backward_kernel, options=options, names=names, packed=packed, n=n, v=v),
         grid=(pl.cdiv(n, bn), num_v),
-        in_specs=[spec(name, options, bn, bv) for name in names],
+        in_specs=_specs(names, packed, options, bn, bv),
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),

@@ -57,9 +57,11 @@ def vmem_bytes(shape, dtype) -> int:
 
 def vmem_limit(leaves, out_shape, *, in_specs, out_specs, scratch_shapes) -> int | None:
     """An estimate of a kernel's VMEM: two buffers (the pipeline's double buffering) of every
-    input and output block, the scratch, and `_TILE_TEMPORARIES` float32 logits tiles. None
-    (the compiler's default limit) when it fits in `SCOPED_VMEM_BYTES`, else the estimate plus
-    a quarter, rounded up to a MiB. Derived from the block shapes, not measured on a TPU."""
+    input and output block, the scratch, and `_TILE_TEMPORARIES` float32 logits tiles, plus a
+    quarter for what Mosaic adds (its matmul's own scratch, in the compiled ``d_weight`` kernel
+    for v5p about 2 MiB over the rest), rounded up to a MiB; None (the compiler's default limit)
+    when that fits in `SCOPED_VMEM_BYTES`. Derived from the block shapes and compiled for the
+    targets, not measured on a TPU."""
     blocks = [(s.block_shape, a.dtype) for s, a in zip(in_specs, leaves, strict=True)]
     blocks += [(s.block_shape, a.dtype) for s, a in zip(out_specs, out_shape, strict=True)]
     need = 2 * sum(vmem_bytes(shape, dtype) for shape, dtype in blocks if shape is not None)
@@ -67,14 +69,13 @@ def vmem_limit(leaves, out_shape, *, in_specs, out_specs, scratch_shapes) -> int
     vmem = [s for s in scratch_shapes if s.memory_space == pltpu.VMEM]
     need += sum(vmem_bytes(s.shape, s.dtype) for s in vmem)
     need += _TILE_TEMPORARIES * vmem_bytes(tile.shape, jnp.float32)
-    if need <= SCOPED_VMEM_BYTES:
-        return None
-    return -(-(need * 5 // 4) // 2**20) * 2**20
+    limit = -(-(need * 5 // 4) // 2**20) * 2**20
+    return None if limit <= SCOPED_VMEM_BYTES else limit
 
 
-def _specs(names, options, geo: Geometry, grid_to_blocks):
+def _specs(names, packed, options, geo: Geometry, grid_to_blocks):
     """BlockSpecs of the operands for a grid whose indices map to ``(row block, column block,
-    hidden chunk of x, hidden chunk of w)``."""
+    hidden chunk of x, hidden chunk of w)``; `_blocks.pack_rows`' ``packed`` among them."""
 
     def block_and_index(name):
         if name == "x":
@@ -91,10 +92,19 @@ def _specs(names, options, geo: Geometry, grid_to_blocks):
         )
 
     specs = []
+    packed = dict(packed)
     for name in names:
+        if name in packed:
+            row_block = functools.partial(_row_block, grid_to_blocks)
+            specs.append(_blocks.rows_spec(len(packed[name]), geo.bn, row_block))
+            continue
         block, index = block_and_index(name)
         specs.append(pl.BlockSpec(block, lambda *grid, index=index: index(*grid_to_blocks(*grid))))
     return specs
+
+
+def _row_block(grid_to_blocks, *grid):
+    return grid_to_blocks(*grid)[0]
 
 
 class _TpuTile:
@@ -103,8 +113,8 @@ class _TpuTile:
     so that no block spans ``D``. Padding of a ragged block (rows, columns or hidden entries
     past the arrays) holds garbage, NaN in interpret mode, so ``x`` and ``w`` are zeroed there."""
 
-    def __init__(self, ins: _blocks.Operands, options, geo: Geometry, *, i, j):
-        self.ins, self.options, self.geo = ins, options, geo
+    def __init__(self, ins: _blocks.Operands, packed, options, geo: Geometry, *, i, j):
+        self.ins, self.packed, self.options, self.geo = ins, packed, options, geo
         self.row0, self.col0 = i * geo.bn, j * geo.bv
         self.row_ok = _linear.rows_ok(self.row0, self.row0, geo.bn, geo.num_rows)  # [bn, 1]
         self.col_ok = _linear.columns_ok(self.col0, self.col0, geo.bv, geo.num_classes)
@@ -135,9 +145,11 @@ class _TpuTile:
             z_ref[...] += part
 
     def tile(self) -> _linear.Tile:
-        """The tile's other operands, read once its logits are complete."""
+        """The tile's other operands, read once its logits are complete (the packed per-row
+        operands unpacked, `_blocks.pack_rows`)."""
         loaded = {k: getattr(self.ins, k) for k in self.ins._fields if k not in _MATMUL}
         blocks = _blocks.Operands(**{k: None if r is None else r[...] for k, r in loaded.items()})
+        blocks = _blocks.unpack_rows(blocks, self.packed)
         geo = self.geo
         return _linear.Tile(
             blocks,
@@ -163,13 +175,13 @@ def _run_if_kept(keep, accumulate):
         pl.when(keep)(accumulate)
 
 
-def _forward_kernel(*refs, names, treedef, options, geo):
+def _forward_kernel(*refs, names, packed, treedef, options, geo):
     """Grid ``(row blocks, vocabulary blocks, hidden chunks)``; the running log-sum-exp and
     target sums stay in VMEM scratch while the last two indices move, and the last step writes
-    them packed into the ``[bn, k]`` output block (`_blocks.store_packed`)."""
+    them packed along lanes into the ``[1, k, bn]`` output block (`_blocks.store_packed`)."""
     i, j, k = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ins, (out_ref, z_ref, *state_refs) = _blocks.named(names, refs)
-    tpu_tile = _TpuTile(ins, options, geo, i=i, j=j)
+    tpu_tile = _TpuTile(ins, packed, options, geo, i=i, j=j)
 
     @pl.when((j == 0) & (k == 0))
     def _init():
@@ -192,7 +204,7 @@ def _forward_kernel(*refs, names, treedef, options, geo):
             _blocks.store_packed(out_ref, state)
 
 
-def _backward_kernel(*refs, names, options, geo, eps, wrt: str, n_extra: int):
+def _backward_kernel(*refs, names, packed, options, geo, eps, wrt: str, n_extra: int):
     """One gradient of the backward pass, on a grid whose last axis has two phases of
     ``chunks`` steps each: the first sums the tile's logits over the hidden chunks, and its
     last step forms the gradient tile ``dz`` (kept in VMEM); the second walks the hidden chunks
@@ -215,7 +227,7 @@ def _backward_kernel(*refs, names, options, geo, eps, wrt: str, n_extra: int):
     step, chunks = pl.program_id(2), geo.chunks
     ins, (out_ref, *rest) = _blocks.named(names, refs)
     extra, (z_ref, dz_ref, acc_ref, *keep_ref) = rest[:n_extra], rest[n_extra:]
-    tpu_tile = _TpuTile(ins, options, geo, i=i, j=j)
+    tpu_tile = _TpuTile(ins, packed, options, geo, i=i, j=j)
 
     @pl.when(first & (step == 0))
     def _init():
@@ -295,24 +307,32 @@ def forward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _tile
     geo = Geometry.of(blocks, ops, options, clip=True)
     n, v, bn, bv = geo.num_rows, geo.num_classes, geo.bn, geo.bv
     dtype = accumulation_dtype(ops.x.dtype)
+    ops, packed = _blocks.pack_rows(ops, options, geo.bn)
     names, leaves = _blocks.present(ops)
     state, treedef = jax.tree.flatten(_blocks.state_init(options, bn, dtype))
     k = treedef.num_leaves
     out = _pallas_call(
-        functools.partial(_forward_kernel, names=names, treedef=treedef, options=options, geo=geo),
+        functools.partial(
+            _forward_kernel,
+            names=names,
+            packed=packed,
+            treedef=treedef,
+            options=options,
+            geo=geo,
+        ),
         leaves,
-        [_blocks.out_struct((n, k), dtype, ops.x)],
+        [_blocks.out_struct((pl.cdiv(n, bn), k, bn), dtype, ops.x)],
         (pl.cdiv(n, bn), pl.cdiv(v, bv), geo.chunks),
         interpret=interpret,
         name="linear_ce_forward",
-        in_specs=_specs(names, options, geo, lambda i, j, k: (i, j, k, k)),
-        out_specs=[pl.BlockSpec((bn, k), lambda i, j, c: (i, _blocks.first_block()))],
+        in_specs=_specs(names, packed, options, geo, lambda i, j, k: (i, j, k, k)),
+        out_specs=[_blocks.rows_spec(k, bn, lambda i, j, c: i)],
         scratch_shapes=[
             pltpu.VMEM((bn, bv), dtype),
             *(pltpu.VMEM(x.shape, x.dtype) for x in state),
         ],
     )(*leaves)
-    return _blocks.unpacked(out[0], treedef)
+    return _blocks.unpacked(out[0], treedef, n)
 
 
 def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _linear.Grads:
@@ -325,6 +345,7 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _lin
     dtype = accumulation_dtype(ops.x.dtype)
     array_t = options.temperature is None
     has_bias = ops.bias is not None
+    ops, packed = _blocks.pack_rows(ops, options, geo.bn)
     names, leaves = _blocks.present(ops)
 
     def phase_chunks(s):
@@ -346,6 +367,7 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _lin
         kernel = functools.partial(
             _backward_kernel,
             names=names,
+            packed=packed,
             options=options,
             geo=geo,
             eps=options.filter_eps,
@@ -359,7 +381,7 @@ def backward(options, ops: _blocks.Operands, *, blocks, interpret=False) -> _lin
             grid,
             interpret=interpret,
             name=f"linear_ce_{wrt}_grad",
-            in_specs=_specs(names, options, geo, grid_to_blocks),
+            in_specs=_specs(names, packed, options, geo, grid_to_blocks),
             out_specs=list(specs),
             scratch_shapes=scratch(acc_shape),
         )(*leaves)

@@ -303,6 +303,25 @@ def test_refusals_are_raised_when_compiling_for_a_tpu():
     assert targets.kernel_calls(compiled)["gpu"] == 2
 
 
+@pytest.mark.parametrize("case", ["logits", "fused"])
+def test_the_kernels_per_row_values_take_no_padded_arrays_on_a_v5p(case):
+    """Compiled for a v5p at the compiled-memory benchmark's shapes, ``"pallas"``'s program
+    takes at most what O(N) allows of HBM temporaries (64 bytes per row and 1 MiB,
+    `benchmarks.aux_goals.allowed_extra_bytes`), and ``return_aux=True`` adds at most as much
+    again. A v5p keeps per-row arrays between kernels in HBM, where an ``[N, 1]`` float32
+    array takes 512 bytes per row; the kernels' per-row operands and outputs run along lanes
+    (`_blocks.pack_rows`). When each was its own ``[N, 1]`` array, the programs took 1.5 KiB
+    per row, and ``return_aux`` 2 KiB per row more of the fused loss's."""
+    from benchmarks import aux_goals
+
+    temp = {}
+    for variant, (fn, args) in aux_goals.target_programs(case, "pallas").items():
+        temp[variant] = targets.Memory.of(targets.compile_for(fn, "v5p", *args)).temp
+    allowed = aux_goals.allowed_extra_bytes(args[0].shape[0])
+    assert temp["plain"] <= allowed, (temp, allowed)
+    assert temp["aux"] - temp["plain"] <= allowed, (temp, allowed)
+
+
 SHARDED = {"vocab": P(None, "model"), "both": P("data", "model")}
 
 

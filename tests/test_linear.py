@@ -9,6 +9,7 @@ size), and the Pallas schedules run in interpret mode on tiny shapes.
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import jax
@@ -1212,12 +1213,13 @@ def _mosaic_kernels(lowered) -> list[tuple[str, dict]]:
 
 
 def _padded_vmem_bytes(dims: str, dtype: str) -> int:
-    """Bytes of a VMEM memref ``dims`` (``"256x512x"``) of ``dtype`` (``"bf16"``), its last two
-    axes padded to Mosaic's tiling: 8 sublanes of 32-bit words by 128 lanes."""
+    """Bytes of a VMEM memref ``dims`` (``"256x512x"``, ``"1x6x256x"``) of ``dtype``
+    (``"bf16"``), its last two axes padded to Mosaic's tiling: 8 sublanes of 32-bit words by
+    128 lanes."""
     itemsize = {"i8": 1, "bf16": 2, "f16": 2, "i32": 4, "f32": 4}[dtype]
-    rows, cols = (int(x) for x in dims.rstrip("x").split("x"))
+    *outer, rows, cols = (int(x) for x in dims.rstrip("x").split("x"))
     sublanes = 8 * (4 // itemsize)
-    return -(-rows // sublanes) * sublanes * -(-cols // 128) * 128 * itemsize
+    return math.prod(outer) * -(-rows // sublanes) * sublanes * -(-cols // 128) * 128 * itemsize
 
 
 @pytest.mark.parametrize(("d", "layout"), [(4096, "dv"), (4096, "vd"), (8192, "dv")])
