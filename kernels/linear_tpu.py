@@ -95,16 +95,12 @@ def _specs(names, packed, options, geo: Geometry, grid_to_blocks):
     packed = dict(packed)
     for name in names:
         if name in packed:
-            row_block = functools.partial(_row_block, grid_to_blocks)
-            specs.append(_blocks.rows_spec(len(packed[name]), geo.bn, row_block))
+            k = len(packed[name])
+            specs.append(_blocks.rows_spec(k, geo.bn, lambda *grid: grid_to_blocks(*grid)[0]))
             continue
         block, index = block_and_index(name)
         specs.append(pl.BlockSpec(block, lambda *grid, index=index: index(*grid_to_blocks(*grid))))
     return specs
-
-
-def _row_block(grid_to_blocks, *grid):
-    return grid_to_blocks(*grid)[0]
 
 
 class _TpuTile:
